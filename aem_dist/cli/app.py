@@ -1,0 +1,54 @@
+"""The typer application and the error handling shared by every command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+
+app = typer.Typer(
+    name="aem-dist",
+    help=(
+        "Distributed AEM (Attention Entropy Maximization) training for attention-based MIL on whole-slide-image feature bags.\n\n"
+        "Typical flow: `aem-dist synth` or `aem-dist ingest` (make a dataset) → `aem-dist train` (one run) or "
+        "`aem-dist sweep` (seeds × λ grid on Ray) → `aem-dist report`. `aem-dist demo` runs it all on a tiny synthetic dataset."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from ..config import ConfigError
+    from ..data.manifest import ManifestError
+    from ..data.schema import BadSampleError
+    from ..storage import StorageError
+
+    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose or os.environ.get("AEM_DEBUG") else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run a command body; known user errors exit 2 with a redacted one-line message."""
+    from ..storage import redact
+
+    try:
+        return fn()
+    except user_errors() as err:
+        typer.secho(f"error: {redact(err)}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    setup_logging()
+    app()

@@ -1,0 +1,82 @@
+"""Core commands: synth, train, demo, config."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app, run_guarded
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config file, or a packaged config name: demo, camelyon16, camelyon17, lbc.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Dotted override, repeatable: --set loss.lam=0.1 --set train.epochs=5.")]
+
+
+@app.command()
+def synth(
+    out: Annotated[str, typer.Option(help="Dataset folder or URL to write (path, file://, s3://bucket/prefix).")],
+    preset: Annotated[str, typer.Option(help="Preset: demo (seconds), mil-small (~10 instances/bag), wsi-small (median ~1 000, D=384), wsi-c16 (CAMELYON16-shaped, median ~8 000).")] = "demo",
+    seed: Annotated[int, typer.Option(help="Seed: the same seed rebuilds the same dataset bit for bit.")] = 0,
+    scale: Annotated[float, typer.Option(help="Multiply the preset's bag counts (bag sizes keep their law).")] = 1.0,
+    shard_mb: Annotated[int, typer.Option(help="Target shard size in MiB.")] = 256,
+) -> None:
+    """Generate a synthetic WSI-like dataset (shards + manifest) from a preset."""
+
+    def body() -> None:
+        from ..data.synthetic import get_spec, write_synthetic
+        from ..storage import StorageOptions, redact
+
+        options = StorageOptions.from_config()
+        manifest = write_synthetic(get_spec(preset, scale), out, seed, shard_bytes=shard_mb << 20, options=options)
+        counts = ", ".join(f"{s}: {e.n_bags} bags / {e.n_instances:,} instances" for s, e in manifest.splits.items())
+        typer.echo(f"wrote {preset} (seed {seed}) to {redact(out, options)}: {counts}")
+
+    run_guarded(body)
+
+
+@app.command()
+def train(
+    config: ConfigOpt,
+    out: Annotated[str, typer.Option(help="Run folder or URL: results.json, run.json and checkpoints go here. Re-running with the same --out resumes.")],
+    set_: SetOpt = None,
+) -> None:
+    """Train one model: writes OUT/results.json (best epoch by validation, its val/test metrics, history) and OUT/run.json."""
+
+    def body() -> None:
+        from ..config import load_config
+        from ..orchestrate.train import train_run
+
+        cfg = load_config(config, set_)
+        result = train_run(cfg, out)
+        _print_result(result)
+
+    run_guarded(body)
+
+
+def _print_result(result: dict) -> None:
+    def fmt(d: dict) -> str:
+        return "  ".join(f"{k} {v:.4f}" for k, v in d.items() if k in ("auc", "f1", "acc", "attn_entropy") and isinstance(v, float))
+
+    typer.echo(f"best epoch {result['best_epoch']}: val {fmt(result['val'])}")
+    typer.echo(f"{'':>{len(str(result['best_epoch'])) + 12}}test {fmt(result['test'])}")
+
+
+config_app = typer.Typer(help="Inspect configuration: resolved values and every key's meaning.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+def config_show(config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file or packaged name (default: built-in defaults).")] = None, set_: SetOpt = None) -> None:
+    """Print the resolved configuration as YAML (secrets redacted)."""
+    from ..config import dump_yaml, load_config
+
+    run_guarded(lambda: typer.echo(dump_yaml(load_config(config, set_)), nl=False))
+
+
+@config_app.command("keys")
+def config_keys() -> None:
+    """List every config key with its default and description."""
+    from ..config import describe_keys
+
+    for key, default, text in describe_keys():
+        typer.echo(f"{key} = {default!r}\n    {text}")

@@ -1,0 +1,1 @@
+"""Bags on storage: record format, shards + manifest, sources, loaders and packing."""

@@ -1,0 +1,141 @@
+"""The loader interface the engine uses, and the in-memory implementation.
+
+The engine asks for a :class:`SplitLoader` per split and rank; it yields :class:`PackedBatch` es for
+an epoch and says how many steps that epoch has. The in-memory loader reads every bag of the split
+into RAM once; the streaming loader (:mod:`aem_dist.data.stream`) reads shards from storage behind
+the same interface. Both plan epochs with :func:`aem_dist.data.packing.plan_rank`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+import torch
+
+from .. import storage
+from ..storage import StorageOptions
+from .manifest import Manifest
+from .packing import PackedBatch, pack, plan_rank
+from .schema import Bag, BadSampleError
+from .shards import read_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderSpec:
+    """What a loader needs to know besides the data itself."""
+
+    split: str
+    rank: int = 0
+    world_size: int = 1
+    train: bool = False
+    seed: int = 0
+    max_instances: int | None = None
+    max_bags: int = 1
+    on_bad_sample: str = "error"
+    with_coords: bool = False
+
+
+class SplitLoader(Protocol):
+    spec: LoaderSpec
+    skipped: Counter
+
+    @property
+    def n_bags(self) -> int:
+        """Bags of the split across all ranks."""
+
+    def steps(self, epoch: int) -> int:
+        """Steps this rank runs in ``epoch``."""
+
+    def epoch(self, epoch: int) -> Iterator[PackedBatch]:
+        """This rank's batches of ``epoch``."""
+
+
+@dataclass
+class SkipCounter:
+    """Bad-sample policy: raise (``error``) or count by reason and go on (``skip``)."""
+
+    policy: str = "error"
+    counts: Counter = field(default_factory=Counter)
+
+    def __call__(self, err: BadSampleError) -> None:
+        if self.policy != "skip":
+            raise err
+        self.counts[err.reason] += 1
+        log.warning("skipping bad sample: %s", err)
+
+
+def read_split(root: str, manifest: Manifest, split: str, *, options: StorageOptions | None = None, on_bad: SkipCounter | None = None) -> list[Bag]:
+    """Every bag of ``split`` in manifest order, validated against the manifest."""
+    on_bad = on_bad or SkipCounter()
+    entry = manifest.split(split)
+    bags: list[Bag] = []
+    for shard in entry.shards:
+        expected = {b.key: b for b in shard.bags}
+        got = 0
+        for bag in read_shard(storage.join(root, shard.name), dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=on_bad):
+            want = expected.get(bag.key)
+            if want is None:
+                on_bad(BadSampleError("not_in_manifest", "bag is not listed in the manifest", shard=shard.name, key=bag.key))
+                continue
+            if (want.label, want.n) != (bag.label, bag.n):
+                on_bad(BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({want.label}, {want.n})", shard=shard.name, key=bag.key))
+                continue
+            bags.append(bag)
+            got += 1
+        if got != shard.n_bags and on_bad.policy != "skip":
+            raise BadSampleError("count_mismatch", f"read {got} bags, manifest lists {shard.n_bags}", shard=shard.name)
+    return bags
+
+
+class InMemoryLoader:
+    """All bags of a split in RAM (float16), packed per step."""
+
+    def __init__(self, bags: list[Bag], spec: LoaderSpec, skipped: Counter | None = None):
+        self.spec = spec
+        self.bags = bags
+        self.sizes = [b.n for b in bags]
+        self.skipped = skipped if skipped is not None else Counter()
+
+    @property
+    def n_bags(self) -> int:
+        return len(self.bags)
+
+    def _plan(self, epoch: int) -> list[list[int]]:
+        s = self.spec
+        return plan_rank(
+            self.sizes,
+            rank=s.rank,
+            world_size=s.world_size,
+            max_instances=s.max_instances,
+            max_bags=s.max_bags,
+            train=s.train,
+            seed=s.seed,
+            epoch=epoch,
+        )
+
+    def steps(self, epoch: int) -> int:
+        return len(self._plan(epoch))
+
+    def epoch(self, epoch: int) -> Iterator[PackedBatch]:
+        for batch in self._plan(epoch):
+            yield pack([self.bags[i] for i in batch], dtype=torch.float32, with_coords=self.spec.with_coords)
+
+
+def open_memory(root: str, manifest: Manifest, spec: LoaderSpec, options: StorageOptions | None = None) -> InMemoryLoader:
+    counter = SkipCounter(spec.on_bad_sample)
+    bags = read_split(root, manifest, spec.split, options=options, on_bad=counter)
+    return InMemoryLoader(bags, spec, counter.counts)
+
+
+def open_split(data_cfg, manifest: Manifest, spec: LoaderSpec, options: StorageOptions | None = None) -> SplitLoader:
+    """The loader ``data.loader`` names ('memory' or 'stream') for one split and rank."""
+    if data_cfg.loader == "stream":
+        from .stream import open_stream  # noqa: PLC0415  (optional heavier dependency path)
+
+        return open_stream(data_cfg, manifest, spec, options)
+    return open_memory(data_cfg.root, manifest, spec, options)

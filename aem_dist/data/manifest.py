@@ -1,0 +1,137 @@
+"""``manifest.json``: what a dataset holds, so loaders can plan epochs without listing storage.
+
+The manifest is written last; a dataset exists only once its manifest does.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .. import storage
+from ..storage import StorageOptions
+
+FORMAT = "aem-dist/1"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+class ManifestError(ValueError):
+    """manifest.json is missing or invalid; the message names the file and field."""
+
+
+class BagEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    key: str
+    label: int = Field(ge=0)
+    n: int = Field(ge=0, description="instances")
+
+    @classmethod
+    def from_list(cls, row: Any) -> "BagEntry":
+        return cls(key=row[0], label=row[1], n=row[2])
+
+
+class ShardEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    n_bags: int = Field(ge=0)
+    n_instances: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bags: list[BagEntry]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bags_as_rows(cls, data: Any) -> Any:
+        # Stored compactly as [key, label, n] rows.
+        if isinstance(data, dict) and isinstance(data.get("bags"), list):
+            data = {**data, "bags": [BagEntry.from_list(b) if isinstance(b, (list, tuple)) else b for b in data["bags"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _counts(self) -> "ShardEntry":
+        if len(self.bags) != self.n_bags:
+            raise ValueError(f"shard {self.name}: n_bags {self.n_bags} != {len(self.bags)} listed bags")
+        if sum(b.n for b in self.bags) != self.n_instances:
+            raise ValueError(f"shard {self.name}: n_instances {self.n_instances} != sum over listed bags")
+        return self
+
+
+class SplitEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_bags: int = Field(ge=0)
+    n_instances: int = Field(ge=0)
+    class_counts: list[int]
+    shards: list[ShardEntry]
+
+    def bags(self) -> list[BagEntry]:
+        return [b for s in self.shards for b in s.bags]
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: str
+    dim: int = Field(ge=1)
+    class_names: list[str] = Field(min_length=2)
+    splits: dict[str, SplitEntry]
+    source: dict[str, Any] = Field(default_factory=dict)
+    created_by: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> "Manifest":
+        if self.format != FORMAT:
+            raise ValueError(f"format {self.format!r} is not {FORMAT!r}")
+        seen: set[str] = set()
+        for split, entry in self.splits.items():
+            if len(entry.class_counts) != self.n_classes:
+                raise ValueError(f"splits.{split}.class_counts has {len(entry.class_counts)} entries for {self.n_classes} classes")
+            for bag in entry.bags():
+                if bag.label >= self.n_classes:
+                    raise ValueError(f"splits.{split}: bag {bag.key!r} label {bag.label} outside {self.n_classes} classes")
+                if bag.key in seen:
+                    raise ValueError(f"splits.{split}: duplicate key {bag.key!r}")
+                seen.add(bag.key)
+        return self
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def split(self, name: str) -> SplitEntry:
+        if name not in self.splits:
+            raise ManifestError(f"dataset has no split {name!r} (has {sorted(self.splits)})")
+        return self.splits[name]
+
+    def to_json(self) -> str:
+        data = self.model_dump(mode="json")
+        for entry in data["splits"].values():
+            for shard in entry["shards"]:
+                shard["bags"] = [[b["key"], b["label"], b["n"]] for b in shard["bags"]]
+        return json.dumps(data, indent=1, sort_keys=False)
+
+
+def parse_manifest(text: str | bytes, where: str = MANIFEST) -> Manifest:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{where}: not valid JSON: {err}") from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as err:
+        parts = []
+        for e in err.errors():
+            loc = ".".join(str(p) for p in e["loc"])
+            parts.append(f"{loc or '<root>'}: {e['msg']}")
+        raise ManifestError(f"{where}: invalid manifest: " + "; ".join(parts)) from None
+
+
+def load_manifest(root: str, options: StorageOptions | None = None) -> Manifest:
+    """Read and validate ``<root>/manifest.json``."""
+    url = storage.join(root, MANIFEST)
+    try:
+        text = storage.read_bytes(url, options)
+    except FileNotFoundError:
+        raise ManifestError(f"{storage.redact(url, options)}: no manifest (not a dataset, or its writing never finished)") from None
+    return parse_manifest(text, storage.redact(url, options))

@@ -1,0 +1,159 @@
+"""Variable-length collation: many bags in one ``(total_instances, D)`` tensor.
+
+A packed batch concatenates its bags' instances and carries ``bag_index`` (which bag each instance
+belongs to) and ``offsets`` (bag ``b`` is rows ``offsets[b]:offsets[b+1]``). Models pool per bag with
+segment operations, so nothing is padded and nothing is truncated.
+
+Epoch planning is pure arithmetic on bag sizes, so every rank computes the same plan from the
+manifest without talking to the others:
+
+1. order the bags (a permutation drawn from ``(seed, epoch)`` for training, manifest order for eval);
+2. pack them greedily in that order under ``max_instances`` and ``max_bags`` — a bag larger than the
+   instance budget becomes a batch of its own;
+3. deal batches to ranks round-robin. For training every rank takes ``ceil(n_batches / world)`` steps;
+   ranks that run out wrap around to the start of the epoch's plan, so a few batches are seen twice
+   in that epoch and none is dropped (the DDP equal-steps rule). For evaluation nothing is repeated:
+   every bag is evaluated exactly once across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .schema import Bag
+
+
+@dataclass
+class PackedBatch:
+    feats: torch.Tensor  # (T, D)
+    bag_index: torch.Tensor  # (T,) int64, bag of each instance, non-decreasing
+    offsets: torch.Tensor  # (B + 1,) int64
+    labels: torch.Tensor  # (B,) int64
+    keys: list[str]
+    coords: torch.Tensor | None = None  # (T, 2) int32
+
+    @property
+    def n_bags(self) -> int:
+        return len(self.keys)
+
+    @property
+    def n_instances(self) -> int:
+        return int(self.feats.shape[0])
+
+    def sizes(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "PackedBatch":
+        feats = self.feats.to(device=device, dtype=dtype or self.feats.dtype, non_blocking=True)
+        return PackedBatch(
+            feats=feats,
+            bag_index=self.bag_index.to(device, non_blocking=True),
+            offsets=self.offsets.to(device, non_blocking=True),
+            labels=self.labels.to(device, non_blocking=True),
+            keys=self.keys,
+            coords=self.coords,
+        )
+
+
+def pack(bags: Sequence[Bag], dtype: torch.dtype = torch.float32, with_coords: bool = False) -> PackedBatch:
+    """Concatenate bags into one packed batch (features cast to ``dtype``)."""
+    if not bags:
+        raise ValueError("cannot pack an empty list of bags")
+    sizes = torch.tensor([b.n for b in bags], dtype=torch.int64)
+    feats = torch.from_numpy(np.concatenate([np.asarray(b.feats) for b in bags], axis=0)).to(dtype)
+    offsets = torch.zeros(len(bags) + 1, dtype=torch.int64)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    coords = None
+    if with_coords and all(b.coords is not None for b in bags):
+        coords = torch.from_numpy(np.concatenate([b.coords for b in bags], axis=0))
+    return PackedBatch(
+        feats=feats,
+        bag_index=torch.repeat_interleave(torch.arange(len(bags)), sizes),
+        offsets=offsets,
+        labels=torch.tensor([b.label for b in bags], dtype=torch.int64),
+        keys=[b.key for b in bags],
+        coords=coords,
+    )
+
+
+def plan_batches(sizes: Sequence[int], max_instances: int | None, max_bags: int) -> list[list[int]]:
+    """Greedy packing of items (in the given order) into batches; returns lists of item positions."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    load = 0
+    for i, n in enumerate(sizes):
+        fits = len(current) < max_bags and (max_instances is None or load + n <= max_instances)
+        if current and not fits:
+            batches.append(current)
+            current, load = [], 0
+        current.append(i)
+        load += int(n)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def epoch_order(n_items: int, seed: int, epoch: int) -> np.ndarray:
+    """The training order of epoch ``epoch``: a permutation fixed by ``(seed, epoch)``."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n_items)
+
+
+def plan_rank(
+    sizes: Sequence[int],
+    *,
+    rank: int,
+    world_size: int,
+    max_instances: int | None,
+    max_bags: int,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+) -> list[list[int]]:
+    """The batches (lists of item indices into ``sizes``) rank ``rank`` runs this epoch.
+
+    Training: shuffled, equal steps on every rank (wrap-around padding). Eval: manifest order,
+    every item exactly once across ranks (step counts may differ by one; eval runs no collectives).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of {world_size}")
+    order = epoch_order(len(sizes), seed, epoch) if train else np.arange(len(sizes))
+    batches = [[int(order[j]) for j in b] for b in plan_batches([sizes[i] for i in order], max_instances, max_bags)]
+    if not batches:
+        return []
+    if not train:
+        return batches[rank::world_size]
+    steps = math.ceil(len(batches) / world_size)
+    return [batches[(rank + world_size * k) % len(batches)] for k in range(steps)]
+
+
+def subsample(batch: PackedBatch, ratio: float, generator: torch.Generator | None = None) -> PackedBatch:
+    """Keep a random ``ceil(ratio · n)`` (at least 1) instances of every bag, in their original order.
+
+    Training-time Subsampling augmentation; ``ratio == 1`` returns the batch unchanged.
+    """
+    if ratio >= 1.0:
+        return batch
+    sizes = batch.sizes()
+    keep_n = torch.clamp(torch.ceil(sizes.double() * ratio).long(), min=1)
+    # Rank instances within their bag by a random key; keep those ranked below keep_n.
+    rand = torch.rand(batch.n_instances, generator=generator, dtype=torch.float64)
+    key = batch.bag_index.double() * 2.0 + rand  # sorts by bag, then randomly inside the bag
+    order = torch.argsort(key)
+    pos_in_bag = torch.arange(batch.n_instances) - batch.offsets[:-1].repeat_interleave(sizes)
+    chosen = order[pos_in_bag < keep_n.repeat_interleave(sizes)]
+    keep = torch.sort(chosen).values
+    offsets = torch.zeros_like(batch.offsets)
+    torch.cumsum(keep_n, 0, out=offsets[1:])
+    return PackedBatch(
+        feats=batch.feats[keep],
+        bag_index=batch.bag_index[keep],
+        offsets=offsets,
+        labels=batch.labels,
+        keys=batch.keys,
+        coords=batch.coords[keep] if batch.coords is not None else None,
+    )

@@ -1,0 +1,314 @@
+"""Write datasets as WebDataset tar shards plus ``manifest.json``; read shards back safely.
+
+Shards are plain POSIX tars with deterministic headers (mtime 0, fixed owner), so the same bags give
+the same bytes and the same sha256. Each shard is written atomically (see :mod:`aem_dist.storage`)
+and the manifest is written last, only after every shard is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import IO, Any, Callable, Iterable, Iterator
+
+from .. import __version__, storage
+from ..storage import StorageOptions
+from .manifest import FORMAT, MANIFEST, BagEntry, Manifest, ShardEntry, SplitEntry
+from .schema import MEMBERS, Bag, BadSampleError, decode_bag, encode_bag
+
+DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
+
+
+class _HashingWriter(io.RawIOBase):
+    """Write-through file wrapper that hashes and counts the bytes."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        b = bytes(b)
+        self._f.write(b)
+        self.sha256.update(b)
+        self.nbytes += len(b)
+        return len(b)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass
+class _OpenShard:
+    name: str
+    ctx: Any
+    raw: _HashingWriter
+    tar: tarfile.TarFile
+    bags: list[BagEntry] = field(default_factory=list)
+
+
+class DatasetWriter:
+    """Write bags split by split into shards under ``root``; :meth:`close` writes the manifest.
+
+    Use as a context manager: if the block raises, no manifest is written (shards already committed
+    stay, but without a manifest the folder is not a dataset).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        dim: int,
+        class_names: list[str],
+        *,
+        options: StorageOptions | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
+        source: dict[str, Any] | None = None,
+    ):
+        self.root = str(root)
+        self.dim = int(dim)
+        self.class_names = list(class_names)
+        self.options = options
+        self.shard_bytes = int(shard_bytes)
+        self.source = dict(source or {})
+        self._open: dict[str, _OpenShard] = {}
+        self._done: dict[str, list[ShardEntry]] = defaultdict(list)
+        self._keys: dict[str, str] = {}
+        self.manifest: Manifest | None = None
+        storage.makedirs(self.root, options)
+
+    def add(self, split: str, bag: Bag) -> None:
+        if bag.dim != self.dim:
+            raise ValueError(f"bag {bag.slide_id!r}: feature dim {bag.dim} != dataset dim {self.dim}")
+        if not 0 <= bag.label < len(self.class_names):
+            raise ValueError(f"bag {bag.slide_id!r}: label {bag.label} outside classes {self.class_names}")
+        if bag.n == 0:
+            raise ValueError(f"bag {bag.slide_id!r}: has 0 instances")
+        key = bag.key
+        if key in self._keys:
+            raise ValueError(f"duplicate bag key {key!r} (slide ids {self._keys[key]!r} and {bag.slide_id!r})")
+        self._keys[key] = bag.slide_id
+        shard = self._open.get(split) or self._start(split)
+        for ext, data in encode_bag(bag).items():
+            _add_member(shard.tar, f"{key}.{ext}", data)
+        shard.bags.append(BagEntry(key=key, label=bag.label, n=bag.n))
+        if shard.raw.nbytes >= self.shard_bytes:
+            self._finish(split)
+
+    def _start(self, split: str) -> _OpenShard:
+        name = f"{split}-{len(self._done[split]):06d}.tar"
+        ctx = storage.atomic_open(storage.join(self.root, name), self.options)
+        f = ctx.__enter__()
+        raw = _HashingWriter(f)
+        tar = tarfile.open(fileobj=raw, mode="w|", format=tarfile.USTAR_FORMAT)
+        self._open[split] = shard = _OpenShard(name, ctx, raw, tar)
+        return shard
+
+    def _finish(self, split: str) -> None:
+        shard = self._open.pop(split)
+        shard.tar.close()
+        shard.ctx.__exit__(None, None, None)
+        self._done[split].append(
+            ShardEntry(
+                name=shard.name,
+                n_bags=len(shard.bags),
+                n_instances=sum(b.n for b in shard.bags),
+                bytes=shard.raw.nbytes,
+                sha256=shard.raw.sha256.hexdigest(),
+                bags=shard.bags,
+            )
+        )
+
+    def abort(self) -> None:
+        for split in list(self._open):
+            shard = self._open.pop(split)
+            err = RuntimeError("dataset writing aborted")
+            try:
+                shard.ctx.__exit__(type(err), err, None)
+            except RuntimeError:
+                pass
+
+    def close(self) -> Manifest:
+        for split in list(self._open):
+            self._finish(split)
+        splits = {}
+        for split, shards in self._done.items():
+            counts = [0] * len(self.class_names)
+            for s in shards:
+                for b in s.bags:
+                    counts[b.label] += 1
+            splits[split] = SplitEntry(
+                n_bags=sum(s.n_bags for s in shards),
+                n_instances=sum(s.n_instances for s in shards),
+                class_counts=counts,
+                shards=shards,
+            )
+        manifest = Manifest(
+            format=FORMAT,
+            dim=self.dim,
+            class_names=self.class_names,
+            splits=splits,
+            source=self.source,
+            created_by=f"aem-dist {__version__}",
+        )
+        storage.atomic_write_text(storage.join(self.root, MANIFEST), manifest.to_json(), self.options)
+        self.manifest = manifest
+        return manifest
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            if self.manifest is None:
+                self.close()
+        else:
+            self.abort()
+
+
+def write_dataset(
+    root: str,
+    bags: Iterable[tuple[str, Bag]],
+    dim: int,
+    class_names: list[str],
+    *,
+    options: StorageOptions | None = None,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    source: dict[str, Any] | None = None,
+) -> Manifest:
+    """Write ``(split, bag)`` pairs as a dataset; returns the manifest (written last)."""
+    with DatasetWriter(root, dim, class_names, options=options, shard_bytes=shard_bytes, source=source) as w:
+        for split, bag in bags:
+            w.add(split, bag)
+    assert w.manifest is not None
+    return w.manifest
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RawSample:
+    """One sample's expected members (extension → bytes) and the names of members left unread."""
+
+    key: str
+    members: dict[str, bytes] = field(default_factory=dict)
+    unexpected: list[str] = field(default_factory=list)
+
+
+def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
+    """Group a tar stream's members into samples.
+
+    Only the members named in :data:`MEMBERS` are read into memory; anything else (a ``.pyd``
+    pickle, a ``.pth``) is recorded by name and never read. Raises BadSampleError('truncated_tar')
+    on a cut or corrupt stream.
+    """
+    current: RawSample | None = None
+    try:
+        with tarfile.open(fileobj=f, mode="r|") as tar:
+            for info in tar:
+                if not info.isfile():
+                    continue
+                base = info.name.rsplit("/", 1)[-1]
+                key, _, ext = base.partition(".")
+                if current is None or key != current.key:
+                    if current is not None:
+                        yield current
+                    current = RawSample(key)
+                if ext not in MEMBERS:
+                    current.unexpected.append(base)
+                    continue
+                if ext in current.members:
+                    raise BadSampleError("duplicate_key", f"member {base!r} appears twice", shard=shard, key=key)
+                data = tar.extractfile(info)
+                current.members[ext] = data.read() if data is not None else b""
+            if current is not None:
+                yield current
+    except BadSampleError:
+        raise
+    except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+        key = current.key if current is not None else None
+        raise BadSampleError("truncated_tar", f"tar stream is cut or corrupt: {err}", shard=shard, key=key) from None
+
+
+OnBad = Callable[[BadSampleError], None]
+
+
+def raise_bad(err: BadSampleError) -> None:
+    raise err
+
+
+def decode_shard(
+    samples: Iterable[RawSample],
+    shard: str,
+    *,
+    dim: int | None,
+    n_classes: int | None,
+    on_bad: OnBad = raise_bad,
+) -> Iterator[Bag]:
+    """Decode samples of one shard into bags, sending every problem to ``on_bad``.
+
+    A sample carrying members other than feats/coords/json (a pickle, a torch file) is rejected
+    whole as ``unexpected_member``: we never read those members, and a writer that put them there
+    is not one we trust for the rest of the sample either.
+    """
+    seen: set[str] = set()
+    it = iter(samples)
+    while True:
+        try:
+            sample = next(it)
+        except StopIteration:
+            return
+        except BadSampleError as err:
+            on_bad(err.located(shard=shard))
+            return  # the rest of a cut tar cannot be read
+        key = sample.key
+        if key in seen:
+            on_bad(BadSampleError("duplicate_key", "key appears twice in the shard", shard=shard, key=key))
+            continue
+        seen.add(key)
+        if sample.unexpected:
+            on_bad(BadSampleError("unexpected_member", f"unexpected members {sample.unexpected} (never decoded)", shard=shard, key=key))
+            continue
+        try:
+            bag = decode_bag(sample.members, dim=dim, n_classes=n_classes)
+        except BadSampleError as err:
+            on_bad(err.located(shard=shard, key=key))
+            continue
+        if bag.key != key:
+            on_bad(BadSampleError("key_mismatch", f"key does not match slide_id {bag.slide_id!r}", shard=shard, key=key))
+            continue
+        yield bag
+
+
+def read_shard(url: str, *, dim: int | None, n_classes: int | None, options: StorageOptions | None = None, on_bad: OnBad = raise_bad) -> Iterator[Bag]:
+    """Stream one shard from storage and yield its validated bags."""
+    fs, path = storage.open_fs(url, options)
+    name = url.rsplit("/", 1)[-1]
+    with fs.open(path, "rb") as f:
+        yield from decode_shard(iter_tar_samples(f, name), name, dim=dim, n_classes=n_classes, on_bad=on_bad)
+
+
+def sha256_of(url: str, options: StorageOptions | None = None, chunk: int = 8 << 20) -> tuple[str, int]:
+    fs, path = storage.open_fs(url, options)
+    h = hashlib.sha256()
+    n = 0
+    with fs.open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n

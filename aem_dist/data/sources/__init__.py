@@ -1,0 +1,1 @@
+"""Input formats that become datasets (one module per format, each yielding bags)."""

@@ -1,0 +1,92 @@
+"""Evaluation: per-bag predictions on each rank, gathered, then metrics over all bags.
+
+Each rank evaluates its share of the split (every bag exactly once across ranks, see
+:func:`aem_dist.data.packing.plan_rank`) with the unwrapped model, so no collective runs inside the
+loop and ranks may take different numbers of steps. The per-bag records are then gathered to every
+rank and the metrics computed on the whole split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.loader import SplitLoader
+from .dist import DistContext
+from .metrics import attention_stats, bag_attention_stats, classification_metrics
+
+
+@dataclass
+class BagPrediction:
+    key: str
+    label: int
+    probs: np.ndarray  # (C,)
+    attn_stats: tuple[float, float, float] | None = None  # entropy, normalised entropy, top-1 % share
+    attention: np.ndarray | None = None  # (N,) per instance, sums to 1; only with keep_attention
+    coords: np.ndarray | None = None  # (N, 2); only with keep_attention and a coords-carrying loader
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    predictions: list[BagPrediction] = field(default_factory=list)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: SplitLoader, ctx: DistContext, *, keep_attention: bool = False, epoch: int = 0) -> list[BagPrediction]:
+    """This rank's per-bag predictions: probabilities, attention statistics and (``keep_attention``)
+    the per-instance attention itself."""
+    model.eval()
+    out_rows: list[BagPrediction] = []
+    for batch in loader.epoch(epoch):
+        coords = batch.coords
+        batch = batch.to(ctx.device)
+        out = model(batch.feats, batch.bag_index, batch.n_bags)
+        probs = torch.softmax(out.logits.double(), dim=1).cpu().numpy()
+        attn = out.instance_attention(batch.bag_index, batch.n_bags)
+        attn_np = attn.double().cpu().numpy() if attn is not None else None
+        offsets = batch.offsets.cpu().numpy()
+        for b, key in enumerate(batch.keys):
+            lo, hi = offsets[b], offsets[b + 1]
+            out_rows.append(
+                BagPrediction(
+                    key=key,
+                    label=int(batch.labels[b]),
+                    probs=probs[b],
+                    attn_stats=bag_attention_stats(attn_np[lo:hi]) if attn_np is not None else None,
+                    attention=attn_np[lo:hi] if keep_attention and attn_np is not None else None,
+                    coords=coords[lo:hi].numpy() if keep_attention and coords is not None else None,
+                )
+            )
+    return out_rows
+
+
+def gather_predictions(rows: list[BagPrediction], ctx: DistContext, expected: int | None = None) -> list[BagPrediction]:
+    """All ranks' predictions, sorted by key; checks that no bag is missing or duplicated."""
+    merged = [r for part in ctx.gather_objects(rows) for r in part]
+    keys = [r.key for r in merged]
+    if len(set(keys)) != len(keys):
+        dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
+        raise RuntimeError(f"evaluation saw bags more than once across ranks: {dup}")
+    if expected is not None and len(merged) != expected:
+        raise RuntimeError(f"evaluation gathered {len(merged)} bags, expected {expected}")
+    return sorted(merged, key=lambda r: r.key)
+
+
+def split_metrics(rows: list[BagPrediction], n_classes: int) -> dict[str, float]:
+    if not rows:
+        return classification_metrics(np.zeros((0, n_classes)), np.zeros(0), n_classes) | attention_stats([])
+    probs = np.stack([r.probs for r in rows])
+    labels = np.array([r.label for r in rows])
+    attn = [r.attn_stats for r in rows if r.attn_stats is not None]
+    return classification_metrics(probs, labels, n_classes) | attention_stats(attn)
+
+
+def evaluate(model: nn.Module, loader: SplitLoader, ctx: DistContext, n_classes: int, **kw: Any) -> EvalResult:
+    """Metrics of ``model`` on the whole split behind ``loader`` (all ranks together)."""
+    rows = gather_predictions(predict(model, loader, ctx, **kw), ctx, expected=loader.n_bags)
+    return EvalResult(split_metrics(rows, n_classes), rows)

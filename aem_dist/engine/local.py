@@ -1,0 +1,74 @@
+"""A run in this process, without Ray: checkpoints under a folder or URL, resume from the latest one.
+
+This is the fast path (``scaling.num_workers: 0``) used by tests and laptops. Under Ray Train the
+same :func:`aem_dist.engine.loop.fit` runs in each worker and Ray keeps the checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Callable
+
+from .. import storage
+from ..config import Config
+from ..storage import StorageOptions
+from .checkpoint import STATE_FILE, load_dir, state_to_bytes
+from .loop import EpochReport, FitResult, fit
+
+log = logging.getLogger(__name__)
+_EPOCH_DIR = re.compile(r"^epoch-(\d{6})$")
+
+
+class LocalCheckpoints:
+    """``folder/epoch-NNNNNN/state.pt`` per epoch; keeps the latest ``keep`` plus the best."""
+
+    def __init__(self, folder: str, keep: int = 2, options: StorageOptions | None = None):
+        self.folder = str(folder)
+        self.keep = keep
+        self.options = options
+        self.best: str | None = None
+
+    def _epochs(self) -> list[str]:
+        fs, path = storage.open_fs(self.folder, self.options)
+        if not fs.exists(path):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+        return sorted(n for n in names if _EPOCH_DIR.match(n) and fs.exists(f"{path}/{n}/{STATE_FILE}"))
+
+    def latest(self) -> dict[str, Any] | None:
+        dirs = self._epochs()
+        return load_dir(storage.join(self.folder, dirs[-1]), self.options) if dirs else None
+
+    def __call__(self, report: EpochReport) -> None:
+        name = f"epoch-{report.epoch:06d}"
+        storage.atomic_write_bytes(storage.join(self.folder, name, STATE_FILE), state_to_bytes(report.state()), self.options)
+        if report.is_best:
+            self.best = name
+        epochs = self._epochs()
+        fs, path = storage.open_fs(self.folder, self.options)
+        for old in epochs[: -self.keep]:
+            if old != self.best:
+                fs.rm(f"{path}/{old}", recursive=True)
+
+
+def run_local(
+    cfg: Config,
+    checkpoint_dir: str | None = None,
+    options: StorageOptions | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> FitResult:
+    """Train in this process; with ``checkpoint_dir`` write a checkpoint per epoch and resume from it."""
+    if checkpoint_dir is None:
+        return fit(cfg, options=options, on_epoch=on_epoch)
+    ckpt = LocalCheckpoints(checkpoint_dir, keep=cfg.run.checkpoint_keep, options=options)
+    resume = ckpt.latest()
+    if resume is not None:
+        ckpt.best = None if resume["best_epoch"] is None else f"epoch-{int(resume['best_epoch']):06d}"
+
+    def both(report: EpochReport) -> None:
+        ckpt(report)
+        if on_epoch is not None:
+            on_epoch(report)
+
+    return fit(cfg, resume=resume, options=options, on_epoch=both)

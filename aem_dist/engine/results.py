@@ -1,0 +1,108 @@
+"""What a finished run leaves behind: ``results.json`` and the ``run.json`` provenance record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+from .. import __version__, storage
+from ..config import Config
+from ..data.manifest import MANIFEST
+from ..storage import StorageOptions
+from .loop import FitResult
+
+PACKAGES = ("torch", "ray", "numpy", "webdataset", "zarr", "s3fs", "fsspec", "scikit-learn", "pydantic", "prometheus-client")
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/Inf become null, numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(_clean(obj), indent=2, sort_keys=False)
+
+
+def write_json(url: str, obj: Any, options: StorageOptions | None = None) -> None:
+    storage.atomic_write_text(url, to_json(obj) + "\n", options)
+
+
+def results_dict(result: FitResult, cfg: Config) -> dict[str, Any]:
+    """The content of ``results.json``."""
+    return {
+        "best_epoch": result.best_epoch,
+        "val": result.val,
+        "test": result.test,
+        "skipped": result.skipped,
+        "history": result.history,
+        "config": cfg.to_dict(),
+    }
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"aem-dist": __version__, "python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_commit(path: str | None = None) -> str | None:
+    """The commit of the source tree aem_dist runs from, if it is a git checkout (with '+dirty')."""
+    path = path or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        sha = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", path, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def manifest_sha256(root: str, options: StorageOptions | None = None) -> str | None:
+    try:
+        return hashlib.sha256(storage.read_bytes(storage.join(root, MANIFEST), options)).hexdigest()
+    except (FileNotFoundError, storage.StorageError):
+        return None
+
+
+def resources() -> dict[str, Any]:
+    import torch
+
+    return {
+        "host_cpus": os.cpu_count(),
+        "cuda_devices": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "platform": platform.platform(),
+    }
+
+
+def run_record(cfg: Config, kind: str, options: StorageOptions | None = None, **extra: Any) -> dict[str, Any]:
+    """The content of ``run.json``: resolved config (secrets redacted), versions, commit, data hash, resources."""
+    return {
+        "kind": kind,
+        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+        "config": cfg.to_dict(),
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "dataset": {"root": storage.redact(cfg.data.root, options), "manifest_sha256": manifest_sha256(cfg.data.root, options)},
+        "resources": resources(),
+        **extra,
+    }

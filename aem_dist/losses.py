@@ -1,0 +1,56 @@
+"""The attention regularisers and the total loss.
+
+AEM (the paper's term) per bag is ``Σ_i a_i log a_i`` — the negative entropy of the bag's attention,
+natural log, from the log-softmax of the scores so that tiny weights cannot give ``0 · log 0``.
+Minimising it maximises attention entropy. ``kl_uniform`` is the ablation ``KL(a ‖ u) = Σ a log a +
+log N``: the same gradient per bag, but it carries a bag-size-dependent offset and (as the paper
+notes) the reference distribution explicitly.
+
+With several heads/branches (or sub-bag segments) the per-bag term is the mean over them. A batch's
+term is the mean over its bags, so every term in the loss is a mean over bags.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .models.base import MILOutput
+from .models.segment import segment_count, segment_mean, segment_sum
+
+KINDS = ("neg_entropy", "kl_uniform")
+
+
+def segment_neg_entropy(log_a: torch.Tensor, index: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """(R, H) log-attention → (S, H): Σ a log a within each segment (0 for a one-row segment)."""
+    return segment_sum(torch.exp(log_a) * log_a, index, n_segments)
+
+
+def attention_regulariser(out: MILOutput, n_bags: int, kind: str = "neg_entropy") -> torch.Tensor:
+    """Scalar: mean over bags of the per-bag regulariser (mean over heads and segments)."""
+    if kind not in KINDS:
+        raise ValueError(f"loss.kind {kind!r} not in {KINDS}")
+    if out.attn_scores is None:
+        return out.logits.new_zeros(())
+    log_a = out.log_attention()  # (R, H)
+    per_segment = segment_neg_entropy(log_a, out.attn_index, out.n_segments)  # (S, H)
+    if kind == "kl_uniform":
+        n = segment_count(out.attn_index, out.n_segments).to(per_segment.dtype)  # (S,)
+        per_segment = per_segment + torch.log(n.clamp_min(1)).unsqueeze(1)
+    per_segment = per_segment.mean(dim=1)  # (S,)
+    if out.segment_bag is None:
+        per_bag = per_segment
+    else:
+        per_bag = segment_mean(per_segment, out.segment_bag, n_bags)  # (B,)
+    return per_bag.mean()
+
+
+def total_loss(terms: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
+    """Σ weight·term with weight λ for ``aem`` and 1 for every other (model-defined) term."""
+    return sum((lam if name == "aem" else 1.0) * value for name, value in terms.items())
+
+
+def uniform_neg_entropy(n: int) -> float:
+    """Σ a log a of the uniform distribution over n items: −log n (for tests and plots)."""
+    return -math.log(n)

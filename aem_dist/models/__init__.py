@@ -1,0 +1,7 @@
+"""MIL models on packed batches. Importing this package registers every model."""
+
+from . import abmil  # noqa: F401  (registers)
+from .base import MILModel, MILOutput
+from .registry import MODELS, build_model
+
+__all__ = ["MILModel", "MILOutput", "MODELS", "build_model"]

@@ -1,0 +1,70 @@
+"""The contract every MIL model fulfils on packed batches.
+
+``forward(feats, bag_index, n_bags)`` returns a :class:`MILOutput`:
+
+* ``logits`` — ``(B, C)`` one row per bag;
+* the attention the AEM term regularises, as pre-softmax scores ``attn_scores`` ``(R, H)`` — R rows
+  (usually one per instance), H heads/branches/classes — with ``attn_index`` ``(R,)`` naming each row's
+  softmax segment. Usually segments are bags; a model that attends within sub-bags (DTFD's pseudo-bags)
+  sets ``segment_bag`` ``(S,)`` to map segments to bags and ``attn_rows`` ``(R,)`` to the packed
+  instance each row belongs to. Attention-free models (mean/max pooling) leave the scores ``None``;
+  their AEM term is 0.
+* ``extras`` — tensors a model's own loss terms need (instance logits, branch logits...).
+
+``loss_terms(out, labels)`` returns the model's own named loss terms, each already a mean over the
+batch's bags (so a packed batch's gradient is the mean of its bags' gradients). The engine adds
+``aem`` (from :mod:`aem_dist.losses`) with weight λ and every other term with weight 1.
+Models import neither Ray nor torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .segment import segment_log_softmax, segment_sum
+
+
+@dataclass
+class MILOutput:
+    logits: torch.Tensor  # (B, C)
+    attn_scores: torch.Tensor | None = None  # (R, H)
+    attn_index: torch.Tensor | None = None  # (R,) segment of each row
+    n_segments: int = 0
+    segment_bag: torch.Tensor | None = None  # (S,) bag of each segment; None = segments are bags
+    attn_rows: torch.Tensor | None = None  # (R,) packed instance of each row; None = row i is instance i
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def log_attention(self) -> torch.Tensor:
+        """(R, H): log of the attention weights, softmax within each segment."""
+        if self.attn_scores is None or self.attn_index is None:
+            raise ValueError("this model has no attention")
+        return segment_log_softmax(self.attn_scores, self.attn_index, self.n_segments)
+
+    def instance_attention(self, bag_index: torch.Tensor, n_bags: int) -> torch.Tensor | None:
+        """(T,): one attention weight per packed instance, summing to 1 within each bag.
+
+        Mean over heads; where segments are sub-bags each instance's weight is divided among the
+        bag's segments so that the bag sums to 1. None for attention-free models.
+        """
+        if self.attn_scores is None:
+            return None
+        a = torch.exp(self.log_attention()).mean(dim=1)  # (R,)
+        rows = self.attn_rows if self.attn_rows is not None else torch.arange(a.shape[0], device=a.device)
+        per_instance = torch.zeros(bag_index.shape[0], dtype=a.dtype, device=a.device).index_add_(0, rows, a)
+        bag_total = segment_sum(per_instance, bag_index, n_bags)  # (B,)
+        return per_instance / bag_total.clamp_min(torch.finfo(a.dtype).tiny)[bag_index]
+
+
+class MILModel(nn.Module):
+    """Base class: subclasses implement ``forward``; override ``loss_terms`` for extra terms."""
+
+    def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> MILOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def loss_terms(self, out: MILOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Named loss terms, each a mean over bags. Default: cross-entropy of the bag logits."""
+        return {"ce": F.cross_entropy(out.logits, labels)}

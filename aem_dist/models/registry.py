@@ -1,0 +1,27 @@
+"""Model registry: ``model.name`` → class. Models register themselves with :func:`register`."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ..config import ModelConfig
+from .base import MILModel
+
+MODELS: dict[str, type[MILModel]] = {}
+
+
+def register(name: str) -> Callable[[type[MILModel]], type[MILModel]]:
+    def deco(cls: type[MILModel]) -> type[MILModel]:
+        if name in MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        MODELS[name] = cls
+        return cls
+
+    return deco
+
+
+def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> MILModel:
+    """Instantiate ``cfg.name`` for features of width ``in_dim`` and ``n_classes`` classes."""
+    if cfg.name not in MODELS:
+        raise ValueError(f"model.name {cfg.name!r} is not a known model; choose from {', '.join(sorted(MODELS))}")
+    return MODELS[cfg.name](cfg, in_dim, n_classes)

@@ -1,0 +1,32 @@
+"""Shared test set-up. Fixture modules in tests/fixtures/ (real SeaweedFS, Ray head, Prometheus)
+are loaded as plugins so any test can request them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = sorted(f"tests.fixtures.{p.stem}" for p in (Path(__file__).parent / "fixtures").glob("*.py") if p.stem != "__init__")
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(condition: bool, reason: str) -> None:
+    """Skip when a real component is missing — except under CI=true, where it is a failure."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"required test component missing under CI=true: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> str:
+    """The synthetic `demo` dataset, written once per test session."""
+    from aem_dist.data.synthetic import get_spec, write_synthetic
+
+    root = str(tmp_path_factory.mktemp("demo-data"))
+    write_synthetic(get_spec("demo"), root, seed=0, progress=False)
+    return root
