@@ -21,12 +21,16 @@ _EPOCH_DIR = re.compile(r"^epoch-(\d{6})$")
 
 
 class LocalCheckpoints:
-    """``folder/epoch-NNNNNN/state.pt`` per epoch; keeps the latest ``keep`` plus the best."""
+    """``folder/epoch-NNNNNN/state.pt`` per epoch; keeps the latest ``keep`` plus the best.
 
-    def __init__(self, folder: str, keep: int = 2, options: StorageOptions | None = None):
+    With ``best_dir`` the best-so-far state is also written to ``best_dir/state.pt`` (what ``predict`` reads).
+    """
+
+    def __init__(self, folder: str, keep: int = 2, options: StorageOptions | None = None, best_dir: str | None = None):
         self.folder = str(folder)
         self.keep = keep
         self.options = options
+        self.best_dir = best_dir
         self.best: str | None = None
 
     def _epochs(self) -> list[str]:
@@ -42,9 +46,12 @@ class LocalCheckpoints:
 
     def __call__(self, report: EpochReport) -> None:
         name = f"epoch-{report.epoch:06d}"
-        storage.atomic_write_bytes(storage.join(self.folder, name, STATE_FILE), state_to_bytes(report.state()), self.options)
+        blob = state_to_bytes(report.state())
+        storage.atomic_write_bytes(storage.join(self.folder, name, STATE_FILE), blob, self.options)
         if report.is_best:
             self.best = name
+            if self.best_dir is not None:
+                storage.atomic_write_bytes(storage.join(self.best_dir, STATE_FILE), blob, self.options)
         epochs = self._epochs()
         fs, path = storage.open_fs(self.folder, self.options)
         for old in epochs[: -self.keep]:
@@ -54,17 +61,19 @@ class LocalCheckpoints:
 
 def run_local(
     cfg: Config,
-    checkpoint_dir: str | None = None,
+    run_dir: str | None = None,
     options: StorageOptions | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
 ) -> FitResult:
-    """Train in this process; with ``checkpoint_dir`` write a checkpoint per epoch and resume from it."""
-    if checkpoint_dir is None:
+    """Train in this process. With ``run_dir``: a checkpoint per epoch in ``run_dir/checkpoints`` (resumed
+    from if present) and the best-by-validation state in ``run_dir/best/state.pt``."""
+    if run_dir is None:
         return fit(cfg, options=options, on_epoch=on_epoch)
-    ckpt = LocalCheckpoints(checkpoint_dir, keep=cfg.run.checkpoint_keep, options=options)
+    ckpt = LocalCheckpoints(storage.join(run_dir, "checkpoints"), keep=cfg.run.checkpoint_keep, options=options, best_dir=storage.join(run_dir, "best"))
     resume = ckpt.latest()
     if resume is not None:
         ckpt.best = None if resume["best_epoch"] is None else f"epoch-{int(resume['best_epoch']):06d}"
+        log.info("resuming %s after epoch %d", storage.redact(run_dir, options), int(resume["epoch"]))
 
     def both(report: EpochReport) -> None:
         ckpt(report)

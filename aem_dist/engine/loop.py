@@ -60,16 +60,23 @@ class EpochReport:
     is_best: bool
     best_epoch: int | None
     state: Callable[[], dict[str, Any]]  # the full checkpoint state, built on demand
-    step_times: list[float] = field(default_factory=list)
+    best_score: float = -math.inf
+    step_times: list[float] = field(default_factory=list)  # rank 0's step durations this epoch (s)
+    skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped so far, by reason
 
-    def flat(self) -> dict[str, float]:
-        """``{"train/loss": …, "val/auc": …, "epoch": …}`` for reporters."""
-        out: dict[str, float] = {"epoch": self.epoch}
+    def flat(self) -> dict[str, Any]:
+        """One flat dict for reporters (Ray, Prometheus): ``epoch``, ``train/loss``, ``val/auc``, ...,
+        ``best/epoch``, ``best/val_score``, ``skipped/<reason>`` and ``time/step_s`` (a list)."""
+        out: dict[str, Any] = {"epoch": self.epoch}
         for section, values in self.row.items():
             if isinstance(values, dict):
                 out.update({f"{section}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
             elif isinstance(values, (int, float)) and section != "epoch":
                 out[section] = values
+        out["best/epoch"] = -1 if self.best_epoch is None else self.best_epoch
+        out["best/val_score"] = self.best_score
+        out.update({f"skipped/{k}": v for k, v in self.skipped.items()})
+        out["time/step_s"] = list(self.step_times)
         return out
 
 
@@ -138,9 +145,9 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
-        sums["loss"] += float(loss)
-        sums["ce"] += float(terms.get("ce", 0.0))
-        sums["aem"] += float(terms["aem"])
+        sums["loss"] += float(loss.detach())
+        sums["ce"] += float(terms["ce"].detach()) if "ce" in terms else 0.0
+        sums["aem"] += float(terms["aem"].detach())
         sums["steps"] += 1
         sums["bags"] += batch.n_bags
         sums["instances"] += batch.n_instances
@@ -214,7 +221,7 @@ def fit(
             if best_epoch is None or score > best_score:
                 best_epoch, best_score, is_best = epoch, score, True
         if on_epoch is not None:
-            on_epoch(EpochReport(epoch, row, is_best, best_epoch, lambda e=epoch: state(e), step_times))
+            on_epoch(EpochReport(epoch, row, is_best, best_epoch, lambda e=epoch: state(e), best_score, step_times, _skipped(data)))
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(_postfix(row))

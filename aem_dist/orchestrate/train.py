@@ -15,7 +15,7 @@ def train_run(cfg: Config, out: str) -> dict[str, Any]:
     """Train ``cfg``; write ``out/run.json`` and ``out/results.json``; return the results dict."""
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     write_json(storage.join(out, "run.json"), run_record(cfg, "train", options), options)
-    result = run_local(cfg, checkpoint_dir=storage.join(out, "checkpoints"), options=options)
+    result = run_local(cfg, run_dir=out, options=options)
     results = results_dict(result, cfg)
     write_json(storage.join(out, "results.json"), results, options)
     return results

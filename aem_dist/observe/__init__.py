@@ -1,0 +1,1 @@
+"""Observability and results: Prometheus metrics, result tables, reports and plots, attention export."""

@@ -1,0 +1,176 @@
+"""Sweep result tables: ``trials.csv`` (one row per trial) and ``summary.csv`` / ``summary.md`` (per λ).
+
+The summary groups trials by every swept key except ``train.seed`` and reports, per group, mean ± std
+over seeds (sample std, ddof=1) of test AUC and F1 — the paper's presentation — plus the validation
+means used to choose λ (the λ with the best mean val AUC + val F1 among groups that agree on every other
+swept key; never chosen by test) and an unpaired two-sample Student t-test p-value of test AUC and F1
+against λ = 0 of the same group.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from scipy import stats
+
+from .. import storage
+from ..storage import StorageOptions
+
+SEED_KEY = "train.seed"
+LAM_KEY = "loss.lam"
+SPLIT_COLUMNS = ("auc", "f1", "acc", "balanced_acc", "attn_entropy", "attn_entropy_norm", "attn_top1pct")
+TRIAL_COLUMNS = ("trial", "status", "best_epoch", *(f"{s}_{m}" for s in ("val", "test") for m in SPLIT_COLUMNS), "wall_s", "path")
+
+
+def trial_row(trial: str, swept: dict[str, Any], results: dict[str, Any] | None, *, status: str, wall_s: float | None, path: str = "") -> dict[str, Any]:
+    """One ``trials.csv`` row from a trial's swept values and its ``results.json`` content (None if it failed)."""
+    row: dict[str, Any] = {"trial": trial, "status": status, **swept}
+    results = results or {}
+    row["best_epoch"] = results.get("best_epoch")
+    for split in ("val", "test"):
+        metrics = results.get(split) or {}
+        for m in SPLIT_COLUMNS:
+            row[f"{split}_{m}"] = metrics.get(m)
+    row["wall_s"] = None if wall_s is None else round(float(wall_s), 3)
+    row["path"] = path
+    return row
+
+
+def _columns(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list[str]:
+    return ["trial", "status", *swept_keys, *[c for c in TRIAL_COLUMNS if c not in ("trial", "status")]]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def to_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_fmt(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def _parse(value: str) -> Any:
+    if value == "":
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    if value in ("True", "False"):
+        return value == "True"
+    return value
+
+
+def read_csv(url: str, options: StorageOptions | None = None) -> list[dict[str, Any]]:
+    text = storage.read_bytes(url, options).decode("utf-8")
+    return [{k: _parse(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text))]
+
+
+def _mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
+    v = np.array([x for x in values if isinstance(x, (int, float)) and not math.isnan(x)], dtype=float)
+    if len(v) == 0:
+        return math.nan, math.nan, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def _ttest(a: Sequence[float], b: Sequence[float]) -> float:
+    a = [x for x in a if isinstance(x, (int, float)) and not math.isnan(x)]
+    b = [x for x in b if isinstance(x, (int, float)) and not math.isnan(x)]
+    if len(a) < 2 or len(b) < 2:
+        return math.nan
+    if np.std(a) == 0 and np.std(b) == 0:
+        return 1.0 if np.mean(a) == np.mean(b) else 0.0
+    return float(stats.ttest_ind(a, b, equal_var=True).pvalue)
+
+
+def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Per group (all swept keys but the seed): n, mean ± std of test AUC/F1, val means, p vs λ=0, chosen."""
+    group_keys = [k for k in swept_keys if k != SEED_KEY]
+    done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("test_auc") is not None]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in done:
+        groups[tuple(r.get(k) for k in group_keys)].append(r)
+    out: list[dict[str, Any]] = []
+    for key in sorted(groups, key=lambda k: tuple((v is None, str(type(v)), v) for v in k)):
+        members = groups[key]
+        row: dict[str, Any] = dict(zip(group_keys, key))
+        row["n"] = len(members)
+        for col in ("test_auc", "test_f1", "val_auc", "val_f1", "test_attn_entropy"):
+            row[f"{col}_mean"], row[f"{col}_std"], _ = _mean_std(m.get(col) for m in members)
+        row["val_score_mean"] = row["val_auc_mean"] + row["val_f1_mean"]
+        base_key = tuple(0.0 if k == LAM_KEY else v for k, v in zip(group_keys, key))
+        base = [g for k2, g in groups.items() if LAM_KEY in group_keys and _same(k2, base_key)]
+        base_members = base[0] if base else []
+        for col in ("test_auc", "test_f1"):
+            row[f"p_{col}_vs_lam0"] = _ttest([m.get(col) for m in members], [m.get(col) for m in base_members]) if base_members and base_members is not members else math.nan
+        out.append(row)
+    _mark_chosen(out, group_keys)
+    return out
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    return all((x == y) or (isinstance(x, (int, float)) and isinstance(y, (int, float)) and float(x) == float(y)) for x, y in zip(a, b))
+
+
+def _mark_chosen(summary: list[dict[str, Any]], group_keys: Sequence[str]) -> None:
+    """``chosen`` = best mean validation score among rows that agree on every swept key except λ."""
+    others = [k for k in group_keys if k != LAM_KEY]
+    by_rest: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in summary:
+        by_rest[tuple(row.get(k) for k in others)].append(row)
+    for rows in by_rest.values():
+        scored = [r for r in rows if not math.isnan(r["val_score_mean"])]
+        best = max(scored, key=lambda r: r["val_score_mean"], default=None)
+        for r in rows:
+            r["chosen"] = r is best
+
+
+def summary_columns(group_keys: Sequence[str]) -> list[str]:
+    cols = [*group_keys, "n"]
+    for col in ("test_auc", "test_f1", "val_auc", "val_f1", "test_attn_entropy"):
+        cols += [f"{col}_mean", f"{col}_std"]
+    return cols + ["val_score_mean", "p_test_auc_vs_lam0", "p_test_f1_vs_lam0", "chosen"]
+
+
+def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str], title: str = "Sweep summary") -> str:
+    """The per-λ table as Markdown: test AUC / F1 mean ± std over seeds, val means, p vs λ=0, the chosen λ."""
+
+    def pm(row: dict[str, Any], col: str) -> str:
+        m, s = row.get(f"{col}_mean"), row.get(f"{col}_std")
+        return "–" if m is None or math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+
+    def p(v: Any) -> str:
+        return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
+
+    head = [*group_keys, "seeds", "test AUC", "test F1", "val AUC", "val F1", "p(AUC) vs λ=0", "p(F1) vs λ=0", "chosen by val"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in summary:
+        cells = [str(r.get(k)) for k in group_keys]
+        cells += [str(r["n"]), pm(r, "test_auc"), pm(r, "test_f1"), pm(r, "val_auc"), pm(r, "val_f1"), p(r.get("p_test_auc_vs_lam0")), p(r.get("p_test_f1_vs_lam0")), "**yes**" if r.get("chosen") else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± sample std over seeds; λ chosen by mean validation AUC + F1 (never by test); p-values: unpaired two-sample t-test vs λ = 0."]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None) -> list[dict[str, Any]]:
+    """Write trials.csv, summary.csv and summary.md under ``out``; returns the summary rows."""
+    group_keys = [k for k in swept_keys if k != SEED_KEY]
+    storage.atomic_write_text(storage.join(out, "trials.csv"), to_csv(rows, _columns(rows, swept_keys)), options)
+    summary = summarize(rows, swept_keys)
+    storage.atomic_write_text(storage.join(out, "summary.csv"), to_csv(summary, summary_columns(group_keys)), options)
+    storage.atomic_write_text(storage.join(out, "summary.md"), summary_markdown(summary, group_keys), options)
+    return summary
