@@ -133,6 +133,10 @@ class DatasetWriter:
     def abort(self) -> None:
         for split in list(self._open):
             shard = self._open.pop(split)
+            # Mark the tar stream closed without flushing its end-of-archive blocks: the temp file
+            # is being thrown away, and a later flush from tarfile's __del__ would hit a closed file.
+            shard.tar.fileobj.closed = True
+            shard.tar.closed = True
             err = RuntimeError("dataset writing aborted")
             try:
                 shard.ctx.__exit__(type(err), err, None)
