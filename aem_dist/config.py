@@ -143,12 +143,12 @@ class Config(_Section):
         return self
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
-        """Plain-data view; secrets come out as '**********' (``redact=False`` is for in-memory hand-off only)."""
+        """Plain-data view. Secrets (storage.key/secret) come out as None — safe to log, save, or hand to
+        Ray, which writes configs to disk; ``redact=False`` keeps them, for in-memory use only."""
         data = self.model_dump(mode="json")
-        if not redact:
-            for name in ("key", "secret"):
-                value = getattr(self.storage, name)
-                data["storage"][name] = value.get_secret_value() if value is not None else None
+        for name in ("key", "secret"):
+            value = getattr(self.storage, name)
+            data["storage"][name] = value.get_secret_value() if (value is not None and not redact) else None
         return data
 
 

@@ -198,3 +198,11 @@ def atomic_write_bytes(url: str, data: bytes, options: StorageOptions | None = N
 
 def atomic_write_text(url: str, text: str, options: StorageOptions | None = None) -> None:
     atomic_write_bytes(url, text.encode("utf-8"), options)
+
+
+def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> tuple[Any, str]:
+    """What Ray's ``RunConfig(storage_path=..., storage_filesystem=...)`` needs for ``url``
+    (placeholder: local paths only until the object-storage work lands)."""
+    if is_remote(url):
+        raise StorageError("remote storage for Ray checkpoints is not available yet")
+    return None, os.path.abspath(strip_scheme(url))

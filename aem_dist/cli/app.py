@@ -28,9 +28,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..data.manifest import ManifestError
     from ..data.schema import BadSampleError
+    from ..orchestrate.errors import SweepError, TrainingFailed
     from ..storage import StorageError
 
-    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError)
+    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError, SweepError, TrainingFailed)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -88,6 +88,7 @@ class FitResult:
     history: list[dict[str, Any]]
     skipped: dict[str, int]
     manifest: Manifest
+    resumed_after: int | None = None  # the checkpointed epoch training resumed after (None: from scratch)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -233,7 +234,7 @@ def fit(
         bar.close()
     best = history[[r["epoch"] for r in history].index(best_epoch)] if best_epoch is not None else (history[-1] if history else {})
     skipped = _skipped(data)
-    return FitResult(best_epoch, best.get("val", {}), best.get("test", {}), history, skipped, m)
+    return FitResult(best_epoch, best.get("val", {}), best.get("test", {}), history, skipped, m, start - 1 if resume is not None else None)
 
 
 def _skipped(data: Data) -> dict[str, int]:

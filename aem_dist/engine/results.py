@@ -49,6 +49,7 @@ def results_dict(result: FitResult, cfg: Config) -> dict[str, Any]:
         "val": result.val,
         "test": result.test,
         "skipped": result.skipped,
+        "resumed_after_epoch": result.resumed_after,
         "history": result.history,
         "config": cfg.to_dict(),
     }

@@ -55,7 +55,7 @@ def test_resume_equals_uninterrupted(demo_data, tmp_path):
 def test_cli_train_writes_results(demo_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "aem_dist", "train", "--config", "demo", "--set", f"data.root={demo_data}", "--set", "train.epochs=3", "--out", str(out)],
+        [sys.executable, "-m", "aem_dist", "train", "--config", "demo", "--set", f"data.root={demo_data}", "--set", "train.epochs=3", "--set", "scaling.num_workers=0", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

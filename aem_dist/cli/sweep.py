@@ -1,0 +1,39 @@
+"""Ray commands: sweep."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .app import app, run_guarded
+from .core import ConfigOpt, SetOpt
+
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray started for this command).")]
+
+
+@app.command()
+def sweep(
+    config: ConfigOpt,
+    out: Annotated[str, typer.Option(help="Output folder or URL (path or s3://bucket/prefix): trials.csv, summary.csv/md, run.json, trials/<trial>/.")],
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep already in --out: finished trials are kept, the rest run (from their last checkpoint).")] = False,
+    address: AddressOpt = None,
+) -> None:
+    """Run the sweep.grid (e.g. train.seed × loss.lam) with Ray Tune: one Ray Train run per trial, then the per-λ summary.
+
+    Example: aem-dist sweep --config configs/camelyon16.yaml --set data.root=s3://bucket/c16 --out s3://bucket/c16-sweep
+    """
+
+    def body() -> None:
+        from ..config import load_config
+        from ..orchestrate.ray_env import ray_session
+        from ..orchestrate.sweep import run_sweep
+        from ..storage import StorageOptions, read_bytes, join
+
+        cfg = load_config(config, set_)
+        with ray_session(address, cfg):
+            run_sweep(cfg, out, resume=resume)
+        typer.echo(read_bytes(join(out, "summary.md"), StorageOptions.from_config(cfg.storage)).decode())
+
+    run_guarded(body)

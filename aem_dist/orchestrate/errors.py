@@ -1,0 +1,9 @@
+"""Errors the Ray layer raises for users (kept import-light: no ray here)."""
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or finish as asked (the message says why and what to do)."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run ended without results (every restart allowed by run.max_failures was used)."""

@@ -1,0 +1,93 @@
+"""The one place that starts or joins Ray.
+
+* No address (and no ``RAY_ADDRESS``): start a private local Ray (``address="local"``) in its own temp
+  dir — never attach to some other cluster recorded in /tmp/ray on a shared machine — and shut it down
+  (removing the temp dir) on exit. Token auth stays on with a fresh per-session token passed to child
+  processes through ``RAY_AUTH_TOKEN`` (nothing written to ~/.ray), unless ``RAY_AUTH_MODE`` or a token
+  path is set.
+* An address (``--address``, or ``RAY_ADDRESS`` as set by ``ray job submit``): join that cluster and
+  leave it running on exit. Its auth settings come from the environment (``RAY_AUTH_MODE``,
+  ``RAY_AUTH_TOKEN``/``RAY_AUTH_TOKEN_PATH``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import tempfile
+from typing import Iterator
+
+log = logging.getLogger(__name__)
+
+# Ray Train V2 is the default in Ray 2.60; pin it so an inherited environment cannot flip APIs.
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def _storage_env_from_config(cfg) -> None:
+    """Credentials set in the config (rather than the environment) reach Ray workers as AWS_* env vars
+    of the local Ray processes; they are never put into Ray configs, which Ray writes to disk."""
+    s = cfg.storage
+    pairs = {
+        "AWS_ENDPOINT_URL_S3": s.endpoint_url,
+        "AWS_ACCESS_KEY_ID": s.key.get_secret_value() if s.key else None,
+        "AWS_SECRET_ACCESS_KEY": s.secret.get_secret_value() if s.secret else None,
+        "AWS_REGION": s.region,
+    }
+    for name, value in pairs.items():
+        if value:
+            os.environ[name] = value
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port (shared machines: never assume the defaults are free)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = None) -> Iterator[None]:
+    """Start or join Ray for the duration of the block (see module docstring)."""
+    import ray
+
+    if cfg is not None:
+        _storage_env_from_config(cfg)
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+
+    if "RAY_AUTH_MODE" not in os.environ and not os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        # Ray turns token auth on for new local clusters; hand it a per-session token through the
+        # environment (inherited by every Ray process we start) instead of a file in ~/.ray.
+        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(24))
+    temp_dir = tempfile.mkdtemp(prefix="aem-ray-")
+    log.info("starting a private local Ray (temp dir %s)", temp_dir)
+    ray.init(
+        address="local",
+        _temp_dir=temp_dir,
+        num_cpus=num_cpus,
+        include_dashboard=True,  # Train V2's placement-group cleaner queries the state API it serves
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
+        log_to_driver=True,
+        configure_logging=False,
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,107 @@
+"""The per-worker function and the one TorchTrainer builder, shared by single runs and sweep trials.
+
+``train_loop_per_worker`` wraps :func:`aem_dist.engine.loop.fit` — there is no second training loop.
+It resumes from Ray's latest checkpoint, reports every epoch (all ranks: ``report`` is a barrier; rank
+0 attaches the checkpoint), keeps the best state in ``run_dir/best/state.pt``, and returns the results
+dict from rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+import ray.train
+import ray.tune
+from ray.train.torch import TorchTrainer
+
+from .. import storage
+from ..config import Config, build_config
+from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes
+from ..engine.dist import DistContext
+from ..engine.loop import EpochReport, fit, resolve_device
+from ..engine.results import results_dict
+from ..storage import StorageOptions
+
+
+class RayReporter:
+    """``on_epoch`` hook: report metrics (+ rank 0's checkpoint) to Ray Train or Ray Tune."""
+
+    def __init__(self, api: Any, ctx: DistContext, run_dir: str, options: StorageOptions):
+        self.api = api
+        self.ctx = ctx
+        self.run_dir = run_dir
+        self.options = options
+        self.checkpoint_s: float | None = None
+
+    def __call__(self, report: EpochReport) -> None:
+        metrics = report.flat()
+        if self.checkpoint_s is not None:
+            metrics["time/checkpoint_s"] = self.checkpoint_s
+        with tempfile.TemporaryDirectory(prefix="aem-ckpt-") as tmp:
+            checkpoint = None
+            if self.ctx.is_main:
+                t0 = time.perf_counter()
+                blob = state_to_bytes(report.state())
+                with open(os.path.join(tmp, STATE_FILE), "wb") as f:
+                    f.write(blob)
+                if report.is_best:
+                    storage.atomic_write_bytes(storage.join(self.run_dir, "best", STATE_FILE), blob, self.options)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            t0 = time.perf_counter() if checkpoint is None else t0
+            self.api.report(metrics, checkpoint=checkpoint)  # persists the checkpoint before returning
+            self.checkpoint_s = time.perf_counter() - t0
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
+    """Run in each Ray Train worker (``api="train"``) or directly in a Tune trial (``api="tune"``)."""
+    cfg = build_config(config["cfg"], "trial config")
+    api = ray.train if config.get("api", "train") == "train" else ray.tune
+    options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
+    if api is ray.train:
+        ctx = DistContext.current(ray.train.torch.get_device())
+    else:
+        ctx = DistContext.current(resolve_device(cfg.train.device))
+    resume = None
+    checkpoint = api.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            resume = load_dir(folder)
+    result = fit(cfg, ctx=ctx, resume=resume, on_epoch=RayReporter(api, ctx, config["run_dir"], options), options=options)
+    return results_dict(result, cfg) if ctx.is_main else None
+
+
+def worker_resources(cfg: Config) -> dict[str, float]:
+    """Ray resources of one training worker: scaling.resources_per_worker, else sweep.trial_cpus/gpus."""
+    if cfg.scaling.resources_per_worker:
+        return dict(cfg.scaling.resources_per_worker)
+    res = {"CPU": cfg.sweep.trial_cpus}
+    if cfg.scaling.use_gpu:
+        res["GPU"] = cfg.sweep.trial_gpus or 1.0
+    return res
+
+
+def make_trainer(cfg: Config, run_dir: str, name: str, storage_path: str, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run: DDP over ``scaling.num_workers`` (gloo on CPU, nccl on GPU),
+    checkpoints under ``storage_path/name``, restarts from the last checkpoint up to ``run.max_failures``."""
+    options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
+    fs, path = storage.ray_storage_filesystem(storage_path, options)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(redact=True), "run_dir": run_dir, "api": "train"},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=worker_resources(cfg),
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoint_keep),
+            callbacks=callbacks or [],
+        ),
+    )
