@@ -41,13 +41,11 @@ def _storage_env_from_config(cfg) -> None:
             os.environ[name] = value
 
 
-def free_port() -> int:
-    """A currently free loopback TCP port (shared machines: never assume the defaults are free)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _short_tmp() -> str:
+    """The temp root for Ray: unix socket paths under it must stay < 108 bytes, so a long TMPDIR
+    (deep CI or pytest folders) falls back to /tmp."""
+    root = tempfile.gettempdir()
+    return root if len(root) <= 40 else "/tmp"
 
 
 @contextlib.contextmanager
@@ -74,7 +72,7 @@ def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = Non
         # Ray turns token auth on for new local clusters; hand it a per-session token through the
         # environment (inherited by every Ray process we start) instead of a file in ~/.ray.
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(24))
-    temp_dir = tempfile.mkdtemp(prefix="aem-ray-")
+    temp_dir = tempfile.mkdtemp(prefix="aem-ray-", dir=_short_tmp())
     log.info("starting a private local Ray (temp dir %s)", temp_dir)
     ray.init(
         address="local",
@@ -82,7 +80,7 @@ def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = Non
         num_cpus=num_cpus,
         include_dashboard=True,  # Train V2's placement-group cleaner queries the state API it serves
         dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
+        dashboard_port=None,  # Ray's default, moving to the next free port if taken
         log_to_driver=True,
         configure_logging=False,
     )

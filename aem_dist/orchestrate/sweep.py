@@ -60,14 +60,27 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], out: str, single:
     name = trial_name(values)
     run_dir = out if single else storage.join(out, "trials", name)
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
-    if cfg.scaling.num_workers == 0:
-        results = train_loop_per_worker({"cfg": cfg.to_dict(), "run_dir": run_dir, "api": "tune"})
-    else:
-        trainer = make_trainer(cfg, run_dir, name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
-        results = trainer.fit().return_value
-    write_json(storage.join(run_dir, "results.json"), results, options)
-    # A final report so Tune records completion metrics even for runs resumed at their last epoch.
+    # results.json is written last, so a trial that has one finished — even if the driver died before
+    # Tune's experiment state recorded it. Resuming then costs nothing for it.
+    results = _finished_results(run_dir, cfg, options)
+    if results is None:
+        if cfg.scaling.num_workers == 0:
+            results = train_loop_per_worker({"cfg": cfg.to_dict(), "run_dir": run_dir, "api": "tune"})
+        else:
+            trainer = make_trainer(cfg, run_dir, name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
+            results = trainer.fit().return_value
+        write_json(storage.join(run_dir, "results.json"), results, options)
+    # A final report, so Tune holds completion metrics even for trials that had nothing left to train.
     ray.tune.report({"done/best_epoch": -1 if results["best_epoch"] is None else results["best_epoch"], "done/test_auc": results["test"].get("auc")})
+
+
+def _finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict[str, Any] | None:
+    """The trial's results.json if it exists and was produced by this very configuration."""
+    try:
+        results = json.loads(storage.read_bytes(storage.join(run_dir, "results.json"), options))
+    except FileNotFoundError:
+        return None
+    return results if results.get("config") == cfg.to_dict() else None
 
 
 def ray_storage(cfg: Config, out: str, *parts: str) -> str:

@@ -49,7 +49,7 @@ class RayReporter:
                     f.write(blob)
                 if report.is_best:
                     storage.atomic_write_bytes(storage.join(self.run_dir, "best", STATE_FILE), blob, self.options)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                checkpoint = self.api.Checkpoint.from_directory(tmp)
             t0 = time.perf_counter() if checkpoint is None else t0
             self.api.report(metrics, checkpoint=checkpoint)  # persists the checkpoint before returning
             self.checkpoint_s = time.perf_counter() - t0
