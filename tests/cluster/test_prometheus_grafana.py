@@ -6,8 +6,13 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import require
 
@@ -217,3 +222,29 @@ def test_exposed_names_follow_prometheus_client_conventions():
     assert {"aem_bags_processed_total", "aem_step_duration_seconds_bucket", "aem_step_duration_seconds_count",
             "aem_step_duration_seconds_sum", "aem_epoch"} <= names
     assert "aem_step_duration_seconds" not in names and "aem_bags_processed" not in names
+
+
+def _grafana_to_promql(expr: str) -> str:
+    """Substitute Grafana's variables the way Grafana would before sending a query."""
+    expr = expr.replace("$__rate_interval", "1m").replace("$__range", "1h")
+    return re.sub(r"\$\{?(run|lam|seed|split)\}?", ".*", expr)
+
+
+def _promtool_check(tmp_path: Path, exprs: list[str]) -> subprocess.CompletedProcess:
+    rules = {"groups": [{"name": "aem-dist-dashboard",
+                         "rules": [{"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(exprs)]}]}
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump(rules, allow_unicode=True))
+    return subprocess.run([shutil.which("promtool") or "promtool", "check", "rules", str(path)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_dashboard_queries_are_valid_promql(dashboard, tmp_path):
+    """Prometheus's own parser (promtool, Debian package `prometheus`) accepts every dashboard query."""
+    require(shutil.which("promtool") is not None, "promtool not found (Debian package prometheus; `make test-deps`)")
+    exprs = [_grafana_to_promql(e) for _, e in dashboard_queries(dashboard)]
+    proc = _promtool_check(tmp_path, exprs)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"{len(exprs)} rules found" in proc.stdout
+    broken = _promtool_check(tmp_path, ["sum by (le (rate(aem_step_duration_seconds_bucket[1m]))"])
+    assert broken.returncode != 0
