@@ -193,10 +193,12 @@ class MetricsExporter:
     Args:
         section: host, port (0 = a free port), grace_s, pushgateway (``aem_dist.config.MetricsSection``).
         job: Pushgateway job name.
-        run: run/sweep name, the Pushgateway grouping key.
+        run: run/sweep name, the Pushgateway grouping key ``run`` (default: the ``run`` label of the
+            reports fed so far). The Pushgateway overwrites a metric's own ``run`` label with the
+            grouping key, so the two should agree.
     """
 
-    def __init__(self, section: MetricsSection | None = None, *, job: str = "aem-dist", run: str = "aem"):
+    def __init__(self, section: MetricsSection | None = None, *, job: str = "aem-dist", run: str | None = None):
         self.section = section or MetricsSection()
         self.job = job
         self.run = run
@@ -246,12 +248,13 @@ class MetricsExporter:
         gateway = self.section.pushgateway
         if not gateway:
             return False
+        run = self.run or next((key[0] for key in self._series), "aem")
         try:
-            push_to_gateway(gateway, job=self.job, registry=self.registry, grouping_key={"run": self.run}, timeout=10)
+            push_to_gateway(gateway, job=self.job, registry=self.registry, grouping_key={"run": run}, timeout=10)
         except OSError as err:  # a down gateway must not fail a finished run
             log.warning("pushgateway %s: push failed: %s", gateway, err)
             return False
-        log.info("pushed final metrics to pushgateway %s (job %s, run %s)", gateway, self.job, self.run)
+        log.info("pushed final metrics to pushgateway %s (job %s, run %s)", gateway, self.job, run)
         return True
 
     def finish(self, grace_s: float | None = None, *, stop_after_scrape: bool = False) -> None:
