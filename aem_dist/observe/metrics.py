@@ -271,7 +271,7 @@ class MetricsExporter:
             deadline = time.monotonic() + grace
             seen = self.scrapes
             try:
-                while (left := deadline - time.monotonic()) > 0:
+                while (left := deadline - time.monotonic()) > 0 and self._server is not None:  # stop() ends it early
                     if self.wait_for_scrape(seen, timeout=min(left, 0.5)) and stop_after_scrape:
                         break
             except KeyboardInterrupt:
