@@ -230,3 +230,30 @@ def test_push_failure_does_not_raise():
         port = s.getsockname()[1]
     e = MetricsExporter(MetricsSection(port=0, pushgateway=f"127.0.0.1:{port}", grace_s=0))
     assert e.push() is False
+
+
+def test_serve_run_metrics_for_an_in_process_run(demo_data, tmp_path):
+    """The local hook used by `aem-dist train` (num_workers 0): serves while training, announces its URL."""
+    from aem_dist.engine.local import run_local
+    from aem_dist.observe.metrics import serve_run_metrics
+
+    cfg = load_config("demo", [f"data.root={demo_data}", "train.epochs=2", "train.progress=false", "metrics.port=0", "metrics.grace_s=0", "run.name=local"])
+    said: list[str] = []
+    seen: list[str] = []
+    with serve_run_metrics(cfg, announce=said.append) as hook:
+        url = said[0].removeprefix("metrics: ")
+
+        def on_epoch(report):
+            hook(report)
+            seen.append(urllib.request.urlopen(url, timeout=5).read().decode())
+
+        result = run_local(cfg, str(tmp_path / "run"), on_epoch=on_epoch)
+    assert said[0].startswith("metrics: http://127.0.0.1:")
+    assert len(seen) == 2 and 'aem_epoch{lam="0.1",model="abmil",run="local",seed="0",trial=""} 1.0' in seen[1]
+    instances = sum(r["train"]["instances"] for r in result.history)
+    assert f'aem_instances_processed_total{{lam="0.1",model="abmil",run="local",seed="0",trial=""}} {float(instances)}' in seen[1]
+    with pytest.raises(OSError):  # finished: no longer served
+        urllib.request.urlopen(url, timeout=2)
+    off = load_config("demo", ["metrics.enabled=false"])
+    with serve_run_metrics(off) as hook:
+        assert hook is None
