@@ -1,10 +1,9 @@
 """Ray callbacks: the Tune callback driven through its hooks with real Trial objects; the Train bridge
-forwarding reports from another Ray process (a real local Ray)."""
+under a real 2-worker TorchTrainer on a private local Ray."""
 
 from __future__ import annotations
 
 import io
-import os
 
 import pytest
 import ray.cloudpickle as cloudpickle
@@ -102,12 +101,22 @@ def test_tune_callback_survives_tuner_pickling():
         exporter.stop()
 
 
+def _train_loop(config):
+    import ray.train
+
+    for epoch in range(3):
+        rank = ray.train.get_context().get_world_rank()
+        ray.train.report({"epoch": epoch, "train/instances": 100 if rank == 0 else 999, "train/loss": 1.0 / (epoch + 1), "time/step_s": [0.1, 0.2]})
+
+
 @pytest.mark.integration
-def test_train_bridge_forwards_reports_from_another_process(monkeypatch):
+def test_train_bridge_feeds_the_driver_from_a_real_torch_trainer(monkeypatch):
     import shutil
     import tempfile
 
     import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     # A short private temp dir: Ray's unix socket paths must stay under 107 bytes.
@@ -116,22 +125,17 @@ def test_train_bridge_forwards_reports_from_another_process(monkeypatch):
     try:
         exporter = MetricsExporter(MetricsSection(port=0))
         labels = {"run": "r", "trial": "", "lam": 0.1, "seed": 0, "model": "abmil"}
+        # Train V2 calls UserCallback.after_report in its controller actor, not in this process:
+        # the bridge's forwarder crosses over through a Ray queue.
         with TrainMetricsBridge(exporter, labels) as bridge:
-            # Train V2 calls UserCallback.after_report in its controller actor, not in the driver:
-            # call the (pickled) forwarder the same way from another Ray process.
-            @ray.remote(num_cpus=0)
-            def controller(callback):
-                for epoch in range(3):
-                    rank0 = {"epoch": epoch, "train/instances": 100, "train/loss": 1.0 / (epoch + 1), "val/auc": 0.9}
-                    callback.after_report(run_context=None, metrics=[rank0, {"epoch": epoch, "train/instances": 999}], checkpoint=None)
-                return os.getpid()
-
-            assert ray.get(controller.remote(bridge.callback)) != os.getpid()
+            run_config = RunConfig(name="bridge", storage_path=f"{temp}/results", callbacks=[bridge.callback])
+            TorchTrainer(_train_loop, scaling_config=ScalingConfig(num_workers=1), run_config=run_config).fit()
         sel = {"run": "r", "trial": "", "lam": "0.1", "seed": "0", "model": "abmil"}
         assert bridge.reports == 3
-        assert exporter.registry.get_sample_value("aem_instances_processed_total", sel) == 300  # rank 0's only
+        assert exporter.registry.get_sample_value("aem_instances_processed_total", sel) == 300
         assert exporter.registry.get_sample_value("aem_train_loss", sel) == pytest.approx(1 / 3)
         assert exporter.registry.get_sample_value("aem_epoch", sel) == 2
+        assert exporter.registry.get_sample_value("aem_step_duration_seconds_count", sel) == 6
     finally:
         ray.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
