@@ -50,7 +50,7 @@ def _colours(n: int) -> list:
 def lambda_sensitivity(summary: Sequence[Mapping[str, Any]], trials: Sequence[Mapping[str, Any]], other_keys: Sequence[str], title: str = "") -> Figure:
     """Two panels (test AUC, test F1): mean ± std over seeds vs λ (log x), seeds as faint dots,
     λ = 0 as a dashed line with a ± std band, the λ chosen by validation as a star."""
-    fig = new_figure(11, 4.4)
+    fig = new_figure(11, 5.0)
     axes = fig.subplots(1, 2)
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for row in summary:
@@ -90,7 +90,9 @@ def lambda_sensitivity(summary: Sequence[Mapping[str, Any]], trials: Sequence[Ma
         ax.set_ylabel(f"{name} (0-1)")
         ax.set_title(f"{name} vs λ")
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
+    # One legend for both panels, under them, so it never hides a point.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4 if len(groups) == 1 else 2, fontsize=8, frameon=False)
     fig.suptitle(title or "λ sensitivity (test set; λ chosen by validation)")
     return fig
 

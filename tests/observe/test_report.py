@@ -91,3 +91,32 @@ def test_report_names_a_missing_folder(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "aem_dist", "report", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "neither a sweep (no trials.csv) nor a run (no results.json)" in proc.stderr and "nothing" in proc.stderr
+
+
+@pytest.mark.integration
+def test_report_on_s3(tiny_sweep, observe_s3):
+    """The same report from a sweep stored on S3 (SeaweedFS), written back next to it on S3."""
+    import s3fs
+
+    from aem_dist import storage
+    from aem_dist.observe.tables import read_csv, write_tables
+
+    fs = s3fs.S3FileSystem(endpoint_url=observe_s3.endpoint, key="observe-test-key", secret="observe-test-secret", skip_instance_cache=True)
+    url = f"s3://{observe_s3.bucket}/sweeps/tiny"
+    for name in tiny_sweep.trials:
+        local = Path(tiny_sweep.root, "trials", name)
+        for rel in ("results.json", "run.json", "best/state.pt"):
+            fs.put_file(str(local / rel), f"{observe_s3.bucket}/sweeps/tiny/trials/{name}/{rel}")
+    fs.put_file(str(Path(tiny_sweep.root, "run.json")), f"{observe_s3.bucket}/sweeps/tiny/run.json")
+    rows = read_csv(str(Path(tiny_sweep.root, "trials.csv")))
+    for row in rows:
+        row["path"] = storage.join(url, "trials", row["trial"])  # the trials' folders now live on S3
+    write_tables(url, rows, ["loss.lam", "train.seed"])
+
+    rep = write_report(url, data=tiny_sweep.data)
+    assert set(rep.plots) == set(PLOTS) and not rep.skipped
+    for name in PLOTS:
+        data = fs.cat_file(f"{observe_s3.bucket}/sweeps/tiny/plots/{name}.png")
+        assert data.startswith(PNG) and len(data) > 20_000
+    md = fs.cat_file(f"{observe_s3.bucket}/sweeps/tiny/report.md").decode()
+    assert "![λ sensitivity (Fig. 5)](plots/lambda_sensitivity.png)" in md and "observe-test-secret" not in md
