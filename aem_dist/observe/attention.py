@@ -1,0 +1,327 @@
+"""Per-bag predictions and per-instance attention of a trained run, and their zarr store.
+
+``aem-dist predict`` loads a run's best checkpoint (``<run>/best/state.pt``), rebuilds the model from
+the checkpoint's ``model_meta``, runs it over one or more splits of a dataset and writes a zarr (v3)
+store — local or ``s3://`` (through fsspec) — laid out for ragged bags::
+
+    <out>/zarr.json     group; attrs: format, complete, run, data, splits, class_names, model,
+                        checkpoint_epoch, n_bags, n_instances, created_by
+    slide_id  (B,)      str    the real slide id (from the bag's json)
+    key       (B,)      str    the dataset key (safe slide id)
+    split     (B,)      str    split the bag comes from
+    label     (B,)      int64  true class index
+    probs     (B, C)    float32 softmax class probabilities
+    pred      (B,)      int64  argmax class
+    offsets   (B+1,)    int64  bag b owns rows offsets[b]:offsets[b+1] of the instance arrays
+    attention (T,)      float32 attention per instance (mean over heads); sums to 1 within each bag
+    coords    (T, 2)    int32  patch (x, y) in pixels, row-aligned with attention
+    tumour    (T,)      bool   ground-truth tumour mask, only when the bags carry one (synthetic data)
+
+T = Σ n_instances. Instance arrays are chunked along T, so reading one bag touches one or two chunks.
+The group's ``complete`` attribute is written last; :class:`AttentionStore` refuses a store without it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .. import __version__, storage
+from ..config import DataConfig, ModelConfig
+from ..storage import StorageOptions
+
+FORMAT = "aem-dist-attention/1"
+BEST_DIR = "best"
+INSTANCE_CHUNK = 1 << 20  # 1 Mi instances per chunk: 4 MiB of float32 attention
+BAG_CHUNK = 1 << 16
+
+
+class AttentionStoreError(ValueError):
+    """An attention store is missing, incomplete or not in the expected format."""
+
+
+# --- loading a trained run ---------------------------------------------------------------------
+
+
+@dataclass
+class RunModel:
+    """A trained model rebuilt from a run folder's best checkpoint."""
+
+    model: Any  # aem_dist.models.base.MILModel, in eval mode on CPU
+    meta: dict[str, Any]  # the checkpoint's model_meta: name, dim, n_classes, class_names, model
+    epoch: int
+    config: dict[str, Any]  # the run's resolved config (results.json or run.json), {} if absent
+    url: str
+
+
+def _read_json(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(url, options))
+    except FileNotFoundError:
+        return None
+
+
+def load_run_model(run: str, options: StorageOptions | None = None, checkpoint: str = BEST_DIR) -> RunModel:
+    """Rebuild the model of ``run`` (a train run or trial folder) from ``run/<checkpoint>/state.pt``.
+
+    Raises FileNotFoundError naming the checkpoint when the run has none, ValueError when the
+    checkpoint lacks ``model_meta``.
+    """
+    from ..engine.checkpoint import load_dir
+    from ..models import build_model
+
+    folder = storage.join(run, checkpoint)
+    try:
+        state = load_dir(folder, options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{storage.redact(storage.join(folder, 'state.pt'), options)}: no checkpoint (is {storage.redact(run, options)} a finished run folder?)") from None
+    meta = state.get("model_meta")
+    if not isinstance(meta, dict) or "model" not in meta:
+        raise ValueError(f"{storage.redact(folder, options)}/state.pt: checkpoint has no model_meta; cannot rebuild the model")
+    model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["dim"]), int(meta["n_classes"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    record = _read_json(storage.join(run, "results.json"), options) or _read_json(storage.join(run, "run.json"), options) or {}
+    return RunModel(model, meta, int(state.get("epoch", -1)), record.get("config") or {}, run)
+
+
+# --- predicting --------------------------------------------------------------------------------
+
+
+@dataclass
+class BagResult:
+    """One bag's prediction and attention, with its split and ground truth (if the data has one)."""
+
+    slide_id: str
+    key: str
+    split: str
+    label: int
+    probs: np.ndarray  # (C,)
+    attention: np.ndarray  # (N,) sums to 1
+    coords: np.ndarray  # (N, 2) int32; zeros when the dataset has no coords
+    tumour: np.ndarray | None = None  # (N,) bool
+
+
+class _CountingLoader:
+    """Wraps a split loader so a progress bar advances per bag as ``predict`` consumes batches."""
+
+    def __init__(self, loader: Any, bar: Any):
+        self._loader = loader
+        self._bar = bar
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loader, name)
+
+    def epoch(self, epoch: int) -> Iterator[Any]:
+        for batch in self._loader.epoch(epoch):
+            yield batch
+            self._bar.update(batch.n_bags)
+
+
+def predict_split(
+    run: RunModel,
+    data_root: str,
+    split: str,
+    *,
+    options: StorageOptions | None = None,
+    data: DataConfig | None = None,
+    max_instances: int | None = 65_536,
+    max_bags: int = 64,
+    device: str = "cpu",
+    progress: bool = True,
+) -> list[BagResult]:
+    """Predictions and attention for every bag of ``split`` of the dataset at ``data_root``.
+
+    Bags are packed (up to ``max_bags`` / ``max_instances`` per forward pass; attention is per bag,
+    so packing does not change it). Raises ValueError if the dataset's feature dim or classes do not
+    match the checkpoint, or if the model has no attention (mean/max pooling).
+    """
+    import torch
+
+    from ..data.loader import LoaderSpec, open_split
+    from ..data.manifest import load_manifest
+    from ..data.synthetic import unpack_mask
+    from ..engine.dist import DistContext
+    from ..engine.evaluate import predict
+    from ..progress import progress as progress_bar
+
+    manifest = load_manifest(data_root, options)
+    where = storage.redact(data_root, options)
+    if manifest.dim != int(run.meta["dim"]):
+        raise ValueError(f"{where}: feature dim {manifest.dim} != the checkpoint's {run.meta['dim']} ({storage.redact(run.url, options)})")
+    if manifest.n_classes != int(run.meta["n_classes"]):
+        raise ValueError(f"{where}: {manifest.n_classes} classes != the checkpoint's {run.meta['n_classes']}")
+    data_cfg = (data or DataConfig()).model_copy(update={"root": data_root})
+    spec = LoaderSpec(split, 0, 1, train=False, max_instances=max_instances, max_bags=max_bags, on_bad_sample=data_cfg.on_bad_sample, with_coords=True)
+    loader = open_split(data_cfg, manifest, spec, options)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+    model = run.model.to(dev)
+    ctx = DistContext(rank=0, world_size=1, device=dev)
+    with progress_bar(loader.n_bags, f"predict {split}", "bag", disable=not progress) as bar:
+        rows = predict(model, _CountingLoader(loader, bar), ctx, keep_attention=True)
+    # The in-memory loader keeps each bag's json metadata: real slide ids and, for synthetic data,
+    # the ground-truth tumour mask.
+    metas = {b.key: (b.slide_id, b.meta, b.n) for b in getattr(loader, "bags", [])}
+    out: list[BagResult] = []
+    for r in rows:
+        if r.attention is None:
+            raise ValueError(f"model {run.meta.get('name')!r} has no attention to export")
+        slide_id, meta, n = metas.get(r.key, (r.key, {}, len(r.attention)))
+        mask = unpack_mask(meta["tumour_mask_bits"], n) if isinstance(meta.get("tumour_mask_bits"), str) else None
+        coords = r.coords if r.coords is not None else np.zeros((len(r.attention), 2), dtype=np.int32)
+        out.append(BagResult(slide_id, r.key, split, r.label, np.asarray(r.probs), np.asarray(r.attention), np.asarray(coords, dtype=np.int32), mask))
+    return out
+
+
+# --- the zarr store ----------------------------------------------------------------------------
+
+
+def open_zarr_store(url: str, options: StorageOptions | None = None, read_only: bool = False) -> Any:
+    """A zarr store for a local path or an fsspec URL (``s3://`` with the configured endpoint/credentials)."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if not storage.is_remote(url):
+        path = storage.strip_scheme(url)
+        return LocalStore(path, read_only=read_only)
+    url = "s3://" + url.split("://", 1)[1] if url.startswith("s3a://") else url
+    opts: dict[str, Any] = {}
+    if url.startswith("s3://"):
+        opts = (options or StorageOptions.from_config()).s3_kwargs()
+        opts.pop("skip_instance_cache", None)
+    return FsspecStore.from_url(url, storage_options=opts, read_only=read_only)
+
+
+def write_attention(
+    out: str,
+    bags: Sequence[BagResult],
+    *,
+    class_names: Sequence[str],
+    attrs: dict[str, Any] | None = None,
+    options: StorageOptions | None = None,
+) -> dict[str, Any]:
+    """Write ``bags`` as an attention store at ``out`` (replacing what is there); returns its attrs."""
+    import zarr
+
+    if not bags:
+        raise ValueError("no bags to write")
+    sizes = np.array([len(b.attention) for b in bags], dtype=np.int64)
+    offsets = np.zeros(len(bags) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    n_bags, total = len(bags), int(offsets[-1])
+    store = open_zarr_store(out, options)
+    group = zarr.open_group(store, mode="w")
+    group.attrs.put({"format": FORMAT, "complete": False})
+
+    def array(name: str, data: np.ndarray, chunk: int) -> None:
+        chunks = (max(1, min(chunk, len(data))), *data.shape[1:])
+        group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=chunks)[...] = data
+
+    array("slide_id", np.array([b.slide_id for b in bags], dtype=np.dtypes.StringDType()), BAG_CHUNK)
+    array("key", np.array([b.key for b in bags], dtype=np.dtypes.StringDType()), BAG_CHUNK)
+    array("split", np.array([b.split for b in bags], dtype=np.dtypes.StringDType()), BAG_CHUNK)
+    array("label", np.array([b.label for b in bags], dtype=np.int64), BAG_CHUNK)
+    probs = np.stack([np.asarray(b.probs, dtype=np.float32) for b in bags])
+    array("probs", probs, BAG_CHUNK)
+    array("pred", probs.argmax(axis=1).astype(np.int64), BAG_CHUNK)
+    array("offsets", offsets, BAG_CHUNK)
+    array("attention", np.concatenate([np.asarray(b.attention, dtype=np.float32) for b in bags]), INSTANCE_CHUNK)
+    array("coords", np.concatenate([np.asarray(b.coords, dtype=np.int32).reshape(-1, 2) for b in bags]), INSTANCE_CHUNK)
+    if all(b.tumour is not None for b in bags):
+        array("tumour", np.concatenate([np.asarray(b.tumour, dtype=bool) for b in bags]), INSTANCE_CHUNK)
+    meta = {
+        **(attrs or {}),
+        "format": FORMAT,
+        "class_names": list(class_names),
+        "splits": sorted({b.split for b in bags}),
+        "n_bags": n_bags,
+        "n_instances": total,
+        "created_by": f"aem-dist {__version__}",
+    }
+    group.attrs.put({**meta, "complete": True})  # last: the store counts as written only now
+    return meta
+
+
+class AttentionStore:
+    """Read an attention store written by :func:`write_attention` (local or ``s3://``)."""
+
+    def __init__(self, url: str, options: StorageOptions | None = None):
+        import zarr
+
+        self.url = url
+        where = storage.redact(url, options)
+        try:
+            self.group = zarr.open_group(open_zarr_store(url, options, read_only=True), mode="r")
+        except (FileNotFoundError, KeyError, ValueError) as err:
+            raise AttentionStoreError(f"{where}: not an attention store ({type(err).__name__}: {err})") from None
+        self.attrs = dict(self.group.attrs)
+        if self.attrs.get("format") != FORMAT:
+            raise AttentionStoreError(f"{where}: format {self.attrs.get('format')!r} is not {FORMAT!r}")
+        if not self.attrs.get("complete"):
+            raise AttentionStoreError(f"{where}: incomplete attention store (its writing never finished)")
+        self.slide_ids = [str(s) for s in self.group["slide_id"][...]]
+        self.keys = [str(s) for s in self.group["key"][...]]
+        self.splits = [str(s) for s in self.group["split"][...]]
+        self.labels = np.asarray(self.group["label"][...])
+        self.probs = np.asarray(self.group["probs"][...])
+        self.preds = np.asarray(self.group["pred"][...])
+        self.offsets = np.asarray(self.group["offsets"][...])
+        self.has_tumour = "tumour" in self.group
+
+    def __len__(self) -> int:
+        return len(self.slide_ids)
+
+    def index(self, name: str) -> int:
+        """Position of a bag by slide id or key; KeyError naming the store otherwise."""
+        for names in (self.slide_ids, self.keys):
+            if name in names:
+                return names.index(name)
+        raise KeyError(f"{self.url}: no bag {name!r} (has {len(self)} bags, e.g. {self.slide_ids[:3]})")
+
+    def bag(self, i: int) -> BagResult:
+        lo, hi = int(self.offsets[i]), int(self.offsets[i + 1])
+        tumour = np.asarray(self.group["tumour"][lo:hi]) if self.has_tumour else None
+        return BagResult(
+            slide_id=self.slide_ids[i],
+            key=self.keys[i],
+            split=self.splits[i],
+            label=int(self.labels[i]),
+            probs=self.probs[i],
+            attention=np.asarray(self.group["attention"][lo:hi]),
+            coords=np.asarray(self.group["coords"][lo:hi]),
+            tumour=tumour,
+        )
+
+    def __iter__(self) -> Iterator[BagResult]:
+        for i in range(len(self)):
+            yield self.bag(i)
+
+
+# --- attention concentration (the paper's Fig. 9) ----------------------------------------------
+
+
+def concentration_grid(n: int = 200, low: float = 1e-3) -> np.ndarray:
+    """Fractions of top-ranked instances, log-spaced from ``low`` to 1."""
+    return np.geomspace(low, 1.0, n)
+
+
+def concentration_curve(attention: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Cumulative attention held by the top ``f`` fraction of a bag's instances, for each ``f`` in ``grid``.
+
+    The top-k share is linearly interpolated between whole instances (k = f·N), so bags of different
+    sizes average on one grid; the curve is 0 at f = 0 and 1 at f = 1.
+    """
+    a = np.sort(np.asarray(attention, dtype=np.float64))[::-1]
+    cum = np.concatenate([[0.0], np.cumsum(a)])
+    cum /= cum[-1] if cum[-1] > 0 else 1.0
+    return np.interp(np.asarray(grid) * len(a), np.arange(len(a) + 1), cum)
+
+
+def mean_concentration(attentions: Sequence[np.ndarray], grid: np.ndarray) -> np.ndarray:
+    """Mean over bags of :func:`concentration_curve`."""
+    if not attentions:
+        return np.full(len(grid), math.nan)
+    return np.mean([concentration_curve(a, grid) for a in attentions], axis=0)

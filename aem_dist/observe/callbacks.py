@@ -1,0 +1,294 @@
+"""Ray callbacks that feed a driver-side :class:`~aem_dist.observe.metrics.MetricsExporter`.
+
+The only module of ``aem_dist.observe`` that imports Ray.
+
+* :class:`TuneMetricsCallback` — a ``ray.tune.Callback`` for sweeps. Tune runs its callbacks in the
+  driver, so it feeds the sweep's exporter directly: every trial result (the rank-0
+  ``EpochReport.flat()`` dict forwarded by ``TuneReportCallback``) becomes ``on_report`` with labels
+  from the trial's config, trial states become ``aem_trials{state}``, and a compact table of trial
+  states is printed as the sweep goes.
+* :class:`TrainMetricsBridge` — for a single Ray Train run. A ``ray.train.UserCallback`` is called in
+  the Train *controller*, which Train V2 runs as a separate actor (on the driver's node), not in the
+  driver; so the bridge hands Train a small forwarding callback (:class:`TrainReportForwarder`) that
+  puts each report on a Ray queue, and a thread in the driver drains that queue into the exporter.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+import time
+from typing import IO, Any, Callable, Mapping
+
+import ray
+from ray.train import UserCallback
+from ray.tune import Callback
+from ray.util.queue import Empty, Queue
+
+from ..config import Config
+from .metrics import TRIAL_STATES, MetricsExporter, format_label, run_labels
+
+log = logging.getLogger(__name__)
+
+# Ray Tune's Trial.status → our state names (a paused trial waits for resources like a pending one).
+TUNE_STATES = {"PENDING": "pending", "PAUSED": "pending", "RUNNING": "running", "TERMINATED": "terminated", "ERROR": "error"}
+LABEL_KEYS = {"lam": "loss.lam", "seed": "train.seed", "model": "model.name"}
+
+
+def config_value(config: Mapping[str, Any], dotted: str) -> Any:
+    """``dotted`` from a trial config given as flat dotted keys or as nested sections; None if absent."""
+    if dotted in config:
+        return config[dotted]
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def trial_labels(base: Config, trial_name: str, trial_config: Mapping[str, Any]) -> dict[str, str]:
+    """RUN_LABELS of a trial: lam/seed/model from its config when swept, else from ``base``."""
+    return run_labels(base, trial_name, **{label: config_value(trial_config, key) for label, key in LABEL_KEYS.items()})
+
+
+class TuneMetricsCallback(Callback):
+    """Feeds a sweep's exporter from Tune trial results and prints a live table of trial states.
+
+    Args:
+        base: the sweep's base config (run name; lam/seed/model for trials that do not sweep them).
+        exporter: the sweep's started exporter, or None to only print the table.
+        trial_name: trial → the ``trial`` label (default ``str(trial)``, Tune's trial name).
+        print_table: print the trial table on state changes and every ``interval_s`` while results arrive.
+        interval_s: least seconds between two tables printed for results only.
+        max_rows: trials shown per table (running and failed ones first).
+        stream: where the table goes (default: stdout at print time).
+
+    The callback is pickled with Tune's RunConfig into ``tuner.pkl``; the exporter, lock and stream
+    are left out of its pickled state (a restored sweep passes a new exporter).
+    """
+
+    def __init__(
+        self,
+        base: Config,
+        exporter: MetricsExporter | None = None,
+        *,
+        trial_name: Callable[[Any], str] | None = None,
+        print_table: bool = True,
+        interval_s: float = 10.0,
+        max_rows: int = 20,
+        stream: IO[str] | None = None,
+    ):
+        self.base = base
+        self.exporter = exporter
+        self.trial_name = trial_name
+        self.print_table = print_table
+        self.interval_s = interval_s
+        self.max_rows = max_rows
+        self.stream = stream
+        self._lock = threading.Lock()
+        self._states: dict[str, str] = {}  # trial id → state
+        self._names: dict[str, str] = {}
+        self._labels: dict[str, dict[str, str]] = {}
+        self._last: dict[str, dict[str, Any]] = {}  # trial id → last result
+        self._last_print = 0.0
+        self._started = time.monotonic()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.update(exporter=None, _lock=None, stream=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+
+    def _name(self, trial: Any) -> str:
+        return self.trial_name(trial) if self.trial_name is not None else str(trial)
+
+    def _see(self, trial: Any, state: str | None = None) -> bool:
+        """Record a trial (its state from ``state`` or its Tune status); True if its state changed."""
+        tid = trial.trial_id
+        if tid not in self._names:
+            self._names[tid] = self._name(trial)
+            self._labels[tid] = trial_labels(self.base, self._names[tid], trial.config or {})
+        new = state or TUNE_STATES.get(str(trial.status), "pending")
+        changed = self._states.get(tid) != new
+        self._states[tid] = new
+        return changed
+
+    def counts(self) -> dict[str, int]:
+        """Trials per state (every state present, zeros included)."""
+        out = dict.fromkeys(TRIAL_STATES, 0)
+        for state in self._states.values():
+            out[state] += 1
+        return out
+
+    def _publish(self, changed: bool, force: bool = False) -> None:
+        if self.exporter is not None:
+            self.exporter.set_trial_states(self.counts())
+        if not self.print_table:
+            return
+        now = time.monotonic()
+        if changed or force or now - self._last_print >= self.interval_s:
+            self._last_print = now
+            print(self.table(), file=self.stream or sys.stdout, flush=True)
+
+    # --- Tune hooks ------------------------------------------------------------------------------
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        with self._lock:
+            self._publish(self._see(trial, "running"))
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        with self._lock:
+            changed = self._see(trial, "running")
+            self._last[trial.trial_id] = dict(result)
+            labels = self._labels[trial.trial_id]
+            if self.exporter is not None:
+                self.exporter.on_report(labels, result)
+            self._publish(changed)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        with self._lock:
+            self._publish(self._see(trial, "terminated"))
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        with self._lock:
+            self._publish(self._see(trial, "error"))
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        with self._lock:  # failed, will be retried from its checkpoint: waiting again
+            self._publish(self._see(trial, "pending"))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        # Tune's own statuses are settled at the end of a step: the ground truth for every trial,
+        # including those no event has told us about yet (still pending).
+        with self._lock:
+            changed = False
+            for trial in trials:
+                changed |= self._see(trial)
+            self._publish(changed)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        with self._lock:
+            for trial in trials:
+                self._see(trial)
+            self._publish(True, force=True)
+
+    # --- the table -------------------------------------------------------------------------------
+
+    def table(self) -> str:
+        """The compact live table: a header of counts, then one row per trial."""
+        c = self.counts()
+        elapsed = int(time.monotonic() - self._started)
+        head = f"[{self.base.run.name}] {len(self._states)} trials: " + ", ".join(f"{c[s]} {s}" for s in TRIAL_STATES)
+        head += f"  ({elapsed // 3600:d}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d})"
+        order = {"running": 0, "error": 1, "pending": 2, "terminated": 3}
+        tids = sorted(self._states, key=lambda t: (order[self._states[t]], self._names[t]))
+        rows = [("trial", "lam", "seed", "state", "epoch", "loss", "val_auc", "test_auc")]
+        for tid in tids[: self.max_rows]:
+            last, lab = self._last.get(tid, {}), self._labels[tid]
+            rows.append((self._names[tid], lab["lam"], lab["seed"], self._states[tid], _cell(last.get("epoch"), "d"), _cell(last.get("train/loss")), _cell(last.get("val/auc")), _cell(last.get("test/auc"))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        if len(tids) > self.max_rows:
+            lines.append(f"... {len(tids) - self.max_rows} more")
+        return "\n".join(lines)
+
+
+def _cell(value: Any, fmt: str = ".4f") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return "-"
+    return format(int(value), fmt) if fmt == "d" else format(float(value), fmt)
+
+
+class TrainReportForwarder(UserCallback):
+    """Runs in the Ray Train controller actor: puts rank 0's metrics of every ``ray.train.report`` on a
+    Ray queue that the driver drains (see :class:`TrainMetricsBridge`). Reporting must never fail a
+    run, so a full or vanished queue only logs a warning."""
+
+    def __init__(self, queue: Queue):
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        if not metrics:
+            return
+        try:
+            self.queue.put(dict(metrics[0]), block=False)  # only rank 0's metrics are kept by Train too
+        except Exception as err:  # noqa: BLE001 - observability must not break training
+            log.warning("metrics forwarder: dropped a report (%s: %s)", type(err).__name__, err)
+
+
+class TrainMetricsBridge:
+    """Feeds a driver-side exporter from a single Ray Train run (Train V2).
+
+    Usage (in the driver, after ``ray.init``)::
+
+        with TrainMetricsBridge(exporter, run_labels(cfg)) as bridge:
+            trainer = TorchTrainer(loop, ..., run_config=RunConfig(..., callbacks=[bridge.callback]))
+            trainer.fit()
+
+    On exit the reports still in the queue are drained into the exporter and the queue actor is
+    shut down. The exporter itself is started/finished by the caller.
+    """
+
+    def __init__(self, exporter: MetricsExporter, labels: Mapping[str, Any], poll_s: float = 0.5):
+        self.exporter = exporter
+        self.labels = {k: format_label(v) for k, v in labels.items()}
+        self.poll_s = poll_s
+        self.queue: Queue | None = None
+        self.callback: TrainReportForwarder | None = None
+        self.reports = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "TrainMetricsBridge":
+        if not ray.is_initialized():
+            raise RuntimeError("TrainMetricsBridge needs ray.init() first")
+        # num_cpus 0: the queue actor must never take a CPU the training workers need.
+        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+        self.callback = TrainReportForwarder(self.queue)
+        self._thread = threading.Thread(target=self._pump, name="aem-train-metrics", daemon=True)
+        self._thread.start()
+        return self
+
+    def _feed(self, item: Any) -> None:
+        if isinstance(item, Mapping):
+            self.exporter.on_report(self.labels, item)
+            self.reports += 1
+
+    def _pump(self) -> None:
+        assert self.queue is not None
+        while not self._stop.is_set():
+            try:
+                self._feed(self.queue.get(block=True, timeout=self.poll_s))
+            except Empty:
+                continue
+            except Exception as err:  # noqa: BLE001 - the queue actor died; stop pumping
+                log.warning("metrics bridge: queue unavailable (%s: %s)", type(err).__name__, err)
+                return
+
+    def close(self) -> None:
+        """Stop the pump, drain what is left, shut the queue actor down (idempotent)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.poll_s * 4 + 5)
+            self._thread = None
+        if self.queue is not None:
+            try:
+                while not self.queue.empty():
+                    self._feed(self.queue.get_nowait())
+            except Exception:  # noqa: BLE001 - empty or gone
+                pass
+            self.queue.shutdown()
+            self.queue = None
+
+    def __enter__(self) -> "TrainMetricsBridge":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,138 @@
+"""Attention heatmaps: one PNG per slide from an attention store's coords and attention.
+
+Patches sit on a regular grid (coords are pixel offsets of equal-sized patches); the heatmap paints
+each patch's attention into its grid cell. Next to it, when the store carries a ground-truth tumour
+mask (synthetic data), the mask is drawn and its outline is overlaid on the heatmap, so one can see
+whether attention lights up the tumour.
+
+Colour scales:
+* ``rank`` (default) — the patch's attention percentile within the slide (0-1), the usual choice for
+  WSI heatmaps: every slide uses the full colour range;
+* ``linear`` — attention / the slide's largest attention (0-1);
+* ``log`` — log10(attention × N): 0 is uniform attention, +1 ten times more than uniform.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .. import storage
+from ..storage import StorageOptions
+from .attention import AttentionStore, BagResult
+from .figures import new_figure, save_png
+
+SCALES = ("rank", "linear", "log")
+
+
+def patch_grid(coords: np.ndarray) -> tuple[np.ndarray, int]:
+    """Grid cells ``(N, 2)`` (column, row) of patch coords and the inferred patch size in pixels."""
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
+    shifted = coords - coords.min(axis=0)
+    nonzero = shifted[shifted > 0]
+    step = int(np.gcd.reduce(nonzero)) if len(nonzero) else 1
+    return shifted // max(step, 1), max(step, 1)
+
+
+def scaled(attention: np.ndarray, scale: str) -> tuple[np.ndarray, str, tuple[float, float]]:
+    """Attention mapped to a colour value, the colour bar's label and its range."""
+    a = np.asarray(attention, dtype=np.float64)
+    if scale == "rank":
+        ranks = np.empty(len(a))
+        ranks[np.argsort(a, kind="stable")] = np.arange(len(a))
+        return ranks / max(len(a) - 1, 1), "attention percentile within slide", (0.0, 1.0)
+    if scale == "linear":
+        return a / max(a.max(), 1e-300), "attention / slide maximum", (0.0, 1.0)
+    if scale == "log":
+        v = np.log10(np.clip(a * len(a), 1e-12, None))
+        lim = max(1.0, float(np.ceil(np.abs(v).max())))
+        return v, "log10(attention × N)  (0 = uniform)", (-lim, lim)
+    raise ValueError(f"unknown heatmap scale {scale!r}; choose from {', '.join(SCALES)}")
+
+
+def _paint(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    img = np.full(shape, np.nan)
+    img[cells[:, 1], cells[:, 0]] = values
+    return img
+
+
+def render(bag: BagResult, class_names: Sequence[str] = (), scale: str = "rank"):
+    """The heatmap figure of one bag (side by side with its tumour mask when it has one)."""
+    cells, patch = patch_grid(bag.coords)
+    shape = (int(cells[:, 1].max()) + 1, int(cells[:, 0].max()) + 1)
+    values, cbar_label, (vmin, vmax) = scaled(bag.attention, scale)
+    heat = _paint(cells, values, shape)
+    panels = 2 if bag.tumour is not None else 1
+    aspect = shape[1] / max(shape[0], 1)
+    fig = new_figure(min(max(4.2 * aspect * panels + 1.5, 5.2 * panels), 16), 4.8)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    extent = (0, shape[1] * patch, shape[0] * patch, 0)  # pixels, origin top-left as in the slide
+    im = axes[0].imshow(heat, cmap="inferno", vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
+    axes[0].set_title("attention")
+    fig.colorbar(im, ax=axes[0], shrink=0.85, label=cbar_label)
+    if bag.tumour is not None:
+        mask = _paint(cells, bag.tumour.astype(float), shape)
+        axes[1].imshow(mask, cmap="Greens", vmin=-0.3, vmax=1.2, extent=extent, interpolation="nearest")
+        axes[1].set_title(f"true tumour: {int(bag.tumour.sum())}/{len(bag.tumour)} patches")
+        if bag.tumour.any():
+            # Upsampled so the outline follows patch edges instead of cutting corners between centres.
+            outline = np.kron(np.nan_to_num(mask, nan=0.0), np.ones((8, 8)))
+            for ax, colour in ((axes[0], "cyan"), (axes[1], "black")):
+                ax.contour(outline, levels=[0.5], colors=colour, linewidths=0.9, extent=extent, origin="upper")
+    for ax in axes:
+        ax.set_xlabel("x (pixels)")
+        ax.set_ylabel("y (pixels)")
+    names = list(class_names)
+
+    def name(i: int) -> str:
+        return names[i] if 0 <= i < len(names) else str(i)
+
+    pred = int(np.argmax(bag.probs))
+    fig.suptitle(f"{bag.slide_id} ({bag.split}, N = {len(bag.attention)})\ntrue: {name(bag.label)}, predicted: {name(pred)} (p = {float(bag.probs[pred]):.2f})", fontsize=10)
+    return fig
+
+
+def safe_name(slide_id: str) -> str:
+    from ..data.schema import safe_key
+
+    return safe_key(slide_id)
+
+
+def render_store(
+    attention_url: str,
+    out: str,
+    *,
+    bags: Sequence[str] | None = None,
+    scale: str = "rank",
+    limit: int | None = None,
+    options: StorageOptions | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """One PNG per slide of the store (or of ``bags``, by slide id or key) under ``out``; returns their URLs."""
+    from ..progress import progress as progress_bar
+
+    if scale not in SCALES:
+        raise ValueError(f"unknown heatmap scale {scale!r}; choose from {', '.join(SCALES)}")
+    store = AttentionStore(attention_url, options)
+    indices = [store.index(b) for b in bags] if bags else list(range(len(store)))
+    if limit is not None:
+        indices = indices[: max(0, limit)]
+    storage.makedirs(out, options)
+    written: list[str] = []
+    with progress_bar(len(indices), "heatmaps", "slide", disable=not progress) as bar:
+        for i in indices:
+            bag = store.bag(i)
+            written.append(save_png(render(bag, store.attrs.get("class_names", ()), scale), storage.join(out, f"{safe_name(bag.slide_id)}.png"), options))
+            bar.update(1)
+    return written
+
+
+def tumour_attention_auc(bag: BagResult) -> float:
+    """ROC AUC of attention as a detector of the bag's tumour patches (NaN without a mixed mask)."""
+    from sklearn.metrics import roc_auc_score
+
+    if bag.tumour is None or not (0 < bag.tumour.sum() < len(bag.tumour)):
+        return math.nan
+    return float(roc_auc_score(bag.tumour, bag.attention))

@@ -1,0 +1,203 @@
+"""The sweep report's figures, as pure functions of result rows (no storage access here).
+
+* :func:`lambda_sensitivity` — test AUC and F1, mean ± std over seeds, against λ on a log axis
+  (the paper's Fig. 5). λ = 0 has no place on a log axis, so it is drawn as a horizontal reference:
+  a dashed line at its mean with a shaded ± std band, labelled "λ = 0 (ABMIL)".
+* :func:`entropy_vs_auc` — mean test attention entropy against test AUC, one point per trial, with
+  Pearson's r (Fig. 3).
+* :func:`training_curves` — train loss, val AUC and test AUC per epoch, one line per trial (Fig. 8).
+* :func:`concentration` — cumulative attention against the fraction of top-ranked instances,
+  λ = 0 against the chosen λ on the test set (Fig. 9).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+from .figures import new_figure
+
+LAM = "loss.lam"
+SEED = "train.seed"
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(float(v)) else math.nan
+
+
+def fmt_lam(lam: Any) -> str:
+    v = _num(lam)
+    return "?" if math.isnan(v) else f"{v:g}"
+
+
+def group_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """'model.name=mha' for the swept keys other than λ and the seed ('' when there are none)."""
+    return ", ".join(f"{k}={row.get(k)}" for k in keys)
+
+
+def _colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def lambda_sensitivity(summary: Sequence[Mapping[str, Any]], trials: Sequence[Mapping[str, Any]], other_keys: Sequence[str], title: str = "") -> Figure:
+    """Two panels (test AUC, test F1): mean ± std over seeds vs λ (log x), seeds as faint dots,
+    λ = 0 as a dashed line with a ± std band, the λ chosen by validation as a star."""
+    fig = new_figure(11, 5.0)
+    axes = fig.subplots(1, 2)
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in summary:
+        groups.setdefault(group_label(row, other_keys), []).append(row)
+    colours = _colours(len(groups))
+    positive = sorted({_num(r.get(LAM)) for r in summary if _num(r.get(LAM)) > 0})
+    for ax, metric, name in ((axes[0], "test_auc", "test AUC"), (axes[1], "test_f1", "test F1")):
+        for colour, (glabel, rows) in zip(colours, groups.items()):
+            suffix = f" ({glabel})" if glabel else ""
+            pos = sorted((r for r in rows if _num(r.get(LAM)) > 0), key=lambda r: _num(r.get(LAM)))
+            if pos:
+                x = [_num(r[LAM]) for r in pos]
+                y = [_num(r.get(f"{metric}_mean")) for r in pos]
+                e = [0.0 if math.isnan(_num(r.get(f"{metric}_std"))) else _num(r.get(f"{metric}_std")) for r in pos]
+                ax.errorbar(x, y, yerr=e, color=colour, marker="o", capsize=4, lw=1.8, label=f"AEM, mean ± std over seeds{suffix}")
+                for r in pos:
+                    if r.get("chosen"):
+                        ax.plot([_num(r[LAM])], [_num(r.get(f"{metric}_mean"))], marker="*", ms=16, color=colour, mec="black", ls="none", label=f"chosen by validation{suffix}")
+            members = [t for t in trials if group_label(t, other_keys) == glabel and _num(t.get(LAM)) > 0 and t.get("status") == "TERMINATED"]
+            if members:
+                ax.plot([_num(t[LAM]) for t in members], [_num(t.get(metric)) for t in members], ".", color=colour, alpha=0.35, ms=7, label=f"single seeds{suffix}")
+            zero = [r for r in rows if _num(r.get(LAM)) == 0]
+            if zero:
+                m, s = _num(zero[0].get(f"{metric}_mean")), _num(zero[0].get(f"{metric}_std"))
+                ax.axhline(m, color=colour, ls="--", lw=1.4, label=f"λ = 0 (ABMIL), mean ± std{suffix}")
+                if not math.isnan(s) and s > 0:
+                    ax.axhspan(m - s, m + s, color=colour, alpha=0.12)
+                if zero[0].get("chosen"):
+                    ax.annotate("λ = 0 chosen by validation", xy=(0.02, m), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
+        ax.set_xscale("log")
+        if positive:
+            ax.set_xticks(positive, [f"{v:g}" for v in positive])
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            lo, hi = min(positive), max(positive)
+            ax.set_xlim(lo / 2, hi * 2)
+        ax.set_xlabel("λ (AEM weight, log scale; λ = 0 drawn as the dashed line)")
+        ax.set_ylabel(f"{name} (0-1)")
+        ax.set_title(f"{name} vs λ")
+        ax.grid(alpha=0.3, which="both")
+    # One legend for both panels, under them, so it never hides a point.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=4 if len(groups) == 1 else 2, fontsize=8, frameon=False)
+    fig.suptitle(title or "λ sensitivity (test set; λ chosen by validation)")
+    return fig
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Pearson's r and its two-sided p-value; NaN when fewer than 3 points or a constant variable."""
+    from scipy import stats
+
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = ~(np.isnan(xs) | np.isnan(ys))
+    xs, ys = xs[ok], ys[ok]
+    if len(xs) < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return math.nan, math.nan
+    res = stats.pearsonr(xs, ys)
+    return float(res.statistic), float(res.pvalue)
+
+
+def entropy_vs_auc(trials: Sequence[Mapping[str, Any]], title: str = "") -> tuple[Figure, float, float]:
+    """Scatter of test attention entropy (nats) vs test AUC per trial, coloured by λ; returns (fig, r, p)."""
+    done = [t for t in trials if not math.isnan(_num(t.get("test_attn_entropy"))) and not math.isnan(_num(t.get("test_auc")))]
+    x = [_num(t["test_attn_entropy"]) for t in done]
+    y = [_num(t["test_auc"]) for t in done]
+    r, p = pearson(x, y)
+    fig = new_figure(6.4, 4.8)
+    ax = fig.subplots()
+    lams = sorted({_num(t.get(LAM)) for t in done}, key=lambda v: (math.isnan(v), v))
+    for colour, lam in zip(_colours(len(lams)), lams):
+        pts = [(a, b) for a, b, t in zip(x, y, done) if _num(t.get(LAM)) == lam or (math.isnan(lam) and math.isnan(_num(t.get(LAM))))]
+        ax.scatter([a for a, _ in pts], [b for _, b in pts], color=colour, s=40, edgecolor="black", lw=0.5, label=f"λ = {fmt_lam(lam)}")
+    if not math.isnan(r):
+        slope, icpt = np.polyfit(x, y, 1)
+        xs = np.linspace(min(x), max(x), 50)
+        ax.plot(xs, slope * xs + icpt, color="grey", ls="--", lw=1, label="least-squares fit")
+    stat = "Pearson r undefined (< 3 trials or no spread)" if math.isnan(r) else f"Pearson r = {r:.3f} (p = {p:.3g}, n = {len(x)})"
+    ax.set_title(f"{title or 'Attention entropy vs test AUC'}\n{stat}", fontsize=10)
+    ax.set_xlabel("mean attention entropy per test bag (nats)")
+    ax.set_ylabel("test AUC (0-1)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="trials", title_fontsize=8)
+    return fig, r, p
+
+
+def training_curves(runs: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], title: str = "") -> Figure:
+    """Train loss, val AUC and test AUC per epoch; ``runs`` are (trials.csv row, results.json history).
+
+    Colour = λ, line style = seed; a dot marks each trial's best-validation epoch on the AUC panels.
+    """
+    fig = new_figure(15, 4.6)
+    axes = fig.subplots(1, 3)
+    lams = sorted({_num(row.get(LAM)) for row, _ in runs}, key=lambda v: (math.isnan(v), v))
+    colour_of = dict(zip(lams, _colours(len(lams))))
+    seeds = sorted({str(row.get(SEED)) for row, _ in runs})
+    style_of = {s: LINESTYLES[i % len(LINESTYLES)] for i, s in enumerate(seeds)}
+    per_trial_legend = len(runs) <= 12
+    seen_lams: set = set()
+    for row, history in runs:
+        lam = _num(row.get(LAM))
+        colour = colour_of.get(lam, "grey")
+        style = style_of[str(row.get(SEED))]
+        if per_trial_legend:
+            label = f"{row.get('trial')} (λ = {fmt_lam(lam)}, seed {row.get(SEED)})"
+        else:
+            label = None if lam in seen_lams else f"λ = {fmt_lam(lam)}"
+            seen_lams.add(lam)
+        epochs = [h.get("epoch") for h in history]
+        loss = [_num((h.get("train") or {}).get("loss")) for h in history]
+        axes[0].plot(epochs, loss, color=colour, ls=style, lw=1.4, label=label)
+        best = row.get("best_epoch")
+        for ax, split in ((axes[1], "val"), (axes[2], "test")):
+            pts = [(h.get("epoch"), _num((h.get(split) or {}).get("auc"))) for h in history if h.get(split)]
+            ax.plot([e for e, _ in pts], [v for _, v in pts], color=colour, ls=style, lw=1.4, marker="." if len(pts) < 30 else None, label=label)
+            at_best = [v for e, v in pts if e == best]
+            if at_best:
+                ax.plot([best], at_best, "o", color=colour, mec="black", ms=7)
+    for ax, name, unit in ((axes[0], "train loss", "CE + λ·Σ a log a (nats)"), (axes[1], "validation AUC", "AUC (0-1)"), (axes[2], "test AUC", "AUC (0-1)")):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(unit)
+        ax.grid(alpha=0.3)
+    axes[2].plot([], [], "o", color="white", mec="black", label="best-validation epoch")
+    axes[2].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "Training curves per trial (colour: λ, line style: seed)")
+    return fig
+
+
+def concentration(curves: Sequence[tuple[str, np.ndarray, np.ndarray, int]], grid: np.ndarray, title: str = "") -> Figure:
+    """Cumulative attention vs fraction of top-ranked instances (log x, in %).
+
+    ``curves``: (label, mean curve over seeds, std over seeds, number of seeds) per λ shown.
+    """
+    fig = new_figure(7, 4.8)
+    ax = fig.subplots()
+    pct = np.asarray(grid) * 100
+    for colour, (label, mean, std, n) in zip(_colours(len(curves)), curves):
+        ax.plot(pct, mean, color=colour, lw=2, label=f"{label} (mean of {n} seed{'s' if n != 1 else ''})")
+        if n > 1:
+            ax.fill_between(pct, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=colour, alpha=0.2)
+    ax.plot(pct, np.asarray(grid), color="black", ls=":", lw=1, label="uniform attention")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.set_xlabel("top-ranked instances (% of each bag, log scale)")
+    ax.set_ylabel("cumulative attention (fraction of the bag's total)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(title or "Attention concentration on the test set (mean over bags; band: ± std over seeds)", fontsize=10)
+    return fig
