@@ -9,6 +9,7 @@ import typer
 from .app import app, run_guarded
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config file, or a packaged config name: demo, camelyon16, camelyon17, lbc.")]
+AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray started for this command).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Dotted override, repeatable: --set loss.lam=0.1 --set train.epochs=5.")]
 
 
@@ -37,17 +38,23 @@ def synth(
 @app.command()
 def train(
     config: ConfigOpt,
-    out: Annotated[str, typer.Option(help="Run folder or URL: results.json, run.json and checkpoints go here. Re-running with the same --out resumes.")],
+    out: Annotated[str, typer.Option(help="Run folder or URL: results.json, run.json, best/state.pt and checkpoints go here. Re-running with the same --out resumes.")],
     set_: SetOpt = None,
+    address: AddressOpt = None,
 ) -> None:
-    """Train one model: writes OUT/results.json (best epoch by validation, its val/test metrics, history) and OUT/run.json."""
+    """Train one model: in this process (scaling.num_workers 0) or as a Ray Train DDP run.
+
+    Writes OUT/results.json (best epoch by val AUC + F1, its val/test metrics, per-epoch history),
+    OUT/run.json (config, versions, commit, data hash) and OUT/best/state.pt; serves live metrics
+    on metrics.host:metrics.port while it runs.
+    """
 
     def body() -> None:
         from ..config import load_config
         from ..orchestrate.train import train_run
 
         cfg = load_config(config, set_)
-        result = train_run(cfg, out)
+        result = train_run(cfg, out, address=address, announce=typer.echo)
         _print_result(result)
 
     run_guarded(body)
@@ -80,3 +87,33 @@ def config_keys() -> None:
 
     for key, default, text in describe_keys():
         typer.echo(f"{key} = {default!r}\n    {text}")
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Folder for the demo's data, sweep results, report and plots.")] = "demo-out",
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic dataset.")] = 0,
+    set_: SetOpt = None,
+) -> None:
+    """The whole path on embedded defaults: synthetic `demo` data → WebDataset shards → a Ray Tune sweep
+    (2 seeds × 3 λ) of Ray Train runs → per-λ summary table, report.md with plots; live Prometheus
+    metrics while it runs. Takes a few minutes on a laptop; re-running resumes."""
+
+    def body() -> None:
+        from .. import storage
+        from ..config import load_config
+        from ..data.synthetic import get_spec, write_synthetic
+        from ..orchestrate.ray_env import ray_session
+        from ..orchestrate.sweep import run_sweep
+
+        data, sweep_out = storage.join(out, "data"), storage.join(out, "sweep")
+        if not storage.exists(storage.join(data, "manifest.json")):
+            write_synthetic(get_spec("demo"), data, seed)
+        cfg = load_config("demo", [f"data.root={data}", *(set_ or [])])
+        typer.echo(f"demo data: {data}; sweeping {cfg.sweep.grid} with {cfg.scaling.num_workers} Ray Train worker(s) per trial")
+        with ray_session(None, cfg):
+            run_sweep(cfg, sweep_out, resume=True, announce=typer.echo)
+        typer.echo(storage.read_bytes(storage.join(sweep_out, "summary.md")).decode())
+        typer.echo(f"results: {sweep_out}/trials.csv, summary.csv, summary.md; report with plots: {sweep_out}/report.md")
+
+    run_guarded(body)

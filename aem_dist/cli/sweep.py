@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from .app import app, run_guarded
-from .core import ConfigOpt, SetOpt
-
-AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray started for this command).")]
+from .core import AddressOpt, ConfigOpt, SetOpt
 
 
 @app.command()
@@ -29,11 +27,11 @@ def sweep(
         from ..config import load_config
         from ..orchestrate.ray_env import ray_session
         from ..orchestrate.sweep import run_sweep
-        from ..storage import StorageOptions, read_bytes, join
+        from ..storage import StorageOptions, join, read_bytes
 
         cfg = load_config(config, set_)
         with ray_session(address, cfg):
-            run_sweep(cfg, out, resume=resume)
+            run_sweep(cfg, out, resume=resume, announce=typer.echo)
         typer.echo(read_bytes(join(out, "summary.md"), StorageOptions.from_config(cfg.storage)).decode())
 
     run_guarded(body)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from typing import Any, Callable
 
 from .. import storage
@@ -76,7 +77,9 @@ def run_local(
         log.info("resuming %s after epoch %d", storage.redact(run_dir, options), int(resume["epoch"]))
 
     def both(report: EpochReport) -> None:
+        t0 = time.perf_counter()
         ckpt(report)
+        report.extra["time/checkpoint_s"] = time.perf_counter() - t0
         if on_epoch is not None:
             on_epoch(report)
 

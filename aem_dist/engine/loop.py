@@ -63,6 +63,7 @@ class EpochReport:
     best_score: float = -math.inf
     step_times: list[float] = field(default_factory=list)  # rank 0's step durations this epoch (s)
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped so far, by reason
+    extra: dict[str, Any] = field(default_factory=dict)  # added by reporters, e.g. time/checkpoint_s
 
     def flat(self) -> dict[str, Any]:
         """One flat dict for reporters (Ray, Prometheus): ``epoch``, ``train/loss``, ``val/auc``, ...,
@@ -77,6 +78,7 @@ class EpochReport:
         out["best/val_score"] = self.best_score
         out.update({f"skipped/{k}": v for k, v in self.skipped.items()})
         out["time/step_s"] = list(self.step_times)
+        out.update(self.extra)
         return out
 
 

@@ -7,10 +7,10 @@ The only module of ``aem_dist.observe`` that imports Ray.
   ``EpochReport.flat()`` dict forwarded by ``TuneReportCallback``) becomes ``on_report`` with labels
   from the trial's config, trial states become ``aem_trials{state}``, and a compact table of trial
   states is printed as the sweep goes.
-* :class:`TrainMetricsBridge` — for a single Ray Train run. A ``ray.train.UserCallback`` is called in
-  the Train *controller*, which Train V2 runs as a separate actor (on the driver's node), not in the
-  driver; so the bridge hands Train a small forwarding callback (:class:`TrainReportForwarder`) that
-  puts each report on a Ray queue, and a thread in the driver drains that queue into the exporter.
+
+A single Ray Train run is a one-trial Tune run (see :mod:`aem_dist.orchestrate.train`), so the same
+callback serves it: a ``ray.train.UserCallback`` would run in Train V2's controller actor, not in the
+driver that serves the metrics.
 """
 
 from __future__ import annotations
@@ -21,10 +21,7 @@ import threading
 import time
 from typing import IO, Any, Callable, Mapping
 
-import ray
-from ray.train import UserCallback
 from ray.tune import Callback
-from ray.util.queue import Empty, Queue
 
 from ..config import Config
 from .metrics import TRIAL_STATES, MetricsExporter, format_label, run_labels
@@ -204,91 +201,3 @@ def _cell(value: Any, fmt: str = ".4f") -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         return "-"
     return format(int(value), fmt) if fmt == "d" else format(float(value), fmt)
-
-
-class TrainReportForwarder(UserCallback):
-    """Runs in the Ray Train controller actor: puts rank 0's metrics of every ``ray.train.report`` on a
-    Ray queue that the driver drains (see :class:`TrainMetricsBridge`). Reporting must never fail a
-    run, so a full or vanished queue only logs a warning."""
-
-    def __init__(self, queue: Queue):
-        self.queue = queue
-
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        if not metrics:
-            return
-        try:
-            self.queue.put(dict(metrics[0]), block=False)  # only rank 0's metrics are kept by Train too
-        except Exception as err:  # noqa: BLE001 - observability must not break training
-            log.warning("metrics forwarder: dropped a report (%s: %s)", type(err).__name__, err)
-
-
-class TrainMetricsBridge:
-    """Feeds a driver-side exporter from a single Ray Train run (Train V2).
-
-    Usage (in the driver, after ``ray.init``)::
-
-        with TrainMetricsBridge(exporter, run_labels(cfg)) as bridge:
-            trainer = TorchTrainer(loop, ..., run_config=RunConfig(..., callbacks=[bridge.callback]))
-            trainer.fit()
-
-    On exit the reports still in the queue are drained into the exporter and the queue actor is
-    shut down. The exporter itself is started/finished by the caller.
-    """
-
-    def __init__(self, exporter: MetricsExporter, labels: Mapping[str, Any], poll_s: float = 0.5):
-        self.exporter = exporter
-        self.labels = {k: format_label(v) for k, v in labels.items()}
-        self.poll_s = poll_s
-        self.queue: Queue | None = None
-        self.callback: TrainReportForwarder | None = None
-        self.reports = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> "TrainMetricsBridge":
-        if not ray.is_initialized():
-            raise RuntimeError("TrainMetricsBridge needs ray.init() first")
-        # num_cpus 0: the queue actor must never take a CPU the training workers need.
-        self.queue = Queue(maxsize=10_000, actor_options={"num_cpus": 0})
-        self.callback = TrainReportForwarder(self.queue)
-        self._thread = threading.Thread(target=self._pump, name="aem-train-metrics", daemon=True)
-        self._thread.start()
-        return self
-
-    def _feed(self, item: Any) -> None:
-        if isinstance(item, Mapping):
-            self.exporter.on_report(self.labels, item)
-            self.reports += 1
-
-    def _pump(self) -> None:
-        assert self.queue is not None
-        while not self._stop.is_set():
-            try:
-                self._feed(self.queue.get(block=True, timeout=self.poll_s))
-            except Empty:
-                continue
-            except Exception as err:  # noqa: BLE001 - the queue actor died; stop pumping
-                log.warning("metrics bridge: queue unavailable (%s: %s)", type(err).__name__, err)
-                return
-
-    def close(self) -> None:
-        """Stop the pump, drain what is left, shut the queue actor down (idempotent)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.poll_s * 4 + 5)
-            self._thread = None
-        if self.queue is not None:
-            try:
-                while not self.queue.empty():
-                    self._feed(self.queue.get_nowait())
-            except Exception:  # noqa: BLE001 - empty or gone
-                pass
-            self.queue.shutdown()
-            self.queue = None
-
-    def __enter__(self) -> "TrainMetricsBridge":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()

@@ -379,27 +379,32 @@ def epoch_hook(exporter: MetricsExporter, labels: Mapping[str, Any]) -> Callable
 
 
 class serve_run_metrics:
-    """Context manager for one in-process run: starts an exporter (when ``metrics.enabled``), prints its
-    URL with ``announce``, yields the ``on_epoch`` hook (None when disabled) and, on a clean exit,
-    finishes (push + grace period); on an error it stops at once.
+    """The driver's exporter for one run or sweep: starts it (when ``metrics.enabled``), prints its URL
+    with ``announce`` and yields it (None when disabled, or when the port is taken — then training goes
+    on without metrics and a warning says how to fix it). A clean exit finishes (push + grace period);
+    an error stops serving at once.
 
-    ``with serve_run_metrics(cfg) as hook: run_local(cfg, out, on_epoch=hook)``
+    ``with serve_run_metrics(cfg) as exporter: run_local(cfg, out, on_epoch=epoch_hook(exporter, run_labels(cfg)))``
     """
 
-    def __init__(self, cfg: Config, trial: str = "", announce: Callable[[str], None] | None = None):
+    def __init__(self, cfg: Config, announce: Callable[[str], None] | None = None):
         self.cfg = cfg
-        self.trial = trial
         self.announce = announce
         self.exporter: MetricsExporter | None = None
 
-    def __enter__(self) -> Callable[[Any], None] | None:
+    def __enter__(self) -> MetricsExporter | None:
         if not self.cfg.metrics.enabled:
             return None
-        self.exporter = MetricsExporter(self.cfg.metrics, run=self.cfg.run.name)
-        url = self.exporter.start()
+        exporter = MetricsExporter(self.cfg.metrics, run=self.cfg.run.name)
+        try:
+            url = exporter.start()
+        except OSError as err:
+            log.warning("metrics disabled for this run: %s", err)
+            return None
+        self.exporter = exporter
         if self.announce is not None:
             self.announce(f"metrics: {url}")
-        return epoch_hook(self.exporter, run_labels(self.cfg, self.trial))
+        return exporter
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self.exporter is None:

@@ -18,11 +18,12 @@ import json
 import logging
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 from .. import storage
 from ..config import Config, build_config, config_with
 from ..engine.results import run_record, write_json
+from ..observe.metrics import serve_run_metrics
 from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
@@ -188,9 +189,13 @@ def collect_rows(results, cfg: Config, out: str, grid: dict[str, list[Any]]) -> 
     return rows
 
 
-def run_sweep(cfg: Config, out: str, *, resume: bool = False, callbacks: list | None = None) -> list[dict[str, Any]]:
-    """The whole sweep (Ray must be initialised): trials, then trials.csv, summary.csv/md, run.json."""
+def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable[[str], None] = log.info) -> list[dict[str, Any]]:
+    """The whole sweep (Ray must be initialised): trials with live metrics and a trial table, then
+    trials.csv, summary.csv/md, run.json and the report with its plots."""
     import ray
+
+    from ..observe.callbacks import TuneMetricsCallback
+    from ..observe.report import write_report
 
     grid = dict(cfg.sweep.grid)
     if not grid:
@@ -198,9 +203,13 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, callbacks: list | 
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     record = run_record(cfg, "sweep", options, grid=grid, cluster=ray.cluster_resources(), trial_resources=trial_resources(cfg))
     write_json(storage.join(out, "run.json"), record, options)
-    results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=callbacks)
-    rows = collect_rows(results, cfg, out, grid)
-    summary = write_tables(out, rows, list(grid), options)
+    with serve_run_metrics(cfg, announce) as exporter:
+        callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: trial_name(_grid_values(trial.config, grid)))
+        results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=[callback])
+        rows = collect_rows(results, cfg, out, grid)
+        summary = write_tables(out, rows, list(grid), options)
+        report = write_report(out, options=options, progress=cfg.train.progress)
+        announce(f"report: {storage.redact(report.url, options)}")
     failed = [r["trial"] for r in rows if r["status"] != "TERMINATED"]
     if failed:
         log.error("%d trial(s) did not finish: %s — rerun with --resume to retry them", len(failed), ", ".join(failed))

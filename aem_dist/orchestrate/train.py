@@ -1,37 +1,48 @@
 """One training run: in this process (``scaling.num_workers: 0``) or as a Ray Train TorchTrainer.
 
 A Ray run is a one-trial Tune run around the same trial function sweeps use (Ray's recommended way
-to get driver-side callbacks for a single Train run): the driver sees every epoch's report, and
-re-running with the same ``--out`` resumes from the last checkpoint.
+to get driver-side callbacks for a single Train run): the driver sees every epoch's report and serves
+it as Prometheus metrics, and re-running with the same ``--out`` resumes from the last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import logging
+from typing import Any, Callable
 
 from .. import storage
 from ..config import Config
 from ..engine.local import run_local
 from ..engine.results import results_dict, run_record, write_json
+from ..observe.metrics import epoch_hook, run_labels, serve_run_metrics
 from ..storage import StorageOptions
 from .errors import TrainingFailed
 
+log = logging.getLogger(__name__)
 
-def train_run(cfg: Config, out: str, *, address: str | None = None, on_epoch=None, callbacks: list | None = None) -> dict[str, Any]:
+
+def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Train ``cfg``; write ``out/run.json`` and ``out/results.json``; return the results dict."""
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     write_json(storage.join(out, "run.json"), run_record(cfg, "train", options), options)
-    if cfg.scaling.num_workers == 0 and address is None:
-        results = results_dict(run_local(cfg, run_dir=out, options=options, on_epoch=on_epoch), cfg)
-        write_json(storage.join(out, "results.json"), results, options)
-        return results
+    with serve_run_metrics(cfg, announce) as exporter:
+        if cfg.scaling.num_workers == 0 and address is None:
+            hook = epoch_hook(exporter, run_labels(cfg)) if exporter is not None else None
+            results = results_dict(run_local(cfg, run_dir=out, options=options, on_epoch=hook), cfg)
+            write_json(storage.join(out, "results.json"), results, options)
+            return results
+        return _train_on_ray(cfg, out, address, exporter, options)
 
+
+def _train_on_ray(cfg: Config, out: str, address: str | None, exporter, options: StorageOptions) -> dict[str, Any]:
+    from ..observe.callbacks import TuneMetricsCallback
     from .ray_env import ray_session
     from .sweep import run_trials
 
+    callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: "", print_table=False)
     with ray_session(address, cfg):
-        grid_results = run_trials(cfg, out, grid={}, resume=True, single=True, callbacks=callbacks)
+        grid_results = run_trials(cfg, out, grid={}, resume=True, single=True, callbacks=[callback])
     errors = [r.error for r in grid_results if r.error is not None]
     try:
         return json.loads(storage.read_bytes(storage.join(out, "results.json"), options))

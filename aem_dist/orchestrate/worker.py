@@ -37,9 +37,9 @@ class RayReporter:
         self.checkpoint_s: float | None = None
 
     def __call__(self, report: EpochReport) -> None:
+        if self.checkpoint_s is not None:  # the previous epoch's save: this one's is still to come
+            report.extra["time/checkpoint_s"] = self.checkpoint_s
         metrics = report.flat()
-        if self.checkpoint_s is not None:
-            metrics["time/checkpoint_s"] = self.checkpoint_s
         with tempfile.TemporaryDirectory(prefix="aem-ckpt-") as tmp:
             checkpoint = None
             if self.ctx.is_main:

@@ -55,13 +55,13 @@ def test_resume_equals_uninterrupted(demo_data, tmp_path):
 def test_cli_train_writes_results(demo_data, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "aem_dist", "train", "--config", "demo", "--set", f"data.root={demo_data}", "--set", "train.epochs=3", "--set", "scaling.num_workers=0", "--out", str(out)],
+        [sys.executable, "-m", "aem_dist", "train", "--config", "demo", "--set", f"data.root={demo_data}", "--set", "train.epochs=3", "--set", "scaling.num_workers=0", "--set", "metrics.port=0", "--set", "metrics.grace_s=0", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "best epoch" in proc.stdout
+    assert "best epoch" in proc.stdout and "metrics: http://127.0.0.1:" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert {"best_epoch", "val", "test", "history", "config"} <= set(results)
     for split in ("val", "test"):

@@ -10,7 +10,7 @@ import ray.cloudpickle as cloudpickle
 from ray.tune.experiment import Trial
 
 from aem_dist.config import MetricsSection, load_config
-from aem_dist.observe.callbacks import TrainMetricsBridge, TuneMetricsCallback, config_value, trial_labels
+from aem_dist.observe.callbacks import TuneMetricsCallback, config_value, trial_labels
 from aem_dist.observe.metrics import MetricsExporter
 
 
@@ -99,43 +99,3 @@ def test_tune_callback_survives_tuner_pickling():
         clone.on_trial_result(iteration=1, trials=ts, trial=ts[0], result=result(0))  # still works, feeds nothing
     finally:
         exporter.stop()
-
-
-def _train_loop(config):
-    import ray.train
-
-    for epoch in range(3):
-        rank = ray.train.get_context().get_world_rank()
-        ray.train.report({"epoch": epoch, "train/instances": 100 if rank == 0 else 999, "train/loss": 1.0 / (epoch + 1), "time/step_s": [0.1, 0.2]})
-
-
-@pytest.mark.integration
-def test_train_bridge_feeds_the_driver_from_a_real_torch_trainer(monkeypatch):
-    import shutil
-    import tempfile
-
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    # A short private temp dir: Ray's unix socket paths must stay under 107 bytes.
-    temp = tempfile.mkdtemp(prefix="aem-obs-ray-")
-    ray.init(address="local", num_cpus=1, include_dashboard=False, _temp_dir=temp, log_to_driver=False, configure_logging=False)
-    try:
-        exporter = MetricsExporter(MetricsSection(port=0))
-        labels = {"run": "r", "trial": "", "lam": 0.1, "seed": 0, "model": "abmil"}
-        # Train V2 calls UserCallback.after_report in its controller actor, not in this process:
-        # the bridge's forwarder crosses over through a Ray queue.
-        with TrainMetricsBridge(exporter, labels) as bridge:
-            run_config = RunConfig(name="bridge", storage_path=f"{temp}/results", callbacks=[bridge.callback])
-            TorchTrainer(_train_loop, scaling_config=ScalingConfig(num_workers=1), run_config=run_config).fit()
-        sel = {"run": "r", "trial": "", "lam": "0.1", "seed": "0", "model": "abmil"}
-        assert bridge.reports == 3
-        assert exporter.registry.get_sample_value("aem_instances_processed_total", sel) == 300
-        assert exporter.registry.get_sample_value("aem_train_loss", sel) == pytest.approx(1 / 3)
-        assert exporter.registry.get_sample_value("aem_epoch", sel) == 2
-        assert exporter.registry.get_sample_value("aem_step_duration_seconds_count", sel) == 6
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)

@@ -233,15 +233,16 @@ def test_push_failure_does_not_raise():
 
 
 def test_serve_run_metrics_for_an_in_process_run(demo_data, tmp_path):
-    """The local hook used by `aem-dist train` (num_workers 0): serves while training, announces its URL."""
+    """The driver exporter of `aem-dist train` (num_workers 0): serves while training, announces its URL."""
     from aem_dist.engine.local import run_local
     from aem_dist.observe.metrics import serve_run_metrics
 
     cfg = load_config("demo", [f"data.root={demo_data}", "train.epochs=2", "train.progress=false", "metrics.port=0", "metrics.grace_s=0", "run.name=local"])
     said: list[str] = []
     seen: list[str] = []
-    with serve_run_metrics(cfg, announce=said.append) as hook:
+    with serve_run_metrics(cfg, announce=said.append) as exporter:
         url = said[0].removeprefix("metrics: ")
+        hook = epoch_hook(exporter, run_labels(cfg))
 
         def on_epoch(report):
             hook(report)
@@ -255,5 +256,11 @@ def test_serve_run_metrics_for_an_in_process_run(demo_data, tmp_path):
     with pytest.raises(OSError):  # finished: no longer served
         urllib.request.urlopen(url, timeout=2)
     off = load_config("demo", ["metrics.enabled=false"])
-    with serve_run_metrics(off) as hook:
-        assert hook is None
+    with serve_run_metrics(off) as exporter:
+        assert exporter is None
+    with socket.socket() as busy:  # a taken port: the run goes on without metrics
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = load_config("demo", [f"metrics.port={busy.getsockname()[1]}"])
+        with serve_run_metrics(taken) as exporter:
+            assert exporter is None

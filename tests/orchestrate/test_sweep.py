@@ -24,7 +24,8 @@ def _sweep_cmd(demo_data, out, *extra):
     return [
         sys.executable, "-m", "aem_dist", "sweep", "--config", "demo", "--out", str(out),
         "--set", f"data.root={demo_data}", "--set", "train.epochs=2", "--set", "scaling.num_workers=0",
-        "--set", "train.progress=false", "--set", "sweep.max_concurrent_trials=1", "--set", GRID, *extra,
+        "--set", "train.progress=false", "--set", "sweep.max_concurrent_trials=1",
+        "--set", "metrics.port=0", "--set", "metrics.grace_s=0", "--set", GRID, *extra,
     ]  # fmt: skip
 
 
@@ -69,7 +70,8 @@ def test_sweep_tables_and_resume_after_driver_kill(demo_data, tmp_path):
     assert summary[1]["p_test_auc_vs_lam0"] is not None
     text = (out / "summary.md").read_text()
     assert "| 0.1 | 2 |" in text and "chosen by val" in text
-    assert "summary" in resumed.stdout.lower()
+    assert "summary" in resumed.stdout.lower() and "metrics: http://127.0.0.1:" in resumed.stdout
+    assert (out / "report.md").exists() and len(list((out / "plots").glob("*.png"))) == 4
     run = __import__("json").loads((out / "run.json").read_text())
     assert run["grid"] == {"train.seed": [0, 1], "loss.lam": [0.0, 0.1]} and run["dataset"]["manifest_sha256"]
     # Only the killed driver's Ray temp dir is left; the resumed run removed its own on exit.
