@@ -143,10 +143,10 @@ class TuneMetricsCallback(Callback):
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         with self._lock:
             changed = self._see(trial, "running")
-            self._last[trial.trial_id] = dict(result)
-            labels = self._labels[trial.trial_id]
-            if self.exporter is not None:
-                self.exporter.on_report(labels, result)
+            if "epoch" in result:  # an epoch report (a trial's closing "done/..." report carries none)
+                self._last[trial.trial_id] = dict(result)
+                if self.exporter is not None:
+                    self.exporter.on_report(self._labels[trial.trial_id], result)
             self._publish(changed)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

@@ -27,7 +27,7 @@ from ..observe.metrics import serve_run_metrics
 from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
-from .worker import make_trainer, train_loop_per_worker, worker_resources
+from .worker import make_trainer, quiet_ray_logs, train_loop_per_worker, worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], out: str, single:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    quiet_ray_logs()
     values = {k: v for k, v in values.items() if not k.startswith("_")}
     cfg = config_with(build_config(base, "sweep base config"), values)
     name = trial_name(values)
@@ -151,7 +152,7 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
                 storage_filesystem=fs,
                 failure_config=tune.FailureConfig(max_failures=max(cfg.run.max_failures, 0)),
                 callbacks=callbacks or [],
-                verbose=1,
+                verbose=0,  # the trial table of TuneMetricsCallback reports progress
             ),
         )
     return tuner.fit()

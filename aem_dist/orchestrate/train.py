@@ -40,7 +40,7 @@ def _train_on_ray(cfg: Config, out: str, address: str | None, exporter, options:
     from .ray_env import ray_session
     from .sweep import run_trials
 
-    callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: "", print_table=False)
+    callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: "")
     with ray_session(address, cfg):
         grid_results = run_trials(cfg, out, grid={}, resume=True, single=True, callbacks=[callback])
     errors = [r.error for r in grid_results if r.error is not None]

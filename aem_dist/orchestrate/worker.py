@@ -8,6 +8,7 @@ dict from rank 0.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -18,7 +19,7 @@ import ray.tune
 from ray.train.torch import TorchTrainer
 
 from .. import storage
-from ..config import Config, build_config
+from ..config import Config, apply_overrides, build_config
 from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes
 from ..engine.dist import DistContext
 from ..engine.loop import EpochReport, fit, resolve_device
@@ -55,9 +56,20 @@ class RayReporter:
             self.checkpoint_s = time.perf_counter() - t0
 
 
+def quiet_ray_logs() -> None:
+    """Keep Ray's per-report INFO lines (each one a whole metrics dict) off the console: Train V2 logs
+    them under a logger named after its source file, which its own log-level setting misses."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """Run in each Ray Train worker (``api="train"``) or directly in a Tune trial (``api="tune"``)."""
-    cfg = build_config(config["cfg"], "trial config")
+    quiet_ray_logs()
+    # Progress is the driver's live trial table and metrics; a bar per worker would interleave.
+    cfg = build_config(apply_overrides(config["cfg"], {"train.progress": False}), "trial config")
     api = ray.train if config.get("api", "train") == "train" else ray.tune
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     if api is ray.train:
@@ -103,5 +115,6 @@ def make_trainer(cfg: Config, run_dir: str, name: str, storage_path: str, callba
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoint_keep),
             callbacks=callbacks or [],
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
