@@ -16,6 +16,7 @@ from typing import Any
 
 import ray.train
 import ray.tune
+import torch
 from ray.train.torch import TorchTrainer
 
 from .. import storage
@@ -74,6 +75,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     if api is ray.train:
         ctx = DistContext.current(ray.train.torch.get_device())
+        if ctx.device.type == "cuda":
+            torch.cuda.set_device(ctx.device)  # nccl collectives (all_gather_object) use the current device
     else:
         ctx = DistContext.current(resolve_device(cfg.train.device))
     resume = None
