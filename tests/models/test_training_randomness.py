@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from aem_dist.config import ModelConfig
+from aem_dist.losses import attention_regulariser
 from aem_dist.models import build_model
 from aem_dist.models.acmil import stkim_keep
 from aem_dist.models.dtfd import pseudo_bags
@@ -71,6 +72,17 @@ def test_acmil_training_masks_only_top_k_instances(top_k, prob):
         a = torch.exp(out.log_attention())[:, 0]
         sums = torch.zeros(out.n_segments, dtype=a.dtype).index_add_(0, out.attn_index, a)
         torch.testing.assert_close(sums, torch.ones_like(sums))
+        # AEM covers every branch, over the instances that branch kept: a naive Σ a log a
+        per_bag = []
+        for b in range(len(SIZES)):
+            rows = set((bag_index == b).nonzero().squeeze(1).tolist())
+            per_branch = []
+            for k in range(5):
+                kept = sorted(i for i in rows if (i, k) not in removed)
+                p = torch.softmax(scores[kept, k], dim=0).tolist()
+                per_branch.append(sum(v * math.log(v) for v in p))
+            per_bag.append(sum(per_branch) / 5)
+        assert float(attention_regulariser(out, len(SIZES))) == pytest.approx(sum(per_bag) / len(SIZES), abs=1e-9)
     assert len(set(draws)) > 1, "masking should be random across seeds"
     # the same global seed gives the same mask
     torch.manual_seed(3)
