@@ -44,14 +44,16 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: str = Field("abmil", description="Model from the registry: abmil, mha, dsmil, acmil, dtfd, maxpool, meanpool, clam_sb, transmil.")
     hidden: int = Field(128, ge=1, description="Width of the instance embedding (the paper's 128).")
-    attn_hidden: int | None = Field(None, ge=1, description="Width of the gated-attention network (default: same as hidden).")
+    attn_hidden: int | None = Field(None, ge=1, description="Width of the gated-attention network, and of dsmil's queries (default: same as hidden).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on instance embeddings during training.")
-    n_heads: int = Field(8, ge=1, description="Attention heads (mha).")
+    n_heads: int = Field(8, ge=1, description="Attention heads (mha; transmil's Nystrom attention). model.hidden must be divisible by it.")
     n_branches: int = Field(5, ge=1, description="Attention branches (acmil).")
     n_pseudo_bags: int = Field(4, ge=1, description="Pseudo-bags per bag (dtfd).")
     mask_top_k: int = Field(10, ge=0, description="Top-attended instances considered for random masking (acmil, training only).")
-    mask_prob: float = Field(0.6, ge=0.0, le=1.0, description="Probability of masking each of the top-k instances (acmil, training only).")
+    mask_prob: float = Field(0.6, ge=0.0, le=1.0, description="Share of the top-k instances masked at random in each branch: floor(k·p) of them, so each is masked with probability ~p (acmil, training only).")
     bias: bool = Field(False, description="Bias in the instance embedding layer (the paper's code has none).")
+    k_sample: int = Field(8, ge=1, description="Instances sampled from each end of the attention ranking for the instance-level clustering loss (clam_sb; CLAM's B).")
+    bag_weight: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the bag cross-entropy in clam_sb's loss; the instance loss gets 1 - bag_weight (CLAM's default 0.7).")
 
 
 class LossConfig(_Section):

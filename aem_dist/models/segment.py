@@ -51,3 +51,42 @@ def segment_log_softmax(scores: torch.Tensor, index: torch.Tensor, n_segments: i
 def segment_softmax(scores: torch.Tensor, index: torch.Tensor, n_segments: int) -> torch.Tensor:
     """(T, *H) → (T, *H): softmax within each segment; rows of a segment sum to 1."""
     return torch.exp(segment_log_softmax(scores, index, n_segments))
+
+
+def segment_rank(values: torch.Tensor, index: torch.Tensor, n_segments: int, descending: bool = True) -> torch.Tensor:
+    """(T,) or (T, H) → same shape, int64: each row's rank within its segment, per column.
+
+    Rank 0 is the largest value (``descending``) or the smallest. Ties keep row order, so a bag ranks
+    its rows the same whether it is packed with others or alone. Used for top-k selection (ACMIL
+    masking, CLAM's instance sampling, DTFD's max/min instances, DSMIL's critical instance).
+    """
+    if values.dim() == 2:
+        t, h = values.shape
+        cols = torch.arange(h, device=index.device).unsqueeze(1)  # (H, 1)
+        flat_index = (index.unsqueeze(0) + n_segments * cols).reshape(-1)  # (H·T,) one segment per (segment, column)
+        ranks = segment_rank(values.t().reshape(-1), flat_index, n_segments * h, descending)
+        return ranks.view(h, t).t()
+    order = torch.sort(values, descending=descending, stable=True).indices
+    order = order[torch.sort(index[order], stable=True).indices]  # by segment, then by value
+    counts = segment_count(index, n_segments)
+    starts = torch.cumsum(counts, 0) - counts  # (S,)
+    rank = torch.empty_like(index)
+    rank[order] = torch.arange(order.shape[0], device=index.device) - starts[index[order]]
+    return rank
+
+
+def segment_argmax(values: torch.Tensor, index: torch.Tensor, n_segments: int) -> torch.Tensor:
+    """(T,) → (S,) or (T, H) → (S, H): the row holding each segment's maximum (first row on ties).
+
+    Every segment must be non-empty (an empty one would hold -1).
+    """
+    first = segment_rank(values, index, n_segments) == 0
+    if values.dim() == 1:
+        rows = first.nonzero().squeeze(1)
+        out = torch.full((n_segments,), -1, dtype=torch.int64, device=index.device)
+        out[index[rows]] = rows
+        return out
+    rows, cols = first.nonzero(as_tuple=True)
+    out = torch.full((n_segments, values.shape[1]), -1, dtype=torch.int64, device=index.device)
+    out[index[rows], cols] = rows
+    return out
