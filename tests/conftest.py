@@ -30,3 +30,15 @@ def demo_data(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("demo-data"))
     write_synthetic(get_spec("demo"), root, seed=0, progress=False)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tests run torch single-threaded: their tensors are small, and on a shared 2-core machine a second
+    intra-op thread mostly adds contention (with Ray workers, servers and other tests)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

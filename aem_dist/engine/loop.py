@@ -123,9 +123,15 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: DistContext, epoch: int) -> tuple[dict[str, float], list[float]]:
-    """One epoch of training on this rank; returns stats summed/averaged over all ranks and step times."""
+    """One epoch of training on this rank; returns stats over all ranks and this rank's step times.
+
+    Stats: ``loss`` and every named loss term (``ce``, ``aem``, and model terms such as ``diversity``)
+    as means per step, the unweighted term values (``aem`` is Σ a log a before λ); counts of steps,
+    bags and instances summed over ranks; mean data-loading wait per rank.
+    """
     model.train()
-    sums = {"loss": 0.0, "ce": 0.0, "aem": 0.0, "steps": 0.0, "bags": 0.0, "instances": 0.0, "data_wait_s": 0.0}
+    counts = {"steps": 0.0, "bags": 0.0, "instances": 0.0, "data_wait_s": 0.0}
+    terms_sum: dict[str, float] = {"loss": 0.0}
     step_times: list[float] = []
     gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch * 131 + ctx.rank)
     it = iter(loader.epoch(epoch))
@@ -134,7 +140,7 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
         batch = next(it, None)
         if batch is None:
             break
-        sums["data_wait_s"] += time.perf_counter() - t0
+        counts["data_wait_s"] += time.perf_counter() - t0
         batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device)
         out = model(batch.feats, batch.bag_index, batch.n_bags)
         terms = core.loss_terms(out, batch.labels)
@@ -148,18 +154,18 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
-        sums["loss"] += float(loss.detach())
-        sums["ce"] += float(terms["ce"].detach()) if "ce" in terms else 0.0
-        sums["aem"] += float(terms["aem"].detach())
-        sums["steps"] += 1
-        sums["bags"] += batch.n_bags
-        sums["instances"] += batch.n_instances
+        for name, value in {"loss": loss, **terms}.items():
+            terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach())
+        counts["steps"] += 1
+        counts["bags"] += batch.n_bags
+        counts["instances"] += batch.n_instances
         step_times.append(time.perf_counter() - t0)
-    keys = list(sums)
-    total = dict(zip(keys, ctx.sum([sums[k] for k in keys])))
+    # Every rank runs the same number of steps with the same model, so the term names agree.
+    keys = list(terms_sum) + list(counts)
+    total = dict(zip(keys, ctx.sum([{**terms_sum, **counts}[k] for k in keys])))
     steps = max(total["steps"], 1.0)
-    stats = {"loss": total["loss"] / steps, "ce": total["ce"] / steps, "aem": total["aem"] / steps}
-    stats |= {"bags": total["bags"], "instances": total["instances"], "steps": total["steps"], "data_wait_s": total["data_wait_s"] / ctx.world_size}
+    stats = {name: total[name] / steps for name in terms_sum}
+    stats |= {k: total[k] for k in ("bags", "instances", "steps")} | {"data_wait_s": total["data_wait_s"] / ctx.world_size}
     return stats, step_times
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from ..config import ModelConfig
 from .base import MILModel, MILOutput
 from .registry import register
-from .segment import segment_softmax, segment_sum
+from .segment import segment_log_softmax, segment_sum
 
 
 class GatedAttention(nn.Module):
@@ -44,6 +44,6 @@ class ABMIL(MILModel):
     def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> MILOutput:
         h = self.embed(feats)  # (T, hidden)
         scores = self.attention(h)  # (T, 1)
-        a = segment_softmax(scores, bag_index, n_bags)  # (T, 1)
-        z = segment_sum(a * h, bag_index, n_bags)  # (B, hidden)
-        return MILOutput(logits=self.classifier(z), attn_scores=scores, attn_index=bag_index, n_segments=n_bags)
+        log_a = segment_log_softmax(scores, bag_index, n_bags)  # (T, 1), reused by the AEM term
+        z = segment_sum(torch.exp(log_a) * h, bag_index, n_bags)  # (B, hidden)
+        return MILOutput(logits=self.classifier(z), attn_scores=scores, attn_index=bag_index, n_segments=n_bags, attn_log=log_a)

@@ -37,9 +37,12 @@ class MILOutput:
     segment_bag: torch.Tensor | None = None  # (S,) bag of each segment; None = segments are bags
     attn_rows: torch.Tensor | None = None  # (R,) packed instance of each row; None = row i is instance i
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    attn_log: torch.Tensor | None = None  # (R, H) the log-softmax of attn_scores, if the model computed it
 
     def log_attention(self) -> torch.Tensor:
         """(R, H): log of the attention weights, softmax within each segment."""
+        if self.attn_log is not None:
+            return self.attn_log
         if self.attn_scores is None or self.attn_index is None:
             raise ValueError("this model has no attention")
         return segment_log_softmax(self.attn_scores, self.attn_index, self.n_segments)

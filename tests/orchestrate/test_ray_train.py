@@ -49,11 +49,21 @@ def test_injected_failure_resumes_from_checkpoint(local_ray, demo_data, tmp_path
     assert results["resumed_after_epoch"] == 1  # restarted from the epoch-1 checkpoint, not from scratch
     assert [row["epoch"] for row in results["history"]] == [0, 1, 2]
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # Ray runs workers with OMP_NUM_THREADS=1; match it for bitwise equality
-    try:
-        reference = fit(_cfg(demo_data, *overrides))
-    finally:
-        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == 1  # as in Ray workers (OMP_NUM_THREADS=1): bitwise-equal float sums
+    reference = fit(_cfg(demo_data, *overrides))
     assert metrics_only(results["history"]) == metrics_only(reference.history)
     assert results["test"] == reference.test
+
+
+def test_sweep_over_every_model(local_ray, demo_data, tmp_path):
+    from aem_dist.models import MODELS
+    from aem_dist.observe.tables import read_csv
+    from aem_dist.orchestrate.sweep import run_sweep
+
+    names = sorted(MODELS)
+    cfg = _cfg(demo_data, "scaling.num_workers=0", "train.epochs=1", "metrics.port=0", "metrics.grace_s=0", f"sweep.grid={{model.name: {names}}}")
+    run_sweep(cfg, str(tmp_path))
+    rows = read_csv(str(tmp_path / "trials.csv"))
+    assert sorted(r["model.name"] for r in rows) == names == sorted(MODELS)
+    assert all(r["status"] == "TERMINATED" and 0 <= r["test_auc"] <= 1 for r in rows), rows
+    assert {r["trial"] for r in rows} == {f"name={n}" for n in names}
