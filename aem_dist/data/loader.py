@@ -93,24 +93,31 @@ def read_split(root: str, manifest: Manifest, split: str, *, options: StorageOpt
         expected = {b.key: b for b in shard.bags}
         got: list[Bag] = []
         url = storage.join(root, shard.name)
+        duplicated: set[str] = set()
+        problems: list[BadSampleError] = []  # held back until the shard's sha256 is known
+
         try:
-            for bag in read_shard(url, dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=on_bad, expect=(shard.bytes, shard.sha256)):
+            for bag in read_shard(url, dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=problems.append, expect=(shard.bytes, shard.sha256)):
                 want = expected.get(bag.key)
                 if want is None:
-                    on_bad(BadSampleError("not_in_manifest", "bag is not listed in the manifest", shard=shard.name, key=bag.key))
-                    continue
-                if (want.label, want.n) != (bag.label, bag.n):
-                    on_bad(BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({want.label}, {want.n})", shard=shard.name, key=bag.key))
-                    continue
-                got.append(bag)
+                    problems.append(BadSampleError("not_in_manifest", "bag is not listed in the manifest", shard=shard.name, key=bag.key))
+                elif (want.label, want.n) != (bag.label, bag.n):
+                    problems.append(BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({want.label}, {want.n})", shard=shard.name, key=bag.key))
+                else:
+                    got.append(bag)
         except FileNotFoundError:
             on_bad(BadSampleError("missing_shard", f"shard listed in the manifest is missing at {storage.redact(url, options)}", shard=shard.name))
             continue
         except BadSampleError as err:
             if err.reason != "sha256_mismatch":
                 raise
+            on_bad(err)  # an unverified shard contributes nothing, and its inner problems are moot
+            continue
+        for err in problems:
+            if err.reason == "duplicate_key" and err.key:
+                duplicated.add(err.key)
             on_bad(err)
-            continue  # an unverified shard contributes nothing
+        got = [b for b in got if b.key not in duplicated]  # a duplicated key is rejected whole, first copy too
         if len(got) != shard.n_bags and on_bad.policy != "skip":
             raise BadSampleError("count_mismatch", f"read {len(got)} bags, manifest lists {shard.n_bags}", shard=shard.name)
         bags.extend(got)

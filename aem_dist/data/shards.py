@@ -205,6 +205,7 @@ class RawSample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
+    duplicate: bool = False  # a member name occurred twice: the sample is ambiguous
 
 
 def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
@@ -230,7 +231,8 @@ def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
                     current.unexpected.append(base)
                     continue
                 if ext in current.members:
-                    raise BadSampleError("duplicate_key", f"member {base!r} appears twice", shard=shard, key=key)
+                    current.duplicate = True  # rejected by the decoder; the stream goes on
+                    continue
                 data = tar.extractfile(info)
                 current.members[ext] = data.read() if data is not None else b""
             if current is not None:
@@ -287,6 +289,8 @@ def decode_sample(sample: RawSample, shard: str, *, dim: int | None, n_classes: 
     is not one we trust for the rest of the sample either.
     """
     key = sample.key
+    if sample.duplicate:
+        raise BadSampleError("duplicate_key", "a member of this key appears more than once in the shard", shard=shard, key=key)
     if sample.unexpected:
         raise BadSampleError("unexpected_member", f"unexpected members {sample.unexpected} (never decoded)", shard=shard, key=key)
     try:
