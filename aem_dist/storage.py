@@ -20,9 +20,11 @@ interrupted upload leaves nothing visible under the final key.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_TRANSIENT_ERRNOS = {None, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
 
 
 class StorageError(RuntimeError):
@@ -85,9 +88,11 @@ class StorageOptions:
                 "retries": {"max_attempts": max(1, self.attempts_per_request), "mode": "standard"},
             },
             "client_kwargs": {},
-            # A fresh instance per options set: fsspec's instance cache would otherwise hand one
-            # process's filesystem (with its event loop) to a forked DataLoader worker.
+            # Not fsspec's instance cache: it would hand one process's filesystem (with its event
+            # loop) to a forked DataLoader worker; open_fs keeps its own per-process cache instead.
             "skip_instance_cache": True,
+            # Listings written by other processes (Ray workers, other trials) must never look stale.
+            "use_listings_cache": False,
         }
         if self.endpoint_url:
             kwargs["endpoint_url"] = self.endpoint_url
@@ -123,13 +128,31 @@ def open_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.Abs
     options = options or StorageOptions.from_config()
     scheme = urlparse(str(url)).scheme
     if scheme in ("s3", "s3a"):
-        import s3fs
-
-        return s3fs.S3FileSystem(**options.s3_kwargs()), strip_scheme(url)
+        return _s3_filesystem(options), strip_scheme(url)
     if is_remote(url):
         fs, path = fsspec.core.url_to_fs(url)
         return fs, path
     return fsspec.filesystem("file"), os.path.abspath(strip_scheme(url))
+
+
+_S3_CLIENTS: dict[tuple[int, StorageOptions], Any] = {}
+_S3_LOCK = threading.Lock()
+
+
+def _s3_filesystem(options: StorageOptions) -> Any:
+    """One s3fs filesystem per (process, options): building a client costs ~0.15 s (service model,
+    session), which adds up over hundreds of shards. Keyed by pid so a forked DataLoader worker never
+    reuses its parent's client and event loop."""
+    import s3fs
+
+    key = (os.getpid(), options)
+    with _S3_LOCK:
+        fs = _S3_CLIENTS.get(key)
+        if fs is None:
+            if len(_S3_CLIENTS) > 32:
+                _S3_CLIENTS.clear()
+            fs = _S3_CLIENTS[key] = s3fs.S3FileSystem(**options.s3_kwargs())
+        return fs
 
 
 def join(url: str, *parts: str) -> str:
@@ -186,8 +209,9 @@ def is_transient(err: BaseException) -> bool:
     names = {type(e).__name__ for e in _chain(err)}
     if names & {"IncompleteRead", "ClientPayloadError", "ResponseParserError", "HTTPClientError", "ReadTimeoutError"}:
         return True
-    # s3fs maps 500/503 (InternalError, SlowDown, ServiceUnavailable) to a plain OSError with EREMOTEIO/EBUSY.
-    return type(err) is OSError
+    # s3fs maps 500/503 (InternalError, SlowDown, ServiceUnavailable) to a plain OSError with EREMOTEIO/EBUSY,
+    # and unknown server errors to EIO; EINVAL (bad range, bad bucket name) and the like are not transient.
+    return type(err) is OSError and err.errno in _TRANSIENT_ERRNOS
 
 
 def describe_error(err: BaseException, url: str, options: StorageOptions | None = None, action: str = "read") -> str:

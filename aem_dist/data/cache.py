@@ -119,25 +119,24 @@ class ShardCache:
         tmp_dir.mkdir(parents=True, exist_ok=True)
         tmp = tmp_dir / f"{sha256}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
         h = hashlib.sha256()
-        state = {"done": 0}
+        state: dict = {"done": 0, "size": None}
         try:
             with open(tmp, "wb") as out:
 
                 def copy_rest() -> None:
                     # Resumes at state['done'] after a transient failure: no byte is hashed twice.
+                    if state["size"] is None:
+                        state["size"] = int(fs.size(path))
+                        if state["size"] != nbytes:  # don't download what cannot verify
+                            raise BadSampleError("sha256_mismatch", f"shard is {state['size']} bytes, the manifest says {nbytes}", shard=name)
                     while state["done"] < nbytes:
                         end = min(state["done"] + CHUNK, nbytes)
                         block = fs.cat_file(path, start=state["done"], end=end)
                         if not block:
-                            break  # shorter than the manifest says: caught by the size check
+                            break  # shorter than its size said: caught by the checks below
                         out.write(block)
                         h.update(block)
                         state["done"] += len(block)
-                    if state["done"] == nbytes:  # longer than the manifest says?
-                        extra = fs.cat_file(path, start=nbytes, end=nbytes + 1)
-                        if extra:
-                            state["done"] += len(extra)
-                            h.update(extra)
 
                 try:
                     storage.with_retries(copy_rest, what=f"reading shard {url}", retries=self.retries, options=self.options)
