@@ -9,5 +9,6 @@ from __future__ import annotations
 from .app import app, main
 
 from . import core  # noqa: E402,F401  (registers commands)
+from . import data  # noqa: E402,F401  (ingest, verify)
 
 __all__ = ["app", "main"]

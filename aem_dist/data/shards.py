@@ -86,6 +86,7 @@ class DatasetWriter:
         self._done: dict[str, list[ShardEntry]] = defaultdict(list)
         self._keys: dict[str, str] = {}
         self.manifest: Manifest | None = None
+        storage.probe(self.root, options, write=True)  # wrong endpoint/key/bucket: fail before any work
         storage.makedirs(self.root, options)
 
     def add(self, split: str, bag: Bag) -> None:
@@ -133,6 +134,10 @@ class DatasetWriter:
     def abort(self) -> None:
         for split in list(self._open):
             shard = self._open.pop(split)
+            # The tar stream is abandoned, not closed: closing would write its end blocks into an
+            # upload that is being discarded (and its finaliser would try again later).
+            shard.tar.closed = True
+            shard.tar.fileobj.closed = True
             err = RuntimeError("dataset writing aborted")
             try:
                 shard.ctx.__exit__(type(err), err, None)
