@@ -14,6 +14,11 @@ they came from. A fill
 - evicts least-recently-used shards until the cache is under ``max_bytes`` (entries are touched on
   every use; readers that already opened an evicted file keep reading it, as POSIX allows).
 
+Durability without fsync: a verified entry gets a marker ``<sha256>.ok`` holding the kernel's boot id.
+Only an operating-system crash can lose written-but-unflushed pages, and that means a new boot; an
+entry whose marker names another boot is hashed again before it is trusted. So fills skip the
+``fsync`` that would halve their speed, and a crash can never make a damaged entry look verified.
+
 Local datasets are not copied: a shard on a local path is hashed once and a small marker
 ``<cache>/verified/<sha256>`` remembers (path, size, mtime) so later epochs skip the re-hash.
 """
@@ -44,6 +49,16 @@ def default_cache_dir() -> str:
     return os.path.join(tempfile.gettempdir(), "aem-dist-cache")
 
 
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+BOOT_ID = _boot_id()
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,11 +70,29 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def _hash_file(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+            n += len(block)
+    return h.hexdigest(), n
+
+
+def _mismatch(name: str, got_bytes: int, got_sha: str, nbytes: int, sha256: str) -> BadSampleError:
+    return BadSampleError(
+        "sha256_mismatch",
+        f"shard content does not match the manifest: {got_bytes} bytes, sha256 {got_sha[:16]}… (manifest: {nbytes} bytes, {sha256[:16]}…)",
+        shard=name,
+    )
+
+
 class ShardCache:
     """Verified local copies of shards (see module docstring).
 
     Args:
-        root: cache folder (node-local disk).
+        root: cache folder (node-local disk); default ``$TMPDIR/aem-dist-cache``.
         max_bytes: eviction bound; a single shard larger than it is still fetched (and logged).
         options: storage options for remote reads.
         retries: transient-failure retries per shard fill (exponential backoff 0.5 s … 8 s).
@@ -71,7 +104,7 @@ class ShardCache:
         self.options = options
         self.retries = int(retries)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.fills = 0  # shards this object downloaded (a bench and test hook)
+        self.fills = 0  # shards this object downloaded (bench and test hook)
         self.hits = 0
 
     def entry_path(self, sha256: str) -> Path:
@@ -100,13 +133,41 @@ class ShardCache:
         return sum(p.stat().st_size for p in self._entries())
 
     # -- remote shards --------------------------------------------------------------------------
+    def _trusted(self, final: Path, sha256: str, nbytes: int) -> bool:
+        """Is ``final`` a complete, verified entry (re-hashing it once if it predates this boot)?"""
+        try:
+            if final.stat().st_size != nbytes:
+                return False
+        except FileNotFoundError:
+            return False
+        marker = final.with_suffix(".ok")
+        with contextlib.suppress(OSError):
+            if BOOT_ID is not None and marker.read_text() == BOOT_ID:
+                return True
+        got, n = _hash_file(final)
+        if (got, n) != (sha256, nbytes):
+            log.warning("cache entry %s is damaged (written before a crash?); fetching it again", final.name)
+            with contextlib.suppress(FileNotFoundError):
+                final.unlink()
+            return False
+        self._mark(final)
+        return True
+
+    def _mark(self, final: Path) -> None:
+        if BOOT_ID is None:
+            return
+        marker = final.with_suffix(".ok")
+        tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex[:8]}")
+        tmp.write_text(BOOT_ID)
+        os.replace(tmp, marker)
+
     def _ensure(self, url: str, name: str, sha256: str, nbytes: int) -> Path:
         final = self.entry_path(sha256)
-        if final.exists():
+        if self._trusted(final, sha256, nbytes):
             self.hits += 1
             return final
         with _locked(self.root / "locks" / f"{sha256}.lock"):
-            if final.exists():  # another process filled it while we waited
+            if self._trusted(final, sha256, nbytes):  # another process filled it while we waited
                 self.hits += 1
                 return final
             self._fill(url, name, sha256, nbytes, final)
@@ -128,12 +189,11 @@ class ShardCache:
                     if state["size"] is None:
                         state["size"] = int(fs.size(path))
                         if state["size"] != nbytes:  # don't download what cannot verify
-                            raise BadSampleError("sha256_mismatch", f"shard is {state['size']} bytes, the manifest says {nbytes}", shard=name)
+                            raise _mismatch(name, state["size"], "(not read)", nbytes, sha256)
                     while state["done"] < nbytes:
-                        end = min(state["done"] + CHUNK, nbytes)
-                        block = fs.cat_file(path, start=state["done"], end=end)
+                        block = fs.cat_file(path, start=state["done"], end=min(state["done"] + CHUNK, nbytes))
                         if not block:
-                            break  # shorter than its size said: caught by the checks below
+                            break  # shorter than its size said: caught by the check below
                         out.write(block)
                         h.update(block)
                         state["done"] += len(block)
@@ -146,17 +206,15 @@ class ShardCache:
                     raise
                 except Exception as err:
                     raise StorageError(storage.describe_error(err, url, self.options) + f" (after {self.retries} retries)") from None
-                out.flush()
-                os.fsync(out.fileno())
+                if BOOT_ID is None:  # no boot id to detect a crash by: make the bytes durable instead
+                    out.flush()
+                    os.fsync(out.fileno())
             got = h.hexdigest()
             if state["done"] != nbytes or got != sha256:
-                raise BadSampleError(
-                    "sha256_mismatch",
-                    f"shard content does not match the manifest: {state['done']} bytes, sha256 {got[:16]}… (manifest: {nbytes} bytes, {sha256[:16]}…)",
-                    shard=name,
-                )
+                raise _mismatch(name, state["done"], got, nbytes, sha256)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, final)
+            self._mark(final)
             self.fills += 1
             log.debug("cached shard %s (%d bytes) as %s", name, nbytes, final)
         finally:
@@ -181,11 +239,12 @@ class ShardCache:
                 if p == keep:
                     continue
                 with contextlib.suppress(FileNotFoundError):
+                    p.with_suffix(".ok").unlink(missing_ok=True)
                     p.unlink()
                     total -= size
                     log.debug("evicted %s from the shard cache", p.name)
             if total > self.max_bytes:
-                log.warning("shard cache %s holds %d bytes, over its %d-byte bound (one shard is larger than the bound)", self.root, total, self.max_bytes)
+                log.warning("shard cache %s holds %d bytes, over its %d-byte bound (a shard is larger than the bound)", self.root, total, self.max_bytes)
 
     # -- local shards ---------------------------------------------------------------------------
     def _open_local(self, url: str, name: str, sha256: str, nbytes: int) -> IO[bytes]:
@@ -210,11 +269,7 @@ class ShardCache:
         got = h.hexdigest()
         if size != nbytes or got != sha256:
             f.close()
-            raise BadSampleError(
-                "sha256_mismatch",
-                f"shard content does not match the manifest: {size} bytes, sha256 {got[:16]}… (manifest: {nbytes} bytes, {sha256[:16]}…)",
-                shard=name,
-            )
+            raise _mismatch(name, size, got, nbytes, sha256)
         with contextlib.suppress(OSError):
             marker.parent.mkdir(parents=True, exist_ok=True)
             tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex[:8]}")
