@@ -27,6 +27,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,23 +91,65 @@ def train_rate(loader, manifest, epoch: int) -> tuple[float, int]:
     return stats["steps"] / (time.perf_counter() - t0), int(stats["steps"])
 
 
+def _status_kb(pid: int | str, field: str) -> int:
+    """A ``/proc/<pid>/status`` field in KiB (VmRSS: now; VmHWM: this process image's peak)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def probe_rss(url: str, cache: str, workers: int) -> dict:
-    """In a fresh process: one streamed train epoch; peak RSS of this process and of its workers."""
+    """In a fresh process: one streamed train epoch; peak RSS of this process and of its workers.
+
+    ru_maxrss would carry the launching process's peak across fork+exec, so the main process's peak
+    is VmHWM (reset by exec) and each DataLoader worker's RSS is sampled every 20 ms while it runs.
+    """
+    import threading
+
     opts = StorageOptions.from_config()
     manifest = load_manifest(url, opts)
     cfg = DataConfig(root=url, loader="stream", num_workers=workers, prefetch=4, cache_dir=cache, cache_max_gb=1.0)
     loader = open_stream(cfg, manifest, LoaderSpec("train", 0, 1, True, seed=0), opts)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_worker = {"kb": 0}
+    done = threading.Event()
+
+    def watch() -> None:
+        me = os.getpid()
+        while not done.wait(0.02):
+            for child in _children(me):
+                peak_worker["kb"] = max(peak_worker["kb"], _status_kb(child, "VmRSS"), _status_kb(child, "VmHWM"))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    base = _status_kb("self", "VmHWM") / 1024
     secs, bags, inst = data_pass(loader, 0)
+    done.set()
+    watcher.join()
     largest = max(b.n for b in manifest.split("train").bags())
     return {
         "bags": bags,
         "instances": inst,
         "seconds": secs,
         "largest_bag": largest,
-        "main_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "main_peak_mb": _status_kb("self", "VmHWM") / 1024,
         "main_before_mb": base,
-        "worker_peak_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 if workers else None,
+        "worker_peak_mb": peak_worker["kb"] / 1024 if workers else None,
         "dataset_mb": sum(s.bytes for e in manifest.splits.values() for s in e.shards) / MB,
         "train_mb": sum(s.bytes for s in manifest.split("train").shards) / MB,
     }
@@ -120,12 +163,49 @@ def run_probe(url: str, cache: str, workers: int, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def throughput_and_step_rate(res: dict, url: str, m, opts: StorageOptions, work: Path, rounds: int, train_bytes: int) -> None:
+    """Steps 1-3. The machine is shared and noisy, so every figure is the median of ``rounds``
+    interleaved repetitions; every cold measurement starts from an empty cache."""
+    med = statistics.median
+    res["raw_mb_s"] = med(n / MB / secs for secs, n in (raw_read(url, m, "train", opts) for _ in range(rounds)))
+    for workers in (0, 2):
+        rows = []
+        for r in range(rounds):
+            cache = str(work / f"cache-w{workers}-r{r}")
+            cold, bags, inst = data_pass(stream_loader(url, m, opts, cache, workers), 0)
+            warm, _, _ = data_pass(stream_loader(url, m, opts, cache, workers), 1)
+            rows.append((cold, warm, inst))
+            shutil.rmtree(cache, ignore_errors=True)
+        cold, warm, inst = med(r[0] for r in rows), med(r[1] for r in rows), rows[0][2]
+        res[f"stream_w{workers}"] = {"cold_mb_s": train_bytes / MB / cold, "warm_mb_s": train_bytes / MB / warm, "cold_s": cold, "warm_s": warm, "inst_s_cold": inst / cold}
+
+    # 2./3. training step rate: RAM vs stream (cold, warm), interleaved round by round
+    mem = open_memory(url, m, LoaderSpec("train", 0, 1, True, seed=0), opts)
+    rates: dict[str, list[float]] = {}
+    for r in range(rounds):
+        rate, steps = train_rate(mem, m, r)
+        rates.setdefault("ram", []).append(rate)
+        for workers in (0, 2):
+            cache = str(work / f"cache-train-w{workers}-r{r}")
+            loader = stream_loader(url, m, opts, cache, workers)
+            rates.setdefault(f"cold{workers}", []).append(train_rate(loader, m, r)[0])
+            rates.setdefault(f"warm{workers}", []).append(train_rate(loader, m, r + 1)[0])
+            shutil.rmtree(cache, ignore_errors=True)
+    del mem
+    res["ram_steps_s"] = med(rates["ram"])
+    for workers in (0, 2):
+        res[f"train_w{workers}"] = {"cold_steps_s": med(rates[f"cold{workers}"]), "warm_steps_s": med(rates[f"warm{workers}"])}
+    res["rates"] = rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--no-scale10", action="store_true", help="skip the 10x dataset RSS comparison")
     ap.add_argument("--shard-mb", type=int, default=32)
     ap.add_argument("--json", default="bench_stream.json")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--rounds", type=int, default=3, help="repetitions per measurement (medians are reported)")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS comparison (step 4)")
     ap.add_argument("--probe-rss")
     ap.add_argument("--probe-cache")
     ap.add_argument("--probe-workers", type=int, default=2)
@@ -143,7 +223,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="aem-bench-"))
     server = S3Server(binary, str(work / "s3"))
     server.start()
-    res: dict = {"machine": f"{os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"}
+    res: dict = {"rounds": args.rounds, "machine": f"{os.cpu_count()} cores, {platform.machine()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}"}
     try:
         opts = server.options()
         url = server.make_bucket("bench") + "/wsi-small"
@@ -154,34 +234,14 @@ def main() -> None:
         train_bytes = sum(s.bytes for s in m.split("train").shards)
         res["train_mb"] = train_bytes / MB
         res["train_shards"] = len(m.split("train").shards)
+        res["train_steps"] = m.split("train").n_bags
 
-        # 1. throughput: raw bytes vs the full pipeline (cold cache), then warm
-        secs, n = raw_read(url, m, "train", opts)
-        res["raw_mb_s"] = n / MB / secs
-        for workers in (0, 2):
-            cache = str(work / f"cache-w{workers}")
-            cold, bags, inst = data_pass(stream_loader(url, m, opts, cache, workers), 0)
-            warm, _, _ = data_pass(stream_loader(url, m, opts, cache, workers), 1)
-            res[f"stream_w{workers}"] = {"cold_mb_s": train_bytes / MB / cold, "warm_mb_s": train_bytes / MB / warm, "cold_s": cold, "warm_s": warm, "bags_s_cold": bags / cold, "inst_s_cold": inst / cold}
-
-        # 2./3. training step rate: RAM vs stream (cold, warm)
-        mem = open_memory(url, m, LoaderSpec("train", 0, 1, True, seed=0), opts)
-        res["ram_steps_s"], steps = train_rate(mem, m, 0)
-        res["ram_steps_s_2"], _ = train_rate(mem, m, 1)
-        del mem
-        for workers in (0, 2):
-            cache = str(work / f"cache-train-w{workers}")
-            loader = stream_loader(url, m, opts, cache, workers)
-            cold, _ = train_rate(loader, m, 0)
-            warm, _ = train_rate(loader, m, 1)
-            res[f"train_w{workers}"] = {"cold_steps_s": cold, "warm_steps_s": warm}
-        res["train_steps"] = steps
+        if not args.rss_only:
+            throughput_and_step_rate(res, url, m, opts, work, args.rounds, train_bytes)
 
         # 4. peak RSS: wsi-small vs 10x, fresh process each, cache bounded to 1 GiB
         env = server.env()
         res["rss_small"] = {str(w): run_probe(url, str(work / f"rss-small-{w}"), w, env) for w in (0, 2)}
-        shutil.rmtree(work / "cache-w0", ignore_errors=True)
-        shutil.rmtree(work / "cache-w2", ignore_errors=True)
         if not args.no_scale10:
             url10 = server.make_bucket("bench") + "/wsi-small-x10"
             t0 = time.perf_counter()
@@ -196,18 +256,19 @@ def main() -> None:
 
 
 def report(r: dict) -> str:
-    lines = [f"machine: {r['machine']}", f"wsi-small train split: {r['train_mb']:.0f} MiB in {r['train_shards']} shards, {r['train_steps']} bags", ""]
+    lines = [f"machine: {r['machine']}; medians of {r.get('rounds', 3)} rounds", f"wsi-small train split: {r['train_mb']:.0f} MiB in {r['train_shards']} shards, {r['train_steps']} bags", ""]
     lines += ["| measurement | value | ratio |", "|---|---|---|"]
-    lines.append(f"| raw byte read from SeaweedFS (plain GETs) | {r['raw_mb_s']:.0f} MiB/s | 1.00 |")
-    for w in (0, 2):
-        s = r[f"stream_w{w}"]
-        lines.append(f"| stream, num_workers={w}, cold cache (fetch+sha256+decode+pack) | {s['cold_mb_s']:.0f} MiB/s ({s['inst_s_cold'] / 1e3:.0f}k inst/s) | {s['cold_mb_s'] / r['raw_mb_s']:.2f} |")
-        lines.append(f"| stream, num_workers={w}, warm cache (epoch 2) | {s['warm_mb_s']:.0f} MiB/s | {s['warm_mb_s'] / r['raw_mb_s']:.2f} |")
-    lines.append(f"| train steps/s from RAM (in-memory loader) | {r['ram_steps_s']:.1f} (epoch 2: {r['ram_steps_s_2']:.1f}) | 1.00 |")
-    for w in (0, 2):
-        t = r[f"train_w{w}"]
-        lines.append(f"| train steps/s streaming from S3, num_workers={w}, epoch 1 (cold) | {t['cold_steps_s']:.1f} | {t['cold_steps_s'] / r['ram_steps_s']:.2f} |")
-        lines.append(f"| train steps/s streaming from S3, num_workers={w}, epoch 2 (cache) | {t['warm_steps_s']:.1f} | {t['warm_steps_s'] / r['ram_steps_s_2']:.2f} |")
+    if "raw_mb_s" in r:
+        lines.append(f"| raw byte read from SeaweedFS (plain GETs) | {r['raw_mb_s']:.0f} MiB/s | 1.00 |")
+        for w in (0, 2):
+            s = r[f"stream_w{w}"]
+            lines.append(f"| stream, num_workers={w}, cold cache (fetch+sha256+decode+pack) | {s['cold_mb_s']:.0f} MiB/s ({s['inst_s_cold'] / 1e3:.0f}k inst/s) | {s['cold_mb_s'] / r['raw_mb_s']:.2f} |")
+            lines.append(f"| stream, num_workers={w}, warm cache (epoch 2) | {s['warm_mb_s']:.0f} MiB/s | {s['warm_mb_s'] / r['raw_mb_s']:.2f} |")
+        lines.append(f"| train steps/s from RAM (in-memory loader) | {r['ram_steps_s']:.1f} | 1.00 |")
+        for w in (0, 2):
+            t = r[f"train_w{w}"]
+            lines.append(f"| train steps/s streaming from S3, num_workers={w}, epoch 1 (cold) | {t['cold_steps_s']:.1f} | {t['cold_steps_s'] / r['ram_steps_s']:.2f} |")
+            lines.append(f"| train steps/s streaming from S3, num_workers={w}, epoch 2 (cache) | {t['warm_steps_s']:.1f} | {t['warm_steps_s'] / r['ram_steps_s']:.2f} |")
     if "rss_x10" in r:
         for w in ("0", "2"):
             a, b = r["rss_small"][w], r["rss_x10"][w]
