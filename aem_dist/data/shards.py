@@ -396,8 +396,8 @@ class TarIndex:
         if key in self.duplicates:
             raise BadSampleError("duplicate_key", "key appears more than once in the shard", shard=self.shard, key=key)
         if key not in self.members and key not in self.unexpected:
-            if self.cut is not None:
-                raise self.cut
+            if self.cut is not None:  # lost to the cut
+                raise BadSampleError(self.cut.reason, self.cut.message, shard=self.shard, key=key)
             raise BadSampleError("not_in_shard", "the manifest lists this bag but the shard does not hold it", shard=self.shard, key=key)
         sample = RawSample(key, unexpected=list(self.unexpected.get(key, [])))
         for ext, (offset, size) in self.members.get(key, {}).items():

@@ -122,33 +122,32 @@ def fetch_shards(batches: Iterable[Batch], src: StreamSource) -> Iterator[tuple[
     cache = ShardCache(src.cache_dir, src.cache_max_bytes, src.options, src.retries)
     pending: dict[int, Future] = {}
     open_: dict[int, OpenShard] = {}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-fetch") as pool:
-        try:
-            nxt = 0
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-fetch")
+    nxt = 0
 
-            def ahead(upto: int) -> None:
-                nonlocal nxt
-                while nxt < len(order) and nxt <= upto:
-                    pending[order[nxt]] = pool.submit(_open_shard, cache, src, order[nxt])
-                    nxt += 1
+    def ahead(upto: int) -> None:
+        nonlocal nxt
+        while nxt < len(order) and nxt <= upto:
+            pending[order[nxt]] = pool.submit(_open_shard, cache, src, order[nxt])
+            nxt += 1
 
-            for i, batch in enumerate(batches):
-                for ref in batch:
-                    if ref.shard not in open_:
-                        pos = order.index(ref.shard)
-                        ahead(pos + src.lookahead)
-                        open_[ref.shard] = pending.pop(ref.shard).result()
-                yield batch, open_
-                for s in [s for s in open_ if last_use[s] <= i]:
-                    shard = open_.pop(s)
-                    if shard.file is not None:
-                        shard.file.close()
-        finally:
-            for fut in pending.values():
-                fut.cancel()
-            for shard in open_.values():
+    try:
+        for i, batch in enumerate(batches):
+            for ref in batch:
+                if ref.shard not in open_:
+                    ahead(order.index(ref.shard) + src.lookahead)
+                    open_[ref.shard] = pending.pop(ref.shard).result()
+            yield batch, open_
+            for s in [s for s in open_ if last_use[s] <= i]:
+                shard = open_.pop(s)
                 if shard.file is not None:
                     shard.file.close()
+    finally:
+        # An early stop must not wait for a fetch in flight (it may be retrying a dead server).
+        pool.shutdown(wait=False, cancel_futures=True)
+        for shard in open_.values():
+            if shard.file is not None:
+                shard.file.close()
 
 
 def read_bags(items: Iterable[tuple[Batch, dict[int, OpenShard]]], src: StreamSource) -> Iterator[tuple[list[Bag], list[Skip], list[tuple[str, str]]]]:
