@@ -5,6 +5,12 @@ on any S3-compatible endpoint. Endpoint and credentials come from the ``storage`
 the standard AWS environment variables, and never leave this module in printable form: use
 :func:`redact` on anything that might carry them.
 
+Failures: every S3 request has a connect and read timeout and a small number of botocore attempts
+(``attempts_per_request``), so an unreachable endpoint or a wrong key fails in seconds with a
+:class:`StorageError` that says what is wrong and where to fix it (redacted). Longer, bounded retries
+with exponential backoff (:func:`with_retries`, ``retries``) are for reads in the middle of a run, where
+a failure is more likely a restarting server than a misconfiguration.
+
 Atomicity: on a local filesystem a file is written under a temporary name in the same folder and
 renamed into place (``os.replace`` is atomic on POSIX). On S3 an object becomes visible only when its
 upload completes (single PUT or multipart completion), so the upload itself is the commit; an
@@ -14,16 +20,24 @@ interrupted upload leaves nothing visible under the final key.
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
+import threading
+import time
 import uuid
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator
+from typing import IO, Any, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import fsspec
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_TRANSIENT_ERRNOS = {None, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
 
 
 class StorageError(RuntimeError):
@@ -41,7 +55,8 @@ class StorageOptions:
     region: str | None = None
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 60.0
-    retries: int = 5
+    retries: int = 5  # app-level retries with backoff for reads during a run (see with_retries)
+    attempts_per_request: int = 2  # botocore attempts per request: small, so misconfiguration fails fast
 
     @classmethod
     def from_config(cls, section: Any = None, retries: int | None = None) -> "StorageOptions":
@@ -70,12 +85,14 @@ class StorageOptions:
             "config_kwargs": {
                 "connect_timeout": self.connect_timeout_s,
                 "read_timeout": self.read_timeout_s,
-                "retries": {"max_attempts": max(1, self.retries), "mode": "standard"},
+                "retries": {"max_attempts": max(1, self.attempts_per_request), "mode": "standard"},
             },
             "client_kwargs": {},
-            # A fresh instance per options set: fsspec's instance cache would otherwise hand one
-            # process's filesystem (with its event loop) to a forked DataLoader worker.
+            # Not fsspec's instance cache: it would hand one process's filesystem (with its event
+            # loop) to a forked DataLoader worker; open_fs keeps its own per-process cache instead.
             "skip_instance_cache": True,
+            # Listings written by other processes (Ray workers, other trials) must never look stale.
+            "use_listings_cache": False,
         }
         if self.endpoint_url:
             kwargs["endpoint_url"] = self.endpoint_url
@@ -111,13 +128,31 @@ def open_fs(url: str, options: StorageOptions | None = None) -> tuple[fsspec.Abs
     options = options or StorageOptions.from_config()
     scheme = urlparse(str(url)).scheme
     if scheme in ("s3", "s3a"):
-        import s3fs
-
-        return s3fs.S3FileSystem(**options.s3_kwargs()), strip_scheme(url)
+        return _s3_filesystem(options), strip_scheme(url)
     if is_remote(url):
         fs, path = fsspec.core.url_to_fs(url)
         return fs, path
     return fsspec.filesystem("file"), os.path.abspath(strip_scheme(url))
+
+
+_S3_CLIENTS: dict[tuple[int, StorageOptions], Any] = {}
+_S3_LOCK = threading.Lock()
+
+
+def _s3_filesystem(options: StorageOptions) -> Any:
+    """One s3fs filesystem per (process, options): building a client costs ~0.15 s (service model,
+    session), which adds up over hundreds of shards. Keyed by pid so a forked DataLoader worker never
+    reuses its parent's client and event loop."""
+    import s3fs
+
+    key = (os.getpid(), options)
+    with _S3_LOCK:
+        fs = _S3_CLIENTS.get(key)
+        if fs is None:
+            if len(_S3_CLIENTS) > 32:
+                _S3_CLIENTS.clear()
+            fs = _S3_CLIENTS[key] = s3fs.S3FileSystem(**options.s3_kwargs())
+        return fs
 
 
 def join(url: str, *parts: str) -> str:
@@ -144,15 +179,121 @@ def exists(url: str, options: StorageOptions | None = None) -> bool:
     return fs.exists(path)
 
 
-def read_bytes(url: str, options: StorageOptions | None = None) -> bytes:
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    e: BaseException | None = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _is_connect_error(err: BaseException) -> bool:
+    for e in _chain(err):
+        name = type(e).__name__
+        if isinstance(e, ConnectionError) or name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError", "ConnectionClosedError", "ProxyConnectionError"):
+            return True
+    return False
+
+
+def _is_timeout(err: BaseException) -> bool:
+    return any(isinstance(e, TimeoutError) or type(e).__name__ in ("ReadTimeoutError", "FSTimeoutError", "ConnectTimeoutError") for e in _chain(err))
+
+
+def is_transient(err: BaseException) -> bool:
+    """Worth retrying: connection refused/reset, timeouts, 5xx, cut responses. Not: auth, missing keys."""
+    if isinstance(err, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError, StorageError)):
+        return False
+    if _is_connect_error(err) or _is_timeout(err):
+        return True
+    names = {type(e).__name__ for e in _chain(err)}
+    if names & {"IncompleteRead", "ClientPayloadError", "ResponseParserError", "HTTPClientError", "ReadTimeoutError"}:
+        return True
+    # s3fs maps 500/503 (InternalError, SlowDown, ServiceUnavailable) to a plain OSError with EREMOTEIO/EBUSY,
+    # and unknown server errors to EIO; EINVAL (bad range, bad bucket name) and the like are not transient.
+    return type(err) is OSError and err.errno in _TRANSIENT_ERRNOS
+
+
+def describe_error(err: BaseException, url: str, options: StorageOptions | None = None, action: str = "read") -> str:
+    """A one-line, redacted explanation of a storage failure that says what to check."""
+    where = redact(url, options)
+    endpoint = (options.endpoint_url if options else None) or "the default AWS endpoint"
+    if isinstance(err, PermissionError):
+        hint = "check the access key and secret (storage.key/storage.secret or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the bucket policy"
+        text = f"access denied to {action} {where} at {endpoint}: {err}; {hint}"
+    elif _is_connect_error(err):
+        text = f"cannot connect to object storage at {endpoint} to {action} {where}: {type(err).__name__}: {err}; check storage.endpoint_url / AWS_ENDPOINT_URL_S3 and that the server is up"
+    elif _is_timeout(err):
+        text = f"object storage at {endpoint} timed out while trying to {action} {where}: {type(err).__name__}: {err}"
+    elif isinstance(err, FileNotFoundError):
+        text = f"{where} not found (or its bucket does not exist): {err}"
+    else:
+        text = f"cannot {action} {where}: {type(err).__name__}: {err}"
+    return redact(text, options)
+
+
+def with_retries(
+    fn: Callable[[], T],
+    *,
+    what: str,
+    retries: int,
+    backoff_s: float = 0.5,
+    max_backoff_s: float = 8.0,
+    sleep: Callable[[float], None] = time.sleep,
+    options: StorageOptions | None = None,
+) -> T:
+    """Call ``fn``; on a transient error (see :func:`is_transient`) wait 0.5, 1, 2, 4, 8, 8 … s and try
+    again, at most ``retries`` more times. Other errors, and the last transient one, propagate."""
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            if attempt >= retries or not is_transient(err):
+                raise
+            delay = min(max_backoff_s, backoff_s * 2**attempt)
+            attempt += 1
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", redact(what, options), redact(f"{type(err).__name__}: {err}", options), attempt, retries, delay)
+            sleep(delay)
+
+
+def read_bytes(url: str, options: StorageOptions | None = None, retries: int = 0) -> bytes:
+    """The whole object at ``url``. Raises FileNotFoundError, or StorageError (redacted, with a hint)."""
     fs, path = open_fs(url, options)
-    try:
+
+    def read() -> bytes:
         with fs.open(path, "rb") as f:
             return f.read()
+
+    try:
+        return with_retries(read, what=f"reading {url}", retries=retries, options=options)
     except FileNotFoundError:
         raise
     except Exception as err:  # network, auth: say where, never with credentials
-        raise StorageError(redact(f"cannot read {url}: {type(err).__name__}: {err}", options)) from None
+        raise StorageError(describe_error(err, url, options)) from None
+
+
+def probe(url: str, options: StorageOptions | None = None, write: bool = False) -> None:
+    """Fail fast (seconds) when ``url``'s endpoint is unreachable, the credentials are wrong or the bucket
+    is missing, before any long job starts. ``write`` also checks that an object can be created there."""
+    if not is_remote(url):
+        return
+    fs, path = open_fs(url, options)
+    bucket = path.split("/", 1)[0]
+    try:
+        if hasattr(fs, "call_s3"):  # s3fs: HEAD the bucket (its exists() swallows auth and network errors)
+            try:
+                fs.call_s3("head_bucket", Bucket=bucket)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"bucket {bucket!r} does not exist") from None
+        elif not fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist")
+        if write:
+            probe_key = f"{path.rstrip('/')}/.aem-dist-probe-{uuid.uuid4().hex}"
+            fs.pipe_file(probe_key, b"")
+            fs.rm_file(probe_key)
+    except Exception as err:
+        raise StorageError(describe_error(err, url, options, "write to" if write else "read")) from None
 
 
 def makedirs(url: str, options: StorageOptions | None = None) -> None:
@@ -161,21 +302,33 @@ def makedirs(url: str, options: StorageOptions | None = None) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+def _discard(f: Any) -> None:
+    """Abort an unfinished upload: nothing becomes visible, and the file object never retries it."""
+    with contextlib.suppress(Exception):
+        f.discard()  # aborts a multipart upload
+    f.closed = True  # else its finaliser would try to upload the discarded buffer
+
+
 @contextlib.contextmanager
 def atomic_open(url: str, options: StorageOptions | None = None) -> Iterator[IO[bytes]]:
     """Open ``url`` for binary writing; the file appears under its name only if the block succeeds."""
     fs, path = open_fs(url, options)
     if is_remote(url):
         # The object becomes visible only when the upload completes; on error s3fs aborts the upload.
-        f = fs.open(path, "wb")
+        try:
+            f = fs.open(path, "wb")
+        except Exception as err:
+            raise StorageError(describe_error(err, url, options, "write")) from None
         try:
             yield f
         except BaseException:
-            with contextlib.suppress(Exception):
-                f.discard()  # aborts a multipart upload; nothing becomes visible
+            _discard(f)
             raise
-        else:
+        try:
             f.close()
+        except Exception as err:
+            _discard(f)
+            raise StorageError(describe_error(err, url, options, "write")) from None
         return
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -200,9 +353,44 @@ def atomic_write_text(url: str, text: str, options: StorageOptions | None = None
     atomic_write_bytes(url, text.encode("utf-8"), options)
 
 
-def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> tuple[Any, str]:
-    """What Ray's ``RunConfig(storage_path=..., storage_filesystem=...)`` needs for ``url``
-    (placeholder: local paths only until the object-storage work lands)."""
-    if is_remote(url):
-        raise StorageError("remote storage for Ray checkpoints is not available yet")
-    return None, os.path.abspath(strip_scheme(url))
+def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> tuple["pyarrow.fs.FileSystem | None", str]:  # noqa: F821
+    """What Ray's ``RunConfig(storage_path=..., storage_filesystem=...)`` needs for ``url``.
+
+    - a plain path or ``file://`` URL → ``(None, absolute path)``: Ray's own local handling;
+    - ``s3://bucket/prefix`` → ``(pyarrow.fs.S3FileSystem(endpoint_override=..., timeouts, retries), "bucket/prefix")``,
+      with the endpoint, region and credentials of ``options`` (config or AWS variables), so checkpoints go
+      to any S3-compatible server (MinIO, SeaweedFS, Ceph) and not only to AWS;
+    - any other fsspec URL (``gs://``, ``memory://`` …) → ``(PyFileSystem(FSSpecHandler(fs)), path)``.
+
+    The returned filesystem holds the credentials (Ray pickles it to ship it to workers); never log it.
+    """
+    import pyarrow.fs as pafs
+
+    options = options or StorageOptions.from_config()
+    url = str(url)
+    if not is_remote(url):
+        return None, os.path.abspath(strip_scheme(url))
+    scheme = urlparse(url).scheme
+    path = strip_scheme(url).rstrip("/")
+    if scheme in ("s3", "s3a"):
+        kwargs: dict[str, Any] = {
+            "connect_timeout": options.connect_timeout_s,
+            "request_timeout": options.read_timeout_s,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=max(1, options.retries)),
+        }
+        if options.endpoint_url:
+            kwargs["endpoint_override"] = options.endpoint_url
+            if urlparse(options.endpoint_url).scheme == "http":
+                kwargs["scheme"] = "http"
+        # A custom endpoint has no region discovery; S3-compatible servers accept the default one.
+        region = options.region or ("us-east-1" if options.endpoint_url else None)
+        if region:
+            kwargs["region"] = region
+        if options.key and options.secret:
+            kwargs["access_key"] = options.key
+            kwargs["secret_key"] = options.secret
+            if options.token:
+                kwargs["session_token"] = options.token
+        return pafs.S3FileSystem(**kwargs), path
+    fs, fs_path = open_fs(url, options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs_path

@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from .app import app, main
 
-from . import core, observe, sweep  # noqa: E402,F401  (registers commands)
+from . import core, data, observe, sweep  # noqa: E402,F401  (registers commands)
 
 __all__ = ["app", "main"]

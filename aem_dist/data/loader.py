@@ -57,38 +57,70 @@ class SplitLoader(Protocol):
 
 @dataclass
 class SkipCounter:
-    """Bad-sample policy: raise (``error``) or count by reason and go on (``skip``)."""
+    """Bad-sample policy: raise (``error``) or count by reason and go on (``skip``).
+
+    Counts are of distinct problems — (reason, shard, key) — so a bad bag met again in a later
+    epoch (the streaming loader re-reads every epoch) is counted and logged once.
+    """
 
     policy: str = "error"
     counts: Counter = field(default_factory=Counter)
+    seen: set = field(default_factory=set)
 
     def __call__(self, err: BadSampleError) -> None:
         if self.policy != "skip":
             raise err
-        self.counts[err.reason] += 1
-        log.warning("skipping bad sample: %s", err)
+        self.record(err.reason, err.shard, err.key, str(err))
+
+    def record(self, reason: str, shard: str | None, key: str | None, message: str = "") -> bool:
+        """Count one skipped problem; False if it was already counted."""
+        ident = (reason, shard, key)
+        if ident in self.seen:
+            return False
+        self.seen.add(ident)
+        self.counts[reason] += 1
+        log.warning("skipping bad sample: %s", message or f"shard {shard}, key {key!r} [{reason}]")
+        return True
 
 
 def read_split(root: str, manifest: Manifest, split: str, *, options: StorageOptions | None = None, on_bad: SkipCounter | None = None) -> list[Bag]:
-    """Every bag of ``split`` in manifest order, validated against the manifest."""
+    """Every bag of ``split`` in manifest order, validated against the manifest (including each
+    shard's size and sha256: a shard that does not match is rejected whole)."""
     on_bad = on_bad or SkipCounter()
     entry = manifest.split(split)
     bags: list[Bag] = []
     for shard in entry.shards:
         expected = {b.key: b for b in shard.bags}
-        got = 0
-        for bag in read_shard(storage.join(root, shard.name), dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=on_bad):
-            want = expected.get(bag.key)
-            if want is None:
-                on_bad(BadSampleError("not_in_manifest", "bag is not listed in the manifest", shard=shard.name, key=bag.key))
-                continue
-            if (want.label, want.n) != (bag.label, bag.n):
-                on_bad(BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({want.label}, {want.n})", shard=shard.name, key=bag.key))
-                continue
-            bags.append(bag)
-            got += 1
-        if got != shard.n_bags and on_bad.policy != "skip":
-            raise BadSampleError("count_mismatch", f"read {got} bags, manifest lists {shard.n_bags}", shard=shard.name)
+        got: list[Bag] = []
+        url = storage.join(root, shard.name)
+        duplicated: set[str] = set()
+        problems: list[BadSampleError] = []  # held back until the shard's sha256 is known
+
+        try:
+            for bag in read_shard(url, dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=problems.append, expect=(shard.bytes, shard.sha256)):
+                want = expected.get(bag.key)
+                if want is None:
+                    problems.append(BadSampleError("not_in_manifest", "bag is not listed in the manifest", shard=shard.name, key=bag.key))
+                elif (want.label, want.n) != (bag.label, bag.n):
+                    problems.append(BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({want.label}, {want.n})", shard=shard.name, key=bag.key))
+                else:
+                    got.append(bag)
+        except FileNotFoundError:
+            on_bad(BadSampleError("missing_shard", f"shard listed in the manifest is missing at {storage.redact(url, options)}", shard=shard.name))
+            continue
+        except BadSampleError as err:
+            if err.reason != "sha256_mismatch":
+                raise
+            on_bad(err)  # an unverified shard contributes nothing, and its inner problems are moot
+            continue
+        for err in problems:
+            if err.reason == "duplicate_key" and err.key:
+                duplicated.add(err.key)
+            on_bad(err)
+        got = [b for b in got if b.key not in duplicated]  # a duplicated key is rejected whole, first copy too
+        if len(got) != shard.n_bags and on_bad.policy != "skip":
+            raise BadSampleError("count_mismatch", f"read {len(got)} bags, manifest lists {shard.n_bags}", shard=shard.name)
+        bags.extend(got)
     return bags
 
 

@@ -86,6 +86,7 @@ class DatasetWriter:
         self._done: dict[str, list[ShardEntry]] = defaultdict(list)
         self._keys: dict[str, str] = {}
         self.manifest: Manifest | None = None
+        storage.probe(self.root, options, write=True)  # wrong endpoint/key/bucket: fail before any work
         storage.makedirs(self.root, options)
 
     def add(self, split: str, bag: Bag) -> None:
@@ -133,10 +134,10 @@ class DatasetWriter:
     def abort(self) -> None:
         for split in list(self._open):
             shard = self._open.pop(split)
-            # Mark the tar stream closed without flushing its end-of-archive blocks: the temp file
-            # is being thrown away, and a later flush from tarfile's __del__ would hit a closed file.
-            shard.tar.fileobj.closed = True
+            # The tar stream is abandoned, not closed: closing would write its end blocks into an
+            # upload that is being discarded (and its finaliser would try again later).
             shard.tar.closed = True
+            shard.tar.fileobj.closed = True
             err = RuntimeError("dataset writing aborted")
             try:
                 shard.ctx.__exit__(type(err), err, None)
@@ -209,6 +210,7 @@ class RawSample:
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
     unexpected: list[str] = field(default_factory=list)
+    duplicate: bool = False  # a member name occurred twice: the sample is ambiguous
 
 
 def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
@@ -234,7 +236,8 @@ def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
                     current.unexpected.append(base)
                     continue
                 if ext in current.members:
-                    raise BadSampleError("duplicate_key", f"member {base!r} appears twice", shard=shard, key=key)
+                    current.duplicate = True  # rejected by the decoder; the stream goes on
+                    continue
                 data = tar.extractfile(info)
                 current.members[ext] = data.read() if data is not None else b""
             if current is not None:
@@ -261,12 +264,7 @@ def decode_shard(
     n_classes: int | None,
     on_bad: OnBad = raise_bad,
 ) -> Iterator[Bag]:
-    """Decode samples of one shard into bags, sending every problem to ``on_bad``.
-
-    A sample carrying members other than feats/coords/json (a pickle, a torch file) is rejected
-    whole as ``unexpected_member``: we never read those members, and a writer that put them there
-    is not one we trust for the rest of the sample either.
-    """
+    """Decode samples of one shard into bags (see :func:`decode_sample`), sending every problem to ``on_bad``."""
     seen: set[str] = set()
     it = iter(samples)
     while True:
@@ -282,26 +280,85 @@ def decode_shard(
             on_bad(BadSampleError("duplicate_key", "key appears twice in the shard", shard=shard, key=key))
             continue
         seen.add(key)
-        if sample.unexpected:
-            on_bad(BadSampleError("unexpected_member", f"unexpected members {sample.unexpected} (never decoded)", shard=shard, key=key))
-            continue
         try:
-            bag = decode_bag(sample.members, dim=dim, n_classes=n_classes)
+            yield decode_sample(sample, shard, dim=dim, n_classes=n_classes)
         except BadSampleError as err:
-            on_bad(err.located(shard=shard, key=key))
-            continue
-        if bag.key != key:
-            on_bad(BadSampleError("key_mismatch", f"key does not match slide_id {bag.slide_id!r}", shard=shard, key=key))
-            continue
-        yield bag
+            on_bad(err)
 
 
-def read_shard(url: str, *, dim: int | None, n_classes: int | None, options: StorageOptions | None = None, on_bad: OnBad = raise_bad) -> Iterator[Bag]:
-    """Stream one shard from storage and yield its validated bags."""
+def decode_sample(sample: RawSample, shard: str, *, dim: int | None, n_classes: int | None) -> Bag:
+    """Validate and decode one sample of ``shard``; raises BadSampleError naming shard and key.
+
+    A sample carrying members other than feats/coords/json (a pickle, a torch file) is rejected
+    whole as ``unexpected_member``: we never read those members, and a writer that put them there
+    is not one we trust for the rest of the sample either.
+    """
+    key = sample.key
+    if sample.duplicate:
+        raise BadSampleError("duplicate_key", "a member of this key appears more than once in the shard", shard=shard, key=key)
+    if sample.unexpected:
+        raise BadSampleError("unexpected_member", f"unexpected members {sample.unexpected} (never decoded)", shard=shard, key=key)
+    try:
+        bag = decode_bag(sample.members, dim=dim, n_classes=n_classes)
+    except BadSampleError as err:
+        raise err.located(shard=shard, key=key) from None
+    if bag.key != key:
+        raise BadSampleError("key_mismatch", f"key does not match slide_id {bag.slide_id!r}", shard=shard, key=key)
+    return bag
+
+
+class _HashingReader(io.RawIOBase):
+    """Read-through wrapper that hashes and counts what is read."""
+
+    def __init__(self, f: IO[bytes]):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.nbytes = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._f.read(len(b))
+        n = len(data)
+        b[:n] = data
+        self.sha256.update(data)
+        self.nbytes += n
+        return n
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def read_shard(
+    url: str,
+    *,
+    dim: int | None,
+    n_classes: int | None,
+    options: StorageOptions | None = None,
+    on_bad: OnBad = raise_bad,
+    expect: tuple[int, str] | None = None,
+) -> Iterator[Bag]:
+    """Stream one shard from storage and yield its validated bags.
+
+    With ``expect=(bytes, sha256)`` the shard is hashed while it is read and, after the last bag,
+    BadSampleError('sha256_mismatch') is raised if it differs (callers keep the bags only then).
+    """
     fs, path = storage.open_fs(url, options)
     name = url.rsplit("/", 1)[-1]
     with fs.open(path, "rb") as f:
-        yield from decode_shard(iter_tar_samples(f, name), name, dim=dim, n_classes=n_classes, on_bad=on_bad)
+        reader = _HashingReader(f)
+        yield from decode_shard(iter_tar_samples(io.BufferedReader(reader, 1 << 20), name), name, dim=dim, n_classes=n_classes, on_bad=on_bad)
+        if expect is not None:
+            reader.drain()
+            got = reader.sha256.hexdigest()
+            if (reader.nbytes, got) != (expect[0], expect[1]):
+                raise BadSampleError(
+                    "sha256_mismatch",
+                    f"shard content does not match the manifest: {reader.nbytes} bytes, sha256 {got[:16]}… (manifest: {expect[0]} bytes, {expect[1][:16]}…)",
+                    shard=name,
+                )
 
 
 def sha256_of(url: str, options: StorageOptions | None = None, chunk: int = 8 << 20) -> tuple[str, int]:
@@ -316,3 +373,85 @@ def sha256_of(url: str, options: StorageOptions | None = None, chunk: int = 8 <<
             h.update(block)
             n += len(block)
     return h.hexdigest(), n
+
+
+# --- random access (the streaming loader reads verified local copies) ---------------------------
+
+
+@dataclass
+class TarIndex:
+    """Where each sample's members lie in a seekable tar; built from headers alone (no member data read).
+
+    ``cut`` is set when the archive is truncated or corrupt: samples at or after the cut are absent.
+    """
+
+    shard: str
+    members: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)  # key → ext → (offset, size)
+    unexpected: dict[str, list[str]] = field(default_factory=dict)
+    duplicates: set[str] = field(default_factory=set)
+    cut: BadSampleError | None = None
+
+    def read(self, f: IO[bytes], key: str) -> RawSample:
+        """The expected members of ``key`` (nothing else is read). Raises BadSampleError."""
+        if key in self.duplicates:
+            raise BadSampleError("duplicate_key", "key appears more than once in the shard", shard=self.shard, key=key)
+        if key not in self.members and key not in self.unexpected:
+            if self.cut is not None:  # lost to the cut
+                raise BadSampleError(self.cut.reason, self.cut.message, shard=self.shard, key=key)
+            raise BadSampleError("not_in_shard", "the manifest lists this bag but the shard does not hold it", shard=self.shard, key=key)
+        sample = RawSample(key, unexpected=list(self.unexpected.get(key, [])))
+        for ext, (offset, size) in self.members.get(key, {}).items():
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != size:
+                raise BadSampleError("truncated_tar", f"member {key}.{ext} is cut short", shard=self.shard, key=key)
+            sample.members[ext] = data
+        return sample
+
+
+def index_tar(f: IO[bytes], shard: str) -> TarIndex:
+    """Index a seekable tar by reading its headers only; detects cut and corrupt archives."""
+    index = TarIndex(shard)
+    f.seek(0, 2)
+    size = f.tell()
+    f.seek(0)
+    seen_keys: list[str] = []
+    key: str | None = None
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = info.name.rsplit("/", 1)[-1]
+            key, _, ext = base.partition(".")
+            if info.offset_data + info.size > size:
+                index.cut = BadSampleError("truncated_tar", f"tar is cut inside member {base!r}", shard=shard, key=key)
+                index.members.pop(key, None)  # an incomplete sample is not a sample
+                index.unexpected.pop(key, None)
+                break
+            if not seen_keys or seen_keys[-1] != key:
+                if key in index.members or key in index.unexpected:
+                    index.duplicates.add(key)  # the same key in two places
+                seen_keys.append(key)
+            if ext not in MEMBERS:
+                index.unexpected.setdefault(key, []).append(base)
+                continue
+            slot = index.members.setdefault(key, {})
+            if ext in slot:
+                index.duplicates.add(key)
+            slot[ext] = (info.offset_data, info.size)
+        else:
+            # tarfile stops quietly at a header it cannot parse; a well-formed archive ends in zero blocks.
+            f.seek(tar.offset)
+            tail = f.read(512)
+            if len(tail) < 512 or tail.strip(b"\0"):
+                index.cut = BadSampleError("truncated_tar", f"tar is cut or corrupt after byte {tar.offset} (no end-of-archive marker)", shard=shard, key=key)
+                # The last sample may have lost members to the cut: it cannot be trusted.
+                if key is not None:
+                    index.members.pop(key, None)
+                    index.unexpected.pop(key, None)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        index.cut = BadSampleError("truncated_tar", f"tar is cut or corrupt: {err}", shard=shard, key=key)
+        if key is not None:
+            index.members.pop(key, None)
+    return index

@@ -1,1 +1,103 @@
-"""Input formats that become datasets (one module per format, each yielding bags)."""
+"""Input formats that become datasets (one module per format, each yielding bags).
+
+Every source lists its slides, says a slide's label when the format carries one, and loads one
+slide at a time (so ingestion memory is one bag, whatever the dataset size)::
+
+    clam / trident   folder of <slide>.h5 with 'features' (N, D) and 'coords' (N, 2)   (h5_folder)
+    pt               folder of <slide>.pt: a (N, D) tensor or {'features', 'coords'}   (pt_folder)
+    acmil            one HDF5 file: <slide>/feat, <slide>/coords, attrs['label']      (acmil_h5)
+    zarr             a zarr store: group <slide> with 'features', 'coords', attrs['label'] (zarr_store)
+    mil-csv          classic MIL CSV rows: bag label, bag id, features…               (mil_csv)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+class SourceError(ValueError):
+    """An input file is unreadable or malformed; the message names the file and the field."""
+
+
+@dataclass
+class RawBag:
+    """One slide as a source delivers it, before validation."""
+
+    slide_id: str
+    feats: np.ndarray  # (N, D), any float dtype
+    coords: np.ndarray | None  # (N, 2) or None
+    label: str | None  # the label the source itself carries (as text), if any
+    origin: str  # file (and key) it came from, for messages
+
+
+class Source(Protocol):
+    fmt: str
+
+    def slide_ids(self) -> list[str]:
+        """Every slide the source holds, sorted."""
+
+    def label_of(self, slide_id: str) -> str | None:
+        """The label the source carries for ``slide_id`` (cheap: no features read), or None."""
+
+    def load(self, slide_id: str) -> RawBag:
+        """Read one slide. Raises SourceError naming the file and field."""
+
+    def close(self) -> None: ...
+
+
+FORMATS = ("clam", "trident", "pt", "acmil", "zarr", "mil-csv")
+
+
+def open_source(fmt: str, src: str) -> Source:
+    """The source for format ``fmt`` at local path ``src``."""
+    if fmt in ("clam", "trident"):
+        from .h5_folder import H5FolderSource
+
+        return H5FolderSource(src, fmt)
+    if fmt == "pt":
+        from .pt_folder import PtFolderSource
+
+        return PtFolderSource(src)
+    if fmt == "acmil":
+        from .acmil_h5 import AcmilH5Source
+
+        return AcmilH5Source(src)
+    if fmt == "zarr":
+        from .zarr_store import ZarrSource
+
+        return ZarrSource(src)
+    if fmt == "mil-csv":
+        from .mil_csv import MilCsvSource
+
+        return MilCsvSource(src)
+    raise SourceError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+
+
+def as_matrix(arr: object, origin: str, field: str) -> np.ndarray:
+    """A 2-D array from what a file holds; a leading axis of 1 (TRIDENT's (1, N, D)) is dropped."""
+    a = np.asarray(arr)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a[0]
+    if a.ndim != 2:
+        raise SourceError(f"{origin}: {field!r} must be 2-D, got shape {a.shape}")
+    if a.dtype.hasobject:
+        raise SourceError(f"{origin}: {field!r} has object dtype")
+    return a
+
+
+def label_text(value: object) -> str | None:
+    """Labels as text: bytes decoded, numpy scalars unwrapped, 1.0 → '1'."""
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        value = value.item() if value.size == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value).strip()

@@ -1,0 +1,122 @@
+"""The labels/splits CSV (``slide_id,label[,split]``), class names, and the seeded stratified split."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+
+from . import SourceError, label_text
+
+log = logging.getLogger(__name__)
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "test": "test", "testing": "test"}
+_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".h5", ".pt", ".zarr")
+
+
+@dataclass
+class LabelRow:
+    slide_id: str
+    label: str
+    split: str | None
+
+
+def read_labels(path: str) -> list[LabelRow]:
+    """Rows of a labels CSV with a header naming ``slide_id`` and ``label`` (and optionally ``split``)."""
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in reader.fieldnames or []]
+            if "slide_id" not in fields or "label" not in fields:
+                raise SourceError(f"{path}: header must name 'slide_id' and 'label' (got {fields})")
+            rows: list[LabelRow] = []
+            seen: set[str] = set()
+            for line_no, raw in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+                sid, label = row.get("slide_id", ""), row.get("label", "")
+                if not sid:
+                    raise SourceError(f"{path}:{line_no}: empty slide_id")
+                if not label:
+                    raise SourceError(f"{path}:{line_no}: slide {sid!r} has no label")
+                if sid in seen:
+                    raise SourceError(f"{path}:{line_no}: slide {sid!r} listed twice")
+                seen.add(sid)
+                split = row.get("split") or None
+                if split is not None:
+                    if split.lower() not in SPLIT_ALIASES:
+                        raise SourceError(f"{path}:{line_no}: split {split!r} is not one of train/val/test")
+                    split = SPLIT_ALIASES[split.lower()]
+                rows.append(LabelRow(sid, label_text(label) or label, split))
+    except OSError as err:
+        raise SourceError(f"{path}: cannot read labels CSV: {err}") from None
+    if "split" in fields and any(r.split is None for r in rows) and any(r.split for r in rows):
+        missing = [r.slide_id for r in rows if r.split is None][:5]
+        raise SourceError(f"{path}: the split column is empty for some slides, e.g. {missing}")
+    return rows
+
+
+def match_ids(csv_ids: list[str], source_ids: set[str]) -> dict[str, str]:
+    """CSV slide id → source slide id; 'slide_1.svs' in the CSV matches a 'slide_1' source file."""
+    out = {}
+    for sid in csv_ids:
+        if sid in source_ids:
+            out[sid] = sid
+            continue
+        for suffix in _SUFFIXES:
+            if sid.lower().endswith(suffix) and sid[: -len(suffix)] in source_ids:
+                out[sid] = sid[: -len(suffix)]
+                break
+    return out
+
+
+def _int_like(text: str) -> bool:
+    try:
+        return str(int(text)) == text
+    except ValueError:
+        return False
+
+
+def class_names_for(labels: list[str], given: list[str] | None = None) -> tuple[list[str], dict[str, int]]:
+    """Class names and the label → index map.
+
+    With ``given`` names, labels may be those names or integer indices into them. Otherwise integer
+    labels sort numerically ('-1' < '1'), names sort alphabetically; the index is the position.
+    """
+    uniq = sorted(set(labels))
+    if given:
+        index = {name: i for i, name in enumerate(given)}
+        for lab in uniq:
+            if lab not in index:
+                if _int_like(lab) and 0 <= int(lab) < len(given):
+                    index[lab] = int(lab)
+                else:
+                    raise SourceError(f"label {lab!r} is not one of the classes {given}")
+        names = list(given)
+    else:
+        names = sorted(uniq, key=int) if all(_int_like(x) for x in uniq) else uniq
+        index = {name: i for i, name in enumerate(names)}
+    if len(names) < 2:
+        raise SourceError(f"need at least two classes, found {names}; name them with --classes")
+    return names, index
+
+
+def stratified_split(ids: list[str], y: list[int], *, val_frac: float, test_frac: float, seed: int) -> dict[str, str]:
+    """Seeded split stratified by class (sklearn): test first, then val from the rest."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 <= test_frac < 1 or not 0 <= val_frac < 1 or val_frac + test_frac >= 1:
+        raise SourceError(f"val fraction {val_frac} and test fraction {test_frac} must be in [0, 1) and sum below 1")
+
+    def cut(items: list[str], labels: list[int], frac: float) -> tuple[list[str], list[str], list[int]]:
+        if frac <= 0 or len(items) < 2:
+            return items, [], labels
+        try:
+            keep, take, y_keep, _ = train_test_split(items, labels, test_size=frac, stratify=labels, random_state=seed)
+        except ValueError as err:  # a class too small to stratify: fall back to a plain seeded split
+            log.warning("stratified split impossible (%s); using an unstratified seeded split", err)
+            keep, take, y_keep, _ = train_test_split(items, labels, test_size=frac, random_state=seed)
+        return list(keep), list(take), list(y_keep)
+
+    rest, test, y_rest = cut(list(ids), list(y), test_frac)
+    train, val, _ = cut(rest, y_rest, val_frac / (1 - test_frac) if val_frac else 0.0)
+    return {**{i: "train" for i in train}, **{i: "val" for i in val}, **{i: "test" for i in test}}

@@ -1,0 +1,42 @@
+"""A zarr store (v2 or v3): one group per slide holding a ``features`` array (N, D), optionally
+``coords`` (N, 2), and the label in the group's ``attrs['label']`` (or from the labels CSV)."""
+
+from __future__ import annotations
+
+import zarr
+
+from . import RawBag, SourceError, as_matrix, label_text
+
+
+class ZarrSource:
+    fmt = "zarr"
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._root = zarr.open_group(path, mode="r")
+        except Exception as err:
+            raise SourceError(f"{path}: not a readable zarr group: {type(err).__name__}: {err}") from None
+        self._ids = sorted(name for name, _ in self._root.groups())
+        if not self._ids:
+            raise SourceError(f"{path}: no slide groups (expected <slide>/features)")
+
+    def slide_ids(self) -> list[str]:
+        return list(self._ids)
+
+    def label_of(self, slide_id: str) -> str | None:
+        return label_text(self._root[slide_id].attrs.get("label"))
+
+    def load(self, slide_id: str) -> RawBag:
+        g = self._root[slide_id]
+        origin = f"{self.path}/{slide_id}"
+        names = set(g.array_keys())
+        key = next((k for k in ("features", "feats", "feat") if k in names), None)
+        if key is None:
+            raise SourceError(f"{origin}: no 'features' array (has {sorted(names)})")
+        feats = as_matrix(g[key][...], origin, key)
+        coords = as_matrix(g["coords"][...], origin, "coords") if "coords" in names else None
+        return RawBag(slide_id, feats, coords, self.label_of(slide_id), origin)
+
+    def close(self) -> None:
+        pass

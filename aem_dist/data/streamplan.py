@@ -1,0 +1,148 @@
+"""Epoch plans for the streaming loader, computed from the manifest alone.
+
+Every rank computes the same plan from ``(manifest split, world_size, workers, seed, epoch)`` without
+listing storage or talking to the other ranks. A plan says, for each rank and each of its DataLoader
+workers, which batches (lists of planned bags) it produces, in order.
+
+1. **Order.** Training: the shards in a permutation fixed by ``(seed, epoch)``, and inside each shard
+   its bags in a permutation fixed by ``(seed, epoch, shard)``. Evaluation: manifest order.
+2. **Split by rank, then by worker.** The ordered bag sequence is cut into ``world_size`` contiguous
+   pieces of (nearly) equal cost, and each rank's piece into ``workers`` contiguous pieces. Contiguous
+   pieces of a shard-ordered sequence mean each rank and worker reads its own few shards (a shard at a
+   boundary is shared, each side reading only its own bags). The cost of a bag approximates the share
+   of a batch it takes (``max(1/max_bags, n/max_instances)``), so pieces pack into similar step counts.
+3. **Pack.** Each worker packs its piece greedily, as :func:`aem_dist.data.packing.plan_batches` does.
+4. **Remainder (training only).** Every rank must run the same number of steps (DDP and Ray's report
+   barrier hang otherwise), so a rank with fewer batches than the busiest rank repeats its own first
+   batches (wrap-around, as the in-memory loader does); a rank with no bag at all repeats the first
+   batches of the epoch. At most ``world_size - 1`` ranks repeat anything, and nothing is dropped: with
+   ``max_bags_per_batch: 1`` and ``N`` bags, ``ceil(N / world) · world - N`` bags are seen twice.
+   Evaluation repeats nothing: every bag is evaluated exactly once across ranks.
+
+The DataLoader hands out worker outputs round-robin, so a rank's batch order is fixed by the plan and
+``num_workers``; the same seed and epoch always give the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .manifest import SplitEntry
+from .packing import epoch_order, plan_batches
+
+
+@dataclass(frozen=True)
+class BagRef:
+    """A planned bag: where it lives and what the manifest says about it."""
+
+    shard: int  # index into the split's shard list
+    key: str
+    label: int
+    n: int
+
+
+Batch = tuple[BagRef, ...]
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """``ranks[r][w]`` = the batches worker ``w`` of rank ``r`` produces, in order."""
+
+    ranks: tuple[tuple[tuple[Batch, ...], ...], ...]
+
+    def steps(self, rank: int) -> int:
+        return sum(len(w) for w in self.ranks[rank])
+
+    def rank_order(self, rank: int) -> list[Batch]:
+        """Batches of ``rank`` in the order a DataLoader yields them (round-robin over workers)."""
+        workers = [list(w) for w in self.ranks[rank]]
+        out: list[Batch] = []
+        i = 0
+        while any(i < len(w) for w in workers):
+            out += [w[i] for w in workers if i < len(w)]
+            i += 1
+        return out
+
+    def shards_of(self, rank: int, worker: int) -> list[int]:
+        """Shards worker ``worker`` of ``rank`` touches, in first-use order."""
+        seen: dict[int, None] = {}
+        for batch in self.ranks[rank][worker]:
+            for ref in batch:
+                seen.setdefault(ref.shard, None)
+        return list(seen)
+
+
+def _cut(costs: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """Cut positions 0..len(costs) into ``parts`` contiguous ranges of about equal summed cost."""
+    n = len(costs)
+    if parts <= 1 or n == 0:
+        return [(0, n)] + [(n, n)] * max(0, parts - 1)
+    cum = np.concatenate([[0.0], np.cumsum(costs)])
+    total = cum[-1]
+    bounds = [0]
+    for i in range(1, parts):
+        b = int(np.argmin(np.abs(cum - total * i / parts)))
+        bounds.append(max(bounds[-1], b))
+    bounds.append(n)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def epoch_sequence(split: SplitEntry, *, train: bool, seed: int, epoch: int) -> list[BagRef]:
+    """The split's bags in this epoch's order (see module docstring, step 1)."""
+    n_shards = len(split.shards)
+    shard_order = epoch_order(n_shards, seed, epoch) if train else np.arange(n_shards)
+    seq: list[BagRef] = []
+    for s in shard_order:
+        shard = split.shards[int(s)]
+        inner = np.random.default_rng([seed, epoch, int(s), 0xBA6]).permutation(len(shard.bags)) if train else range(len(shard.bags))
+        seq += [BagRef(int(s), shard.bags[int(i)].key, shard.bags[int(i)].label, shard.bags[int(i)].n) for i in inner]
+    return seq
+
+
+def plan_epoch(
+    split: SplitEntry,
+    *,
+    world_size: int,
+    workers: int,
+    train: bool,
+    seed: int,
+    epoch: int,
+    max_instances: int | None,
+    max_bags: int,
+) -> EpochPlan:
+    """The whole epoch's plan for every rank and worker (pure; see module docstring)."""
+    workers = max(1, workers)
+    seq = epoch_sequence(split, train=train, seed=seed, epoch=epoch)
+    sizes = np.array([r.n for r in seq], dtype=np.float64)
+    costs = np.full(len(seq), 1.0 / max_bags)
+    if max_instances:
+        costs = np.maximum(costs, sizes / max_instances)
+    ranks: list[list[list[Batch]]] = []
+    for lo, hi in _cut(costs, world_size):
+        per_worker: list[list[Batch]] = []
+        for wlo, whi in _cut(costs[lo:hi], workers):
+            piece = seq[lo + wlo : lo + whi]
+            per_worker.append([tuple(piece[j] for j in b) for b in plan_batches([r.n for r in piece], max_instances, max_bags)])
+        ranks.append(per_worker)
+    if train:
+        _pad_to_equal_steps(ranks)
+    return EpochPlan(tuple(tuple(tuple(w) for w in r) for r in ranks))
+
+
+def _pad_to_equal_steps(ranks: list[list[list[Batch]]]) -> None:
+    steps = [sum(len(w) for w in r) for r in ranks]
+    target = max(steps)
+    everything = [b for r in ranks for b in EpochPlan((tuple(tuple(w) for w in r),)).rank_order(0)]
+    for r, per_worker in enumerate(ranks):
+        missing = target - steps[r]
+        if missing <= 0:
+            continue
+        own = EpochPlan((tuple(tuple(w) for w in per_worker),)).rank_order(0)
+        source = own or everything
+        for i in range(missing):
+            # Give each repeat to the worker with the fewest batches, to keep workers balanced.
+            w = min(range(len(per_worker)), key=lambda k: len(per_worker[k]))
+            per_worker[w].append(source[i % len(source)])
+
