@@ -22,7 +22,7 @@ from ..data.packing import subsample
 from ..losses import attention_regulariser, total_loss
 from ..models import build_model
 from ..storage import StorageOptions
-from .dist import DistContext, parallelize, unwrap
+from .dist import DistContext, parallelize
 from .evaluate import evaluate
 from .metrics import selection_score
 

@@ -24,7 +24,7 @@ from typing import IO, Any, Callable, Mapping
 from ray.tune import Callback
 
 from ..config import Config
-from .metrics import TRIAL_STATES, MetricsExporter, format_label, run_labels
+from .metrics import TRIAL_STATES, MetricsExporter, run_labels
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,6 @@ exporter really registers."""
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import re
 import shutil
@@ -189,18 +188,11 @@ def test_dashboard_shows_what_the_issue_asks_for(dashboard):
 
 
 def _exporter_registry():
-    """The registry of aem_dist.observe.metrics: ``build_registry()`` if it has one, else ``REGISTRY``."""
-    try:
-        module = importlib.import_module("aem_dist.observe.metrics")
-    except ModuleNotFoundError as err:
-        if err.name not in ("aem_dist.observe", "aem_dist.observe.metrics"):
-            raise
-        require(False, "aem_dist.observe.metrics (the Prometheus exporter, observability issue) is not on this branch")
-    if callable(getattr(module, "build_registry", None)):
-        return module.build_registry()
-    if getattr(module, "REGISTRY", None) is not None:
-        return module.REGISTRY
-    pytest.fail("aem_dist.observe.metrics has neither build_registry() nor REGISTRY to read metric names from")
+    """The exporter's registry, freshly built with every metric family it serves."""
+    from aem_dist.observe.metrics import build_registry
+
+    registry, _ = build_registry()
+    return registry
 
 
 def test_every_dashboard_metric_exists_in_the_exporter(dashboard):

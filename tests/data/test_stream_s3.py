@@ -77,7 +77,7 @@ def test_two_ranks_two_workers_from_s3(demo_pair, s3_server, tmp_path):
 
 
 def test_cache_serves_epoch_two_and_other_trials_without_s3(s3_server, tmp_path):
-    from tests.data_helpers import write_tiny
+    from tests.data.helpers import write_tiny
 
     root = s3_server.make_bucket("stream-cache") + "/tiny"
     opts = s3_server.options()
@@ -97,7 +97,7 @@ def test_cache_serves_epoch_two_and_other_trials_without_s3(s3_server, tmp_path)
 
 
 def test_server_restart_mid_epoch_completes(s3_server, tmp_path, caplog):
-    from tests.data_helpers import write_tiny
+    from tests.data.helpers import write_tiny
 
     root = s3_server.make_bucket("stream-restart") + "/tiny"
     opts = s3_server.options()
@@ -120,7 +120,7 @@ def test_server_restart_mid_epoch_completes(s3_server, tmp_path, caplog):
 
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_wrong_credentials_in_loader_fail_fast(s3_server, tmp_path, policy):
-    from tests.data_helpers import write_tiny
+    from tests.data.helpers import write_tiny
 
     root = s3_server.make_bucket("stream-creds") + "/tiny"
     write_tiny(root, n_train=4, n_val=2, options=s3_server.options())
@@ -141,7 +141,7 @@ def test_wrong_credentials_in_loader_fail_fast(s3_server, tmp_path, policy):
 def test_unreachable_endpoint_in_loader_bounded(s3_server, tmp_path, policy):
     import socket
 
-    from tests.data_helpers import write_tiny
+    from tests.data.helpers import write_tiny
 
     root = s3_server.make_bucket("stream-down") + "/tiny"
     write_tiny(root, n_train=4, n_val=2, options=s3_server.options())
@@ -163,7 +163,7 @@ def test_sha256_mismatch_on_s3_never_enters_cache(s3_server, tmp_path):
     import s3fs
 
     from aem_dist.data.schema import BadSampleError
-    from tests.data_helpers import write_tiny
+    from tests.data.helpers import write_tiny
 
     root = s3_server.make_bucket("stream-sha") + "/tiny"
     opts = s3_server.options()

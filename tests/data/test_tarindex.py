@@ -8,7 +8,7 @@ import pytest
 
 from aem_dist.data.schema import BadSampleError
 from aem_dist.data.shards import index_tar
-from tests.data_helpers import members_of, tar_bytes, tiny_bag
+from tests.data.helpers import members_of, tar_bytes, tiny_bag
 
 BAGS = [tiny_bag(i) for i in range(3)]
 FULL = tar_bytes([m for b in BAGS for m in members_of(b)])

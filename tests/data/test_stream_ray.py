@@ -4,8 +4,6 @@ SeaweedFS, with Ray's checkpoints on the same S3 server through ``storage.ray_st
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -42,11 +40,10 @@ def train_loop(config: dict) -> None:
 def test_ray_train_workers_stream_from_s3(s3_server, tmp_path, monkeypatch):
     from tests.conftest import require
 
-    ray = pytest.importorskip("ray")
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from tests.data_helpers import write_tiny
+    from tests.data.helpers import write_tiny
 
     opts = s3_server.options()
     root = s3_server.make_bucket("ray-stream") + "/tiny"
@@ -55,11 +52,11 @@ def test_ray_train_workers_stream_from_s3(s3_server, tmp_path, monkeypatch):
     fs, path = storage.ray_storage_filesystem(ckpt_url, opts)
     require(fs is not None, "S3 filesystem for Ray")
 
-    ray_tmp = tempfile.mkdtemp(prefix="ray-")
-    env_vars = {**s3_server.env(), "PYTHONPATH": os.getcwd()}
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    try:
-        ray.init(address="local", num_cpus=4, include_dashboard=False, _temp_dir=ray_tmp, runtime_env={"env_vars": env_vars}, log_to_driver=False)
+    from aem_dist.orchestrate.ray_env import ray_session
+
+    for name, value in s3_server.env().items():  # the local Ray's workers inherit these
+        monkeypatch.setenv(name, value)
+    with ray_session(num_cpus=4):
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"root": root, "cache": str(tmp_path / "cache")},
@@ -67,9 +64,6 @@ def test_ray_train_workers_stream_from_s3(s3_server, tmp_path, monkeypatch):
             run_config=RunConfig(name="stream-test", storage_path=path, storage_filesystem=fs),
         )
         result = trainer.fit()
-    finally:
-        ray.shutdown()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert result.error is None
     # The checkpoint is on S3: read both ranks' records back through our own fsspec view.
     ckpt = result.checkpoint

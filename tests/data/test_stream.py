@@ -11,7 +11,7 @@ from aem_dist.config import DataConfig
 from aem_dist.data.loader import LoaderSpec, open_memory, open_split
 from aem_dist.data.manifest import load_manifest
 from aem_dist.data.stream import StreamLoader
-from tests.data_helpers import write_tiny
+from tests.data.helpers import write_tiny
 
 
 @pytest.fixture(scope="module")

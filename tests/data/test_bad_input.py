@@ -18,7 +18,7 @@ from aem_dist.data.loader import LoaderSpec, open_split
 from aem_dist.data.manifest import load_manifest
 from aem_dist.data.schema import BadSampleError
 from aem_dist.data.shards import write_dataset
-from tests.data_helpers import CLASSES, DIM, bag_row, flip_byte, members_of, meta_json, npy, tar_bytes, tiny_bag, write_raw_dataset
+from tests.data.helpers import CLASSES, DIM, bag_row, flip_byte, members_of, meta_json, npy, tar_bytes, tiny_bag, write_raw_dataset
 
 
 class CreatesFile:
