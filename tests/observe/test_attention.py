@@ -89,7 +89,7 @@ def test_zarr_round_trip_on_s3(trained, tiny_sweep, observe_s3):
     write_attention(url, bags, class_names=run.meta["class_names"])
     import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=observe_s3.endpoint, key="observe-test-key", secret="observe-test-secret", skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(endpoint_url=observe_s3.endpoint, key=observe_s3.key, secret=observe_s3.secret, skip_instance_cache=True)
     assert fs.exists(f"{observe_s3.bucket}/predictions/attention.zarr/zarr.json")
     check_store(AttentionStore(url), tiny_sweep.data, bags)
 

@@ -101,7 +101,7 @@ def test_report_on_s3(tiny_sweep, observe_s3):
     from aem_dist import storage
     from aem_dist.observe.tables import read_csv, write_tables
 
-    fs = s3fs.S3FileSystem(endpoint_url=observe_s3.endpoint, key="observe-test-key", secret="observe-test-secret", skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(endpoint_url=observe_s3.endpoint, key=observe_s3.key, secret=observe_s3.secret, skip_instance_cache=True)
     url = f"s3://{observe_s3.bucket}/sweeps/tiny"
     for name in tiny_sweep.trials:
         local = Path(tiny_sweep.root, "trials", name)
@@ -119,4 +119,4 @@ def test_report_on_s3(tiny_sweep, observe_s3):
         data = fs.cat_file(f"{observe_s3.bucket}/sweeps/tiny/plots/{name}.png")
         assert data.startswith(PNG) and len(data) > 20_000
     md = fs.cat_file(f"{observe_s3.bucket}/sweeps/tiny/report.md").decode()
-    assert "![λ sensitivity (Fig. 5)](plots/lambda_sensitivity.png)" in md and "observe-test-secret" not in md
+    assert "![λ sensitivity (Fig. 5)](plots/lambda_sensitivity.png)" in md and observe_s3.secret not in md

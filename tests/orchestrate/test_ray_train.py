@@ -21,7 +21,7 @@ def local_ray():
 
 
 def _cfg(demo_data, *overrides):
-    return load_config("demo", [f"data.root={demo_data}", "train.progress=false", *overrides])
+    return load_config("demo", [f"data.root={demo_data}", "train.progress=false", "metrics.port=0", "metrics.grace_s=0", *overrides])
 
 
 def test_two_workers_gather_every_bag_once(local_ray, demo_data, tmp_path):
@@ -61,7 +61,7 @@ def test_sweep_over_every_model(local_ray, demo_data, tmp_path):
     from aem_dist.orchestrate.sweep import run_sweep
 
     names = sorted(MODELS)
-    cfg = _cfg(demo_data, "scaling.num_workers=0", "train.epochs=1", "metrics.port=0", "metrics.grace_s=0", f"sweep.grid={{model.name: {names}}}")
+    cfg = _cfg(demo_data, "scaling.num_workers=0", "train.epochs=1", f"sweep.grid={{model.name: {names}}}")
     run_sweep(cfg, str(tmp_path))
     rows = read_csv(str(tmp_path / "trials.csv"))
     assert sorted(r["model.name"] for r in rows) == names == sorted(MODELS)
