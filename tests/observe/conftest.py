@@ -32,7 +32,7 @@ def tiny_sweep(demo_data, tmp_path_factory) -> TinySweep:
     from aem_dist.orchestrate.train import train_run
 
     root = str(tmp_path_factory.mktemp("tiny-sweep"))
-    base = load_config("demo", [f"data.root={demo_data}", f"train.epochs={EPOCHS}", "train.progress=false", "run.name=tiny", "metrics.enabled=false"])
+    base = load_config("demo", [f"data.root={demo_data}", f"train.epochs={EPOCHS}", "train.progress=false", "run.name=tiny", "metrics.enabled=false", "scaling.num_workers=0"])
     write_json(storage.join(root, "run.json"), run_record(base, "sweep"))
     rows, trials = [], {}
     for i, (lam, seed) in enumerate((lam, seed) for lam in LAMS for seed in SEEDS):
