@@ -48,6 +48,14 @@ class SplitLoader(Protocol):
     def n_bags(self) -> int:
         """Bags of the split across all ranks."""
 
+    @property
+    def listed_bags(self) -> int:
+        """Bags the manifest lists for the split."""
+
+    @property
+    def lost(self) -> set[tuple[str, str]]:
+        """(shard, key) of listed bags this loader could not use (bad samples under ``skip``)."""
+
     def steps(self, epoch: int) -> int:
         """Steps this rank runs in ``epoch``."""
 
@@ -127,15 +135,25 @@ def read_split(root: str, manifest: Manifest, split: str, *, options: StorageOpt
 class InMemoryLoader:
     """All bags of a split in RAM (float16), packed per step."""
 
-    def __init__(self, bags: list[Bag], spec: LoaderSpec, skipped: Counter | None = None):
+    def __init__(self, bags: list[Bag], spec: LoaderSpec, skipped: Counter | None = None, listed: dict[str, str] | None = None):
         self.spec = spec
         self.bags = bags
         self.sizes = [b.n for b in bags]
         self.skipped = skipped if skipped is not None else Counter()
+        self._listed = listed if listed is not None else {b.key: "" for b in bags}  # key → shard
 
     @property
     def n_bags(self) -> int:
         return len(self.bags)
+
+    @property
+    def listed_bags(self) -> int:
+        return len(self._listed)
+
+    @property
+    def lost(self) -> set[tuple[str, str]]:
+        kept = {b.key for b in self.bags}
+        return {(shard, key) for key, shard in self._listed.items() if key not in kept}
 
     def _plan(self, epoch: int) -> list[list[int]]:
         s = self.spec
@@ -161,7 +179,8 @@ class InMemoryLoader:
 def open_memory(root: str, manifest: Manifest, spec: LoaderSpec, options: StorageOptions | None = None) -> InMemoryLoader:
     counter = SkipCounter(spec.on_bad_sample)
     bags = read_split(root, manifest, spec.split, options=options, on_bad=counter)
-    return InMemoryLoader(bags, spec, counter.counts)
+    listed = {b.key: shard.name for shard in manifest.split(spec.split).shards for b in shard.bags}
+    return InMemoryLoader(bags, spec, counter.counts, listed)
 
 
 def open_split(data_cfg, manifest: Manifest, spec: LoaderSpec, options: StorageOptions | None = None) -> SplitLoader:

@@ -299,6 +299,15 @@ class StreamLoader:
         """Bags of the split across all ranks, less those this loader had to skip."""
         return self.split.n_bags - len(self._lost)
 
+    @property
+    def listed_bags(self) -> int:
+        return self.split.n_bags
+
+    @property
+    def lost(self) -> set[tuple[str, str]]:
+        """(shard, key) of bags this rank's share could not use so far."""
+        return set(self._lost)
+
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
             s = self.spec

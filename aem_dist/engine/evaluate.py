@@ -65,15 +65,20 @@ def predict(model: nn.Module, loader: SplitLoader, ctx: DistContext, *, keep_att
     return out_rows
 
 
-def gather_predictions(rows: list[BagPrediction], ctx: DistContext, expected: int | None = None) -> list[BagPrediction]:
-    """All ranks' predictions, sorted by key; checks that no bag is missing or duplicated."""
-    merged = [r for part in ctx.gather_objects(rows) for r in part]
+def gather_predictions(rows: list[BagPrediction], ctx: DistContext, loader: SplitLoader | None = None) -> list[BagPrediction]:
+    """All ranks' predictions, sorted by key. With ``loader``, checks that every bag the manifest lists
+    was predicted exactly once, except bags some rank had to skip (their keys are gathered too)."""
+    parts = ctx.gather_objects((rows, sorted(loader.lost) if loader is not None else []))
+    merged = [r for part, _ in parts for r in part]
     keys = [r.key for r in merged]
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:5]
         raise RuntimeError(f"evaluation saw bags more than once across ranks: {dup}")
-    if expected is not None and len(merged) != expected:
-        raise RuntimeError(f"evaluation gathered {len(merged)} bags, expected {expected}")
+    if loader is not None:
+        lost = {tuple(item) for _, part_lost in parts for item in part_lost}
+        expected = loader.listed_bags - len(lost)
+        if len(merged) != expected:
+            raise RuntimeError(f"evaluation gathered {len(merged)} bags, expected {expected} ({len(lost)} skipped)")
     return sorted(merged, key=lambda r: r.key)
 
 
@@ -88,5 +93,5 @@ def split_metrics(rows: list[BagPrediction], n_classes: int) -> dict[str, float]
 
 def evaluate(model: nn.Module, loader: SplitLoader, ctx: DistContext, n_classes: int, **kw: Any) -> EvalResult:
     """Metrics of ``model`` on the whole split behind ``loader`` (all ranks together)."""
-    rows = gather_predictions(predict(model, loader, ctx, **kw), ctx, expected=loader.n_bags)
+    rows = gather_predictions(predict(model, loader, ctx, **kw), ctx, loader)
     return EvalResult(split_metrics(rows, n_classes), rows)
