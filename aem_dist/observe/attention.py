@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .. import __version__, storage
-from ..config import DataConfig, ModelConfig
+from ..config import DataConfig
 from ..storage import StorageOptions
 
 FORMAT = "aem-dist-attention/1"
@@ -72,7 +72,7 @@ def load_run_model(run: str, options: StorageOptions | None = None, checkpoint: 
     checkpoint lacks ``model_meta``.
     """
     from ..engine.checkpoint import load_dir
-    from ..models import build_model
+    from ..engine.inference import model_from_state
 
     folder = storage.join(run, checkpoint)
     try:
@@ -82,9 +82,7 @@ def load_run_model(run: str, options: StorageOptions | None = None, checkpoint: 
     meta = state.get("model_meta")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{storage.redact(folder, options)}/state.pt: checkpoint has no model_meta; cannot rebuild the model")
-    model = build_model(ModelConfig.model_validate(meta["model"]), int(meta["dim"]), int(meta["n_classes"]))
-    model.load_state_dict(state["model"])
-    model.eval()
+    model = model_from_state(state)
     record = _read_json(storage.join(run, "results.json"), options) or _read_json(storage.join(run, "run.json"), options) or {}
     return RunModel(model, meta, int(state.get("epoch", -1)), record.get("config") or {}, run)
 

@@ -13,6 +13,7 @@ slide at a time (so ingestion memory is one bag, whatever the dataset size)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -46,6 +47,36 @@ class Source(Protocol):
         """Read one slide. Raises SourceError naming the file and field."""
 
     def close(self) -> None: ...
+
+
+FEATURE_KEYS = ("features", "feats", "feat")  # names CLAM, TRIDENT and the AEM/ACMIL code use
+
+
+class FolderSource:
+    """A folder with one file per slide, ``<slide><suffix>``; subclasses read one file in ``load``."""
+
+    fmt = ""
+    suffix = ""
+
+    def __init__(self, folder: str):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SourceError(f"{folder}: not a folder of <slide>{self.suffix} files")
+        self._files = {p.name[: -len(self.suffix)]: p for p in self.folder.glob(f"*{self.suffix}")}
+        if not self._files:
+            raise SourceError(f"{folder}: no {self.suffix} files")
+
+    def slide_ids(self) -> list[str]:
+        return sorted(self._files)
+
+    def label_of(self, slide_id: str) -> str | None:
+        return None  # per-slide files carry no label: it comes from the labels CSV
+
+    def load(self, slide_id: str) -> RawBag:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
 
 
 FORMATS = ("clam", "trident", "pt", "acmil", "zarr", "mil-csv")

@@ -6,30 +6,17 @@ labels CSV.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import h5py
 
-from . import RawBag, SourceError, as_matrix
+from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, as_matrix
 
-FEATURE_KEYS = ("features", "feats", "feat")
+class H5FolderSource(FolderSource):
+    suffix = ".h5"
 
-
-class H5FolderSource:
     def __init__(self, folder: str, fmt: str = "clam"):
         self.fmt = fmt
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise SourceError(f"{folder}: not a folder of <slide>.h5 files")
-        self._files = {p.stem: p for p in self.folder.glob("*.h5")}
-        if not self._files:
-            raise SourceError(f"{folder}: no .h5 files")
-
-    def slide_ids(self) -> list[str]:
-        return sorted(self._files)
-
-    def label_of(self, slide_id: str) -> str | None:
-        return None
+        super().__init__(folder)
 
     def load(self, slide_id: str) -> RawBag:
         path = self._files[slide_id]
@@ -43,6 +30,3 @@ class H5FolderSource:
         except OSError as err:
             raise SourceError(f"{path}: not a readable HDF5 file: {err}") from None
         return RawBag(slide_id, feats, coords, None, str(path))
-
-    def close(self) -> None:
-        pass

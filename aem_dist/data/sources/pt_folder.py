@@ -4,29 +4,15 @@ only, never arbitrary pickled objects."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
-from . import RawBag, SourceError, as_matrix
+from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, as_matrix
 
 
-class PtFolderSource:
+class PtFolderSource(FolderSource):
     fmt = "pt"
-
-    def __init__(self, folder: str):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise SourceError(f"{folder}: not a folder of <slide>.pt files")
-        self._files = {p.stem: p for p in self.folder.glob("*.pt")}
-        if not self._files:
-            raise SourceError(f"{folder}: no .pt files")
-
-    def slide_ids(self) -> list[str]:
-        return sorted(self._files)
-
-    def label_of(self, slide_id: str) -> str | None:
-        return None
+    suffix = ".pt"
 
     def load(self, slide_id: str) -> RawBag:
         path = self._files[slide_id]
@@ -36,7 +22,7 @@ class PtFolderSource:
             raise SourceError(f"{path}: cannot be loaded with weights_only=True (only tensors and plain containers are accepted): {type(err).__name__}: {str(err)[:200]}") from None
         coords = None
         if isinstance(obj, dict):
-            key = next((k for k in ("features", "feats", "feat") if k in obj), None)
+            key = next((k for k in FEATURE_KEYS if k in obj), None)
             if key is None:
                 raise SourceError(f"{path}: dict without a 'features' entry (has {sorted(map(str, obj))})")
             feats_t, coords_t = obj[key], obj.get("coords")
@@ -47,6 +33,3 @@ class PtFolderSource:
         if not isinstance(feats_t, torch.Tensor):
             raise SourceError(f"{path}: features are a {type(feats_t).__name__}, not a tensor")
         return RawBag(slide_id, as_matrix(feats_t.float().numpy(), str(path), "features"), coords, None, str(path))
-
-    def close(self) -> None:
-        pass
