@@ -18,6 +18,7 @@ manifest without talking to the others:
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -64,16 +65,16 @@ def pack(bags: Sequence[Bag], dtype: torch.dtype = torch.float32, with_coords: b
     """Concatenate bags into one packed batch (features cast to ``dtype``)."""
     if not bags:
         raise ValueError("cannot pack an empty list of bags")
-    sizes = torch.tensor([b.n for b in bags], dtype=torch.int64)
-    feats = torch.from_numpy(np.concatenate([np.asarray(b.feats) for b in bags], axis=0)).to(dtype)
-    offsets = torch.zeros(len(bags) + 1, dtype=torch.int64)
-    torch.cumsum(sizes, 0, out=offsets[1:])
+    sizes = [b.n for b in bags]
+    parts = [torch.from_numpy(np.asarray(b.feats)) for b in bags]  # views, no copy
+    feats = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(dtype)
+    offsets = torch.tensor([0, *itertools.accumulate(sizes)], dtype=torch.int64)
     coords = None
     if with_coords and all(b.coords is not None for b in bags):
         coords = torch.from_numpy(np.concatenate([b.coords for b in bags], axis=0))
     return PackedBatch(
         feats=feats,
-        bag_index=torch.repeat_interleave(torch.arange(len(bags)), sizes),
+        bag_index=torch.repeat_interleave(torch.arange(len(bags)), torch.tensor(sizes)),
         offsets=offsets,
         labels=torch.tensor([b.label for b in bags], dtype=torch.int64),
         keys=[b.key for b in bags],

@@ -116,6 +116,13 @@ def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = No
     return Data(manifest, train, loader("val", False), loader("test", False))
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; the fused kernel on CPU and CUDA (same update, one kernel instead of ~10 ops per tensor —
+    the difference between a small model's step being optimizer-bound or not)."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+
+
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed the global RNG (dropout, masking) from (seed, epoch, rank): resuming at an epoch boundary
     then replays exactly what an uninterrupted run would have done."""
@@ -184,7 +191,7 @@ def fit(
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     core = build_model(cfg.model, m.dim, m.n_classes)
     model = parallelize(core, ctx)
-    opt = torch.optim.AdamW(core.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt = make_optimizer(core, cfg, ctx.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero(sum(data.train.steps(e) for e in range(cfg.train.epochs))))
     history: list[dict[str, Any]] = []
     best_epoch, best_score, start = None, -math.inf, 0

@@ -29,8 +29,9 @@ class GatedAttention(nn.Module):
 
 
 def instance_embedding(in_dim: int, cfg: ModelConfig) -> nn.Sequential:
-    """The instance encoder the paper's models share: Linear → ReLU → Dropout."""
-    return nn.Sequential(nn.Linear(in_dim, cfg.hidden, bias=cfg.bias), nn.ReLU(), nn.Dropout(cfg.dropout))
+    """The instance encoder the paper's models share: Linear → ReLU → Dropout (left out when 0)."""
+    dropout = [nn.Dropout(cfg.dropout)] if cfg.dropout > 0 else []
+    return nn.Sequential(nn.Linear(in_dim, cfg.hidden, bias=cfg.bias), nn.ReLU(), *dropout)
 
 
 @register("abmil")

@@ -15,6 +15,8 @@ def _expand(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def segment_sum(x: torch.Tensor, index: torch.Tensor, n_segments: int) -> torch.Tensor:
     """(T, *F) → (S, *F): sum of rows per segment."""
+    if n_segments == 1:
+        return x.sum(dim=0, keepdim=True)
     out = x.new_zeros((n_segments, *x.shape[1:]))
     return out.index_add_(0, index, x)
 
@@ -42,6 +44,8 @@ def segment_log_softmax(scores: torch.Tensor, index: torch.Tensor, n_segments: i
     The per-segment max is subtracted as a constant (detached): softmax is shift-invariant, so this
     changes no value or gradient, only keeps exp() from overflowing.
     """
+    if n_segments == 1:  # one bag per step (the paper's setting): the plain op, same math, fewer kernels
+        return torch.log_softmax(scores, dim=0)
     shift = segment_max(scores.detach(), index, n_segments)  # (S, *H)
     z = scores - shift[index]
     log_norm = torch.log(segment_sum(torch.exp(z), index, n_segments))  # (S, *H)
