@@ -7,6 +7,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -95,11 +96,18 @@ def resources() -> dict[str, Any]:
     }
 
 
+def command_line(options: StorageOptions | None = None) -> str:
+    """The command that started this process, with credentials given as overrides masked."""
+    text = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
+    text = re.sub(r"(storage\.(?:key|secret)=)\S+", r"\1***", text)
+    return storage.redact(text, options)
+
+
 def run_record(cfg: Config, kind: str, options: StorageOptions | None = None, **extra: Any) -> dict[str, Any]:
     """The content of ``run.json``: resolved config (secrets redacted), versions, commit, data hash, resources."""
     return {
         "kind": kind,
-        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+        "command": command_line(options),
         "config": cfg.to_dict(),
         "versions": package_versions(),
         "git_commit": git_commit(),

@@ -72,3 +72,15 @@ def test_every_key_is_documented():
     rows = describe_keys()
     assert {"data.root", "loss.lam", "loss.kind", "train.max_instances_per_batch"} <= {k for k, _, _ in rows}
     assert all(text for _, _, text in rows)
+
+
+def test_run_record_masks_credentials(monkeypatch):
+    from aem_dist.engine.results import run_record
+    from aem_dist.storage import StorageOptions
+
+    monkeypatch.setattr("sys.argv", ["aem-dist", "train", "--set", "storage.secret=hunter22", "--set", "storage.key=AKIAEXAMPLE"])
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "tok-123456")
+    cfg = load_config(None, ["storage.secret=hunter22", "storage.key=AKIAEXAMPLE"])
+    text = str(run_record(cfg, "train", StorageOptions.from_config(cfg.storage)))
+    for secret in ("hunter22", "AKIAEXAMPLE", "tok-123456"):
+        assert secret not in text
