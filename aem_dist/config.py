@@ -29,6 +29,15 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _absolute_local(value: str | None) -> str | None:
+    """Local paths become absolute when a config is loaded: Ray workers run in other working directories."""
+    if value is None:
+        return None
+    from .storage import absolute
+
+    return absolute(value)
+
+
 class DataConfig(_Section):
     root: str = Field("data/demo", description="Dataset folder or URL (path, file://, s3://bucket/prefix) holding manifest.json and shards.")
     loader: Literal["memory", "stream"] = Field("memory", description="'memory' loads every bag into RAM; 'stream' reads WebDataset shards from storage with a node-local cache.")
@@ -39,6 +48,8 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(None, description="Node-local shard cache folder for the streaming loader (default: a folder under the system temp dir).")
     cache_max_gb: float = Field(20.0, gt=0, description="Upper bound of the node-local shard cache, in GiB; least recently used shards are evicted.")
     retries: int = Field(5, ge=0, description="Bounded retries for object-storage reads before a shard read fails.")
+
+    _absolute = field_validator("root", "cache_dir")(_absolute_local)
 
 
 class ModelConfig(_Section):
@@ -86,6 +97,8 @@ class RunSection(_Section):
     storage_path: str | None = Field(None, description="Where Ray keeps checkpoints and results (path or s3:// URL); default: the --out folder.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do from the last checkpoint (-1 = unlimited).")
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the best-scoring and latest survive).")
+
+    _absolute = field_validator("storage_path")(_absolute_local)
 
 
 class SweepSection(_Section):

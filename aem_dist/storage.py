@@ -155,6 +155,11 @@ def _s3_filesystem(options: StorageOptions) -> Any:
         return fs
 
 
+def absolute(url: str) -> str:
+    """``url`` with a local path made absolute (Ray workers run in other working directories)."""
+    return str(url) if is_remote(url) else os.path.abspath(strip_scheme(url))
+
+
 def join(url: str, *parts: str) -> str:
     """Join path parts onto a URL or path without mangling the scheme."""
     url = str(url).rstrip("/")

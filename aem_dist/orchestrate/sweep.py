@@ -198,6 +198,7 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
     from ..observe.callbacks import TuneMetricsCallback
     from ..observe.report import write_report
 
+    out = storage.absolute(out)
     grid = dict(cfg.sweep.grid)
     if not grid:
         raise SweepError("sweep.grid is empty: set e.g. --set 'sweep.grid={train.seed: [0, 1], loss.lam: [0, 0.1]}'")
@@ -213,5 +214,5 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
         announce(f"report: {storage.redact(report.url, options)}")
     failed = [r["trial"] for r in rows if r["status"] != "TERMINATED"]
     if failed:
-        log.error("%d trial(s) did not finish: %s — rerun with --resume to retry them", len(failed), ", ".join(failed))
+        raise SweepError(f"{len(failed)} of {len(rows)} trial(s) did not finish ({', '.join(failed)}); their errors are above and in {storage.redact(out, options)}/ray; rerun with --resume to retry them")
     return summary

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Train ``cfg``; write ``out/run.json`` and ``out/results.json``; return the results dict."""
+    out = storage.absolute(out)
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     write_json(storage.join(out, "run.json"), run_record(cfg, "train", options), options)
     with serve_run_metrics(cfg, announce) as exporter:

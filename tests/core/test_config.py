@@ -84,3 +84,10 @@ def test_run_record_masks_credentials(monkeypatch):
     text = str(run_record(cfg, "train", StorageOptions.from_config(cfg.storage)))
     for secret in ("hunter22", "AKIAEXAMPLE", "tok-123456"):
         assert secret not in text
+
+
+def test_local_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.root=data/x", "data.cache_dir=cache", "run.storage_path=runs"])
+    assert (cfg.data.root, cfg.data.cache_dir, cfg.run.storage_path) == (str(tmp_path / "data/x"), str(tmp_path / "cache"), str(tmp_path / "runs"))
+    assert load_config(None, ["data.root=s3://bucket/x"]).data.root == "s3://bucket/x"

@@ -58,12 +58,15 @@ def test_injected_failure_resumes_from_checkpoint(local_ray, demo_data, tmp_path
 def test_sweep_over_every_model(local_ray, demo_data, tmp_path):
     from aem_dist.models import MODELS
     from aem_dist.observe.tables import read_csv
+    from aem_dist.orchestrate.errors import SweepError
     from aem_dist.orchestrate.sweep import run_sweep
 
     names = sorted(MODELS)
-    cfg = _cfg(demo_data, "scaling.num_workers=0", "train.epochs=1", f"sweep.grid={{model.name: {names}}}")
-    run_sweep(cfg, str(tmp_path))
-    rows = read_csv(str(tmp_path / "trials.csv"))
-    assert sorted(r["model.name"] for r in rows) == names == sorted(MODELS)
-    assert all(r["status"] == "TERMINATED" and 0 <= r["test_auc"] <= 1 for r in rows), rows
-    assert {r["trial"] for r in rows} == {f"name={n}" for n in names}
+    cfg = _cfg(demo_data, "scaling.num_workers=0", "train.epochs=1", f"sweep.grid={{model.name: {[*names, 'no-such-model']}}}")
+    with pytest.raises(SweepError, match=r"1 of 10 trial\(s\) did not finish \(name=no-such-model\)"):
+        run_sweep(cfg, str(tmp_path))  # a failed trial fails the sweep, after every table is written
+    rows = {r["model.name"]: r for r in read_csv(str(tmp_path / "trials.csv"))}
+    assert sorted(rows) == sorted([*names, "no-such-model"])
+    assert rows.pop("no-such-model")["status"] == "ERROR"
+    assert all(r["status"] == "TERMINATED" and 0 <= r["test_auc"] <= 1 for r in rows.values()), rows
+    assert {r["trial"] for r in rows.values()} == {f"name={n}" for n in names}

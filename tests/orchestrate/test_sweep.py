@@ -21,9 +21,10 @@ GRID = "sweep.grid={train.seed: [0, 1], loss.lam: [0.0, 0.1]}"
 
 
 def _sweep_cmd(demo_data, out, *extra):
+    # Relative paths on purpose: Ray runs trials in other working directories.
     return [
-        sys.executable, "-m", "aem_dist", "sweep", "--config", "demo", "--out", str(out),
-        "--set", f"data.root={demo_data}", "--set", "train.epochs=2", "--set", "scaling.num_workers=0",
+        sys.executable, "-m", "aem_dist", "sweep", "--config", "demo", "--out", os.path.relpath(out, out.parent),
+        "--set", f"data.root={os.path.relpath(demo_data, out.parent)}", "--set", "train.epochs=2", "--set", "scaling.num_workers=0",
         "--set", "train.progress=false", "--set", "sweep.max_concurrent_trials=1",
         "--set", "metrics.port=0", "--set", "metrics.grace_s=0", "--set", GRID, *extra,
     ]  # fmt: skip
@@ -35,7 +36,7 @@ def test_sweep_tables_and_resume_after_driver_kill(demo_data, tmp_path):
     private_tmp = Path(tempfile.mkdtemp(prefix="aems-", dir="/tmp"))
     env = {**os.environ, "TMPDIR": str(private_tmp)}
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(_sweep_cmd(demo_data, out), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(_sweep_cmd(demo_data, out), env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
         while len(list(out.glob("trials/*/results.json"))) < 2:
@@ -52,10 +53,10 @@ def test_sweep_tables_and_resume_after_driver_kill(demo_data, tmp_path):
     assert 2 <= len(finished) < 4
     assert not (out / "summary.md").exists()
 
-    refused = subprocess.run(_sweep_cmd(demo_data, out), env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(_sweep_cmd(demo_data, out), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "--resume" in refused.stderr  # never silently restart over a sweep
 
-    resumed = subprocess.run(_sweep_cmd(demo_data, out, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_sweep_cmd(demo_data, out, "--resume"), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     _kill_leftovers(str(private_tmp))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name, mtime in finished.items():  # finished trials were not run again
