@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import h5py
 
-from . import RawBag, SourceError, as_matrix, label_text
+from . import FEATURE_KEYS, RawBag, SourceError, as_matrix, label_text
 
 
 class AcmilH5Source:
@@ -30,7 +30,7 @@ class AcmilH5Source:
     def load(self, slide_id: str) -> RawBag:
         g = self._f[slide_id]
         origin = f"{self.path}:{slide_id}"
-        key = next((k for k in ("feat", "features", "feats") if k in g), None)
+        key = next((k for k in FEATURE_KEYS if k in g), None)
         if key is None:
             raise SourceError(f"{origin}: no 'feat' dataset (has {sorted(g.keys())})")
         feats = as_matrix(g[key][()], origin, key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import zarr
 
-from . import RawBag, SourceError, as_matrix, label_text
+from . import FEATURE_KEYS, RawBag, SourceError, as_matrix, label_text
 
 
 class ZarrSource:
@@ -31,7 +31,7 @@ class ZarrSource:
         g = self._root[slide_id]
         origin = f"{self.path}/{slide_id}"
         names = set(g.array_keys())
-        key = next((k for k in ("features", "feats", "feat") if k in names), None)
+        key = next((k for k in FEATURE_KEYS if k in names), None)
         if key is None:
             raise SourceError(f"{origin}: no 'features' array (has {sorted(names)})")
         feats = as_matrix(g[key][...], origin, key)
