@@ -76,7 +76,8 @@ class TrainConfig(_Section):
     epochs: int = Field(50, ge=1, description="Training epochs.")
     lr: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW; decays per iteration by cosine to 0.")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
-    seed: int = Field(0, ge=0, description="Seeds model init, data order per epoch, subsampling and dropout.")
+    seed: int = Field(0, ge=0, description="Seeds model init and dropout/masking draws; also data order and subsampling unless train.data_seed is set.")
+    data_seed: int | None = Field(None, ge=0, description="Seeds data order per epoch and subsampling draws (default: train.seed). Sweep grid points fuse into one population only when their data seeds are equal, so set it to vary initialisation alone across seeds.")
     max_bags_per_batch: int = Field(1, ge=1, description="Bags packed into one step (1 = the paper's batch of one bag).")
     max_instances_per_batch: int | None = Field(None, ge=1, description="Instance budget of a packed step; a bag larger than it is trained alone, never truncated. None = no budget.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for a local run; under Ray Train the worker's assigned device is used.")
@@ -106,6 +107,19 @@ class SweepSection(_Section):
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once (default: derived from cluster resources and resources_per_trial).")
     trial_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per trial (with num_workers 0) or per Ray Train worker.")
     trial_gpus: float = Field(0.0, ge=0.0, description="GPUs per trial; fractions pack several trials on one GPU.")
+    population: int | Literal["auto", "off"] = Field("auto", description="Fuse grid points that differ only in loss.lam, loss.kind, train.seed, train.lr, train.weight_decay (and share train.data_seed) into populations trained as one stacked model in one trial: 'auto' (as many members as fit, see docs/ARCHITECTURE.md), 'off' (one trial per grid point), or N (at most N members per population).")
+
+    @field_validator("population", mode="before")
+    @classmethod
+    def _population_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+    @field_validator("population")
+    @classmethod
+    def _population(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be 'auto', 'off' or a positive number of members")
+        return value
 
     @field_validator("grid")
     @classmethod

@@ -44,25 +44,45 @@ def predict(model: nn.Module, loader: SplitLoader, ctx: DistContext, *, keep_att
     out_rows: list[BagPrediction] = []
     for batch in loader.epoch(epoch):
         coords = batch.coords
-        batch = batch.to(ctx.device)
+        batch = batch.to(ctx.device, torch.get_default_dtype())
         out = model(batch.feats, batch.bag_index, batch.n_bags)
         probs = torch.softmax(out.logits.double(), dim=1).cpu().numpy()
         attn = out.instance_attention(batch.bag_index, batch.n_bags)
-        attn_np = attn.double().cpu().numpy() if attn is not None else None
-        offsets = batch.offsets.cpu().numpy()
-        for b, key in enumerate(batch.keys):
-            lo, hi = offsets[b], offsets[b + 1]
-            out_rows.append(
-                BagPrediction(
-                    key=key,
-                    label=int(batch.labels[b]),
-                    probs=probs[b],
-                    attn_stats=bag_attention_stats(attn_np[lo:hi]) if attn_np is not None else None,
-                    attention=attn_np[lo:hi] if keep_attention and attn_np is not None else None,
-                    coords=coords[lo:hi].numpy() if keep_attention and coords is not None else None,
-                )
-            )
+        out_rows += _bag_rows(batch, probs, attn.double().cpu().numpy() if attn is not None else None, coords if keep_attention else None, keep_attention)
     return out_rows
+
+
+@torch.no_grad()
+def predict_population(pop: nn.Module, loader: SplitLoader, ctx: DistContext, *, epoch: int = 0) -> list[list[BagPrediction]]:
+    """This rank's per-bag predictions of every member of a population, from one pass over the split."""
+    pop.eval()
+    out_rows: list[list[BagPrediction]] = [[] for _ in range(pop.size)]
+    for batch in loader.epoch(epoch):
+        batch = batch.to(ctx.device, torch.get_default_dtype())
+        logits, attn = pop.predict(batch.feats, batch.bag_index, batch.n_bags)  # (K, B, C), (K, T)
+        probs = torch.softmax(logits.double(), dim=2).cpu().numpy()
+        attn_np = attn.double().cpu().numpy() if attn is not None else None
+        for k, rows in enumerate(out_rows):
+            rows += _bag_rows(batch, probs[k], attn_np[k] if attn_np is not None else None, None, False)
+    return out_rows
+
+
+def _bag_rows(batch, probs: np.ndarray, attn_np: np.ndarray | None, coords, keep_attention: bool) -> list[BagPrediction]:
+    offsets = batch.offsets.cpu().numpy()
+    rows = []
+    for b, key in enumerate(batch.keys):
+        lo, hi = offsets[b], offsets[b + 1]
+        rows.append(
+            BagPrediction(
+                key=key,
+                label=int(batch.labels[b]),
+                probs=probs[b],
+                attn_stats=bag_attention_stats(attn_np[lo:hi]) if attn_np is not None else None,
+                attention=attn_np[lo:hi] if keep_attention and attn_np is not None else None,
+                coords=coords[lo:hi].numpy() if keep_attention and coords is not None else None,
+            )
+        )
+    return rows
 
 
 def gather_predictions(rows: list[BagPrediction], ctx: DistContext, loader: SplitLoader | None = None) -> list[BagPrediction]:

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from .. import storage
 from ..config import Config
 from ..storage import StorageOptions
-from .checkpoint import STATE_FILE, load_dir, state_to_bytes
+from .checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best_states
 from .loop import EpochReport, FitResult, fit
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class LocalCheckpoints:
         storage.atomic_write_bytes(storage.join(self.folder, name, STATE_FILE), blob, self.options)
         if report.is_best:
             self.best = name
-            if self.best_dir is not None:
-                storage.atomic_write_bytes(storage.join(self.best_dir, STATE_FILE), blob, self.options)
+        if self.best_dir is not None:
+            write_best_states(report, blob, [self.best_dir], self.options)
         epochs = self._epochs()
         fs, path = storage.open_fs(self.folder, self.options)
         for old in epochs[: -self.keep]:

@@ -1,8 +1,12 @@
 """The training loop: one function, the same in a plain process and inside a Ray Train worker.
 
-``fit(cfg)`` builds data, model and optimizer, then per epoch trains, evaluates val and test on all
-bags, updates the best-by-validation selection and hands an :class:`EpochReport` to ``on_epoch``
-(a local checkpoint writer, or Ray Train's ``report``). It never imports Ray.
+``fit_members(cfgs)`` builds data, model(s) and optimizer, then per epoch trains, evaluates val and
+test on all bags, updates each member's best-by-validation selection and hands an
+:class:`EpochReport` to ``on_epoch`` (a local checkpoint writer, or Ray Train's ``report``). One
+config is today's single run (:class:`Single`: a plain module and torch's AdamW); several configs
+that differ only in :data:`~aem_dist.engine.population.MEMBER_KEYS` train as one population
+(:class:`~aem_dist.engine.population.Members`) on the same batches. ``fit(cfg)`` is the one-member
+case. It never imports Ray.
 """
 
 from __future__ import annotations
@@ -18,12 +22,12 @@ import torch
 from ..config import Config
 from ..data.loader import LoaderSpec, SplitLoader, open_split
 from ..data.manifest import Manifest, load_manifest
-from ..data.packing import subsample
+from ..data.packing import PackedBatch, subsample
 from ..losses import attention_regulariser, total_loss
 from ..models import build_model
 from ..storage import StorageOptions
 from .dist import DistContext, parallelize
-from .evaluate import evaluate
+from .evaluate import BagPrediction, gather_predictions, predict, split_metrics
 from .metrics import selection_score
 
 log = logging.getLogger(__name__)
@@ -53,33 +57,64 @@ class Data:
 
 @dataclass
 class EpochReport:
-    """What the loop hands to ``on_epoch`` after each epoch (on every rank)."""
+    """What the loop hands to ``on_epoch`` after each epoch (on every rank).
+
+    A single run has one member; a population has K, each with its own row and best-epoch selection.
+    The plain fields (``row``, ``is_best``, ...) are member 0's.
+    """
 
     epoch: int
-    row: dict[str, Any]  # this epoch's history row
+    row: dict[str, Any]  # this epoch's history row (member 0)
     is_best: bool
     best_epoch: int | None
-    state: Callable[[], dict[str, Any]]  # the full checkpoint state, built on demand
+    state: Callable[[], dict[str, Any]]  # the full checkpoint state (all members), built on demand
     best_score: float = -math.inf
     step_times: list[float] = field(default_factory=list)  # rank 0's step durations this epoch (s)
     skipped: dict[str, int] = field(default_factory=dict)  # bad samples skipped so far, by reason
     extra: dict[str, Any] = field(default_factory=dict)  # added by reporters, e.g. time/checkpoint_s
+    members: list["MemberEpoch"] = field(default_factory=list)  # populations: every member, in order
+    member_state: Callable[[int], dict[str, Any]] | None = None  # member k's standalone-format state
+
+    @property
+    def member_best(self) -> list[bool]:
+        """Per member: is this epoch its best so far (write its ``best/state.pt``)?"""
+        return [m.is_best for m in self.members] if self.members else [self.is_best]
+
+    def best_state(self, k: int) -> dict[str, Any]:
+        """What member k's ``best/state.pt`` holds (a single run: the full checkpoint state)."""
+        return self.member_state(k) if self.member_state is not None else self.state()
 
     def flat(self) -> dict[str, Any]:
         """One flat dict for reporters (Ray, Prometheus): ``epoch``, ``train/loss``, ``val/auc``, ...,
-        ``best/epoch``, ``best/val_score``, ``skipped/<reason>`` and ``time/step_s`` (a list)."""
-        out: dict[str, Any] = {"epoch": self.epoch}
-        for section, values in self.row.items():
-            if isinstance(values, dict):
-                out.update({f"{section}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
-            elif isinstance(values, (int, float)) and section != "epoch":
-                out[section] = values
-        out["best/epoch"] = -1 if self.best_epoch is None else self.best_epoch
-        out["best/val_score"] = self.best_score
+        ``best/epoch``, ``best/val_score``, ``skipped/<reason>`` and ``time/step_s`` (a list).
+        A population adds ``members``: the same dict for each member, in order."""
+        out = _flat_row(self.epoch, self.row, self.best_epoch, self.best_score)
         out.update({f"skipped/{k}": v for k, v in self.skipped.items()})
         out["time/step_s"] = list(self.step_times)
         out.update(self.extra)
+        if self.members:
+            out["members"] = [_flat_row(self.epoch, m.row, m.best_epoch, m.best_score) | {f"skipped/{k}": v for k, v in self.skipped.items()} | self.extra for m in self.members]
         return out
+
+
+@dataclass
+class MemberEpoch:
+    row: dict[str, Any]
+    is_best: bool
+    best_epoch: int | None
+    best_score: float
+
+
+def _flat_row(epoch: int, row: dict[str, Any], best_epoch: int | None, best_score: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"epoch": epoch}
+    for section, values in row.items():
+        if isinstance(values, dict):
+            out.update({f"{section}/{k}": v for k, v in values.items() if isinstance(v, (int, float))})
+        elif isinstance(values, (int, float)) and section != "epoch":
+            out[section] = values
+    out["best/epoch"] = -1 if best_epoch is None else best_epoch
+    out["best/val_score"] = best_score
+    return out
 
 
 @dataclass
@@ -99,6 +134,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def data_seed(cfg: Config) -> int:
+    """The seed of data order and subsampling draws: ``train.data_seed``, else ``train.seed``."""
+    return cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed
+
+
 def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = None) -> Data:
     """The manifest and this rank's loaders for train, val and test."""
     manifest = load_manifest(cfg.data.root, options)
@@ -107,7 +147,7 @@ def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = No
     def loader(split: str, train: bool) -> SplitLoader | None:
         if split not in manifest.splits:
             return None
-        spec = LoaderSpec(split, ctx.rank, ctx.world_size, train, t.seed, t.max_instances_per_batch, t.max_bags_per_batch, cfg.data.on_bad_sample)
+        spec = LoaderSpec(split, ctx.rank, ctx.world_size, train, data_seed(cfg), t.max_instances_per_batch, t.max_bags_per_batch, cfg.data.on_bad_sample)
         return open_split(cfg.data, manifest, spec, options)
 
     train = loader("train", True)
@@ -123,24 +163,72 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) ->
     return torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
 
 
+def seed_epoch_value(seed: int, epoch: int, rank: int) -> int:
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
+
+
 def seed_epoch(seed: int, epoch: int, rank: int) -> None:
     """Seed the global RNG (dropout, masking) from (seed, epoch, rank): resuming at an epoch boundary
     then replays exactly what an uninterrupted run would have done."""
-    torch.manual_seed((seed * 1_000_003 + epoch) * 1_009 + rank)
+    torch.manual_seed(seed_epoch_value(seed, epoch, rank))
 
 
-def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: DistContext, epoch: int) -> tuple[dict[str, float], list[float]]:
-    """One epoch of training on this rank; returns stats over all ranks and this rank's step times.
+class Single:
+    """Today's run: one model (DDP-wrapped under several ranks) and torch's fused AdamW."""
+
+    size = 1
+
+    def __init__(self, cfg: Config, manifest: Manifest, ctx: DistContext):
+        self.cfg = cfg
+        torch.manual_seed(cfg.train.seed)  # identical init on every rank
+        self.core = build_model(cfg.model, manifest.dim, manifest.n_classes)
+        self.module = parallelize(self.core, ctx)
+        self.optimizer = make_optimizer(self.core, cfg, ctx.device)
+        self.lam = cfg.loss.lam
+
+    def terms(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        out = self.module(batch.feats, batch.bag_index, batch.n_bags)
+        terms = self.core.loss_terms(out, batch.labels)
+        terms["aem"] = attention_regulariser(out, batch.n_bags, self.cfg.loss.kind)
+        return terms
+
+    def clip_grads_(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.core.parameters(), max_norm)
+
+    def seed_epoch(self, epoch: int, rank: int) -> None:
+        seed_epoch(self.cfg.train.seed, epoch, rank)
+
+    def predict(self, loader: SplitLoader, ctx: DistContext, epoch: int) -> list[list[BagPrediction]]:
+        return [predict(self.core, loader, ctx, epoch=epoch)]
+
+    def lrs(self) -> list[float]:
+        return [self.optimizer.param_groups[0]["lr"]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.core.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.core.load_state_dict(state["model"])
+
+    def member_model_state(self, k: int) -> dict[str, Any]:
+        return self.core.state_dict()
+
+
+def train_epoch(trainee, sched, loader: SplitLoader, cfg: Config, ctx: DistContext, epoch: int) -> tuple[list[dict[str, float]], list[float]]:
+    """One epoch of training on this rank; returns stats per member over all ranks and this rank's step times.
 
     Stats: ``loss`` and every named loss term (``ce``, ``aem``, and model terms such as ``diversity``)
     as means per step, the unweighted term values (``aem`` is Σ a log a before λ); counts of steps,
-    bags and instances summed over ranks; mean data-loading wait per rank.
+    bags and instances summed over ranks; mean data-loading wait per rank. A term is a scalar for a
+    single run and a (K,) vector for a population of K; the loss backpropagated is its sum over
+    members (each member's gradient is its own, see :mod:`aem_dist.engine.population`).
     """
-    model.train()
+    trainee.module.train()
+    opt = trainee.optimizer
     counts = {"steps": 0.0, "bags": 0.0, "instances": 0.0, "data_wait_s": 0.0}
-    terms_sum: dict[str, float] = {"loss": 0.0}
+    terms_sum: dict[str, torch.Tensor] = {}
     step_times: list[float] = []
-    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch * 131 + ctx.rank)
+    gen = torch.Generator().manual_seed(data_seed(cfg) * 7919 + epoch * 131 + ctx.rank)
     it = iter(loader.epoch(epoch))
     while True:
         t0 = time.perf_counter()
@@ -148,31 +236,35 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
         if batch is None:
             break
         counts["data_wait_s"] += time.perf_counter() - t0
-        batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device)
-        out = model(batch.feats, batch.bag_index, batch.n_bags)
-        terms = core.loss_terms(out, batch.labels)
-        terms["aem"] = attention_regulariser(out, batch.n_bags, cfg.loss.kind)
-        loss = total_loss(terms, cfg.loss.lam)
-        if not ctx.all_true(bool(torch.isfinite(loss))):
+        batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device, torch.get_default_dtype())
+        terms = trainee.terms(batch)
+        loss = total_loss(terms, trainee.lam)
+        if not ctx.all_true(bool(torch.isfinite(loss).all())):
             raise NonFiniteLossError(f"epoch {epoch}: non-finite loss on some rank; this rank's bags: {batch.keys[:8]}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.sum().backward()
         if cfg.train.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            trainee.clip_grads_(cfg.train.grad_clip)
         opt.step()
         sched.step()
         for name, value in {"loss": loss, **terms}.items():
-            terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach())
+            value = value.detach().double().reshape(-1)
+            terms_sum[name] = terms_sum[name] + value if name in terms_sum else value
         counts["steps"] += 1
         counts["bags"] += batch.n_bags
         counts["instances"] += batch.n_instances
         step_times.append(time.perf_counter() - t0)
     # Every rank runs the same number of steps with the same model, so the term names agree.
-    keys = list(terms_sum) + list(counts)
-    total = dict(zip(keys, ctx.sum([{**terms_sum, **counts}[k] for k in keys])))
-    steps = max(total["steps"], 1.0)
-    stats = {name: total[name] / steps for name in terms_sum}
-    stats |= {k: total[k] for k in ("bags", "instances", "steps")} | {"data_wait_s": total["data_wait_s"] / ctx.world_size}
+    names = list(terms_sum)
+    local = [v for name in names for v in terms_sum[name].tolist()] + [counts[k] for k in counts]
+    total = ctx.sum(local)
+    steps = max(total[len(local) - len(counts)], 1.0)
+    shared = dict(zip(counts, total[len(local) - len(counts):]))
+    stats = []
+    for k in range(trainee.size):
+        member = {name: total[i * trainee.size + k] / steps for i, name in enumerate(names)}
+        member |= {c: shared[c] for c in ("bags", "instances", "steps")} | {"data_wait_s": shared["data_wait_s"] / ctx.world_size}
+        stats.append(member)
     return stats, step_times
 
 
@@ -185,71 +277,115 @@ def fit(
     options: StorageOptions | None = None,
 ) -> FitResult:
     """Train ``cfg`` to the end (from ``resume`` if given); evaluate val/test; pick the best epoch."""
+    return fit_members([cfg], ctx=ctx, resume=resume, on_epoch=on_epoch, options=options)[0]
+
+
+def fit_members(
+    cfgs: list[Config],
+    *,
+    ctx: DistContext | None = None,
+    resume: dict[str, Any] | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    options: StorageOptions | None = None,
+) -> list[FitResult]:
+    """Train one config, or a population of configs on the same batches; one result per config."""
+    cfg = cfgs[0]  # data, model, epochs and budgets are the same for every member
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
     data = open_data(cfg, ctx, options)
     m = data.manifest
-    torch.manual_seed(cfg.train.seed)  # identical init on every rank
-    core = build_model(cfg.model, m.dim, m.n_classes)
-    model = parallelize(core, ctx)
-    opt = make_optimizer(core, cfg, ctx.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero(sum(data.train.steps(e) for e in range(cfg.train.epochs))))
-    history: list[dict[str, Any]] = []
-    best_epoch, best_score, start = None, -math.inf, 0
+    if len(cfgs) == 1:
+        trainee = Single(cfg, m, ctx)
+    else:
+        from .population import Members
+
+        trainee = Members(cfgs, m, ctx)
+    K = trainee.size
+    sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, CosineToZero(sum(data.train.steps(e) for e in range(cfg.train.epochs))))
+    histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
+    best: list[tuple[int | None, float]] = [(None, -math.inf)] * K
+    start = 0
     if resume is not None:
-        core.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
+        trainee.load_state_dict(resume)
+        trainee.optimizer.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
-        history, best_epoch, best_score = list(resume["history"]), resume["best_epoch"], float(resume["best_score"])
+        if K == 1:
+            histories, best = [list(resume["history"])], [(resume["best_epoch"], float(resume["best_score"]))]
+        else:
+            histories = [list(h) for h in resume["history"]]
+            best = [(e, float(s)) for e, s in zip(resume["best_epoch"], resume["best_score"])]
         start = int(resume["epoch"]) + 1
-        log.info("resuming after epoch %d (best so far: %s)", start - 1, best_epoch)
+        log.info("resuming after epoch %d (best so far: %s)", start - 1, [b[0] for b in best] if K > 1 else best[0][0])
+
+    def meta() -> dict[str, Any]:
+        return {"name": cfg.model.name, "dim": m.dim, "n_classes": m.n_classes, "class_names": m.class_names, "model": cfg.model.model_dump()}
 
     def state(epoch: int) -> dict[str, Any]:
+        per = (lambda xs: xs[0]) if K == 1 else list
         return {
-            "model": core.state_dict(),
-            "optimizer": opt.state_dict(),
+            **trainee.state_dict(),
+            "optimizer": trainee.optimizer.state_dict(),
             "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(),
             "epoch": epoch,
-            "best_epoch": best_epoch,
-            "best_score": best_score,
-            "history": history,
-            "model_meta": {"name": cfg.model.name, "dim": m.dim, "n_classes": m.n_classes, "class_names": m.class_names, "model": cfg.model.model_dump()},
+            "best_epoch": per([b[0] for b in best]),
+            "best_score": per([b[1] for b in best]),
+            "history": per(histories),
+            "model_meta": meta(),
         }
+
+    def member_state(k: int, epoch: int) -> dict[str, Any]:
+        """Member k as its own run would save it (weights, selection, history), for predict/heatmap."""
+        return {"model": trainee.member_model_state(k), "epoch": epoch, "best_epoch": best[k][0], "best_score": best[k][1], "history": histories[k], "model_meta": meta()}
 
     bar = _progress(cfg, ctx, start)
     for epoch in range(start, cfg.train.epochs):
-        seed_epoch(cfg.train.seed, epoch, ctx.rank)
+        trainee.seed_epoch(epoch, ctx.rank)
         t0 = time.perf_counter()
-        train_stats, step_times = train_epoch(model, core, opt, sched, data.train, cfg, ctx, epoch)
-        row: dict[str, Any] = {"epoch": epoch, "train": train_stats, "lr": opt.param_groups[0]["lr"]}
+        train_stats, step_times = train_epoch(trainee, sched, data.train, cfg, ctx, epoch)
+        lrs = trainee.lrs()
+        rows: list[dict[str, Any]] = [{"epoch": epoch, "train": train_stats[k], "lr": lrs[k]} for k in range(K)]
         train_s = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
             for split, loader in (("val", data.val), ("test", data.test)):
                 if loader is not None:
-                    row[split] = evaluate(core, loader, ctx, m.n_classes, epoch=epoch).metrics
-        row["time"] = {"epoch_s": time.perf_counter() - t0, "train_s": train_s, "instances_per_s": train_stats["instances"] / max(train_s, 1e-9)}
-        history.append(row)
-        is_best = False
-        if "val" in row:
-            score = selection_score(row["val"], cfg.train.select_metric)
-            if best_epoch is None or score > best_score:
-                best_epoch, best_score, is_best = epoch, score, True
+                    for k, rows_k in enumerate(trainee.predict(loader, ctx, epoch)):
+                        rows[k][split] = split_metrics(gather_predictions(rows_k, ctx, loader), m.n_classes)
+        timing = {"epoch_s": time.perf_counter() - t0, "train_s": train_s, "instances_per_s": train_stats[0]["instances"] / max(train_s, 1e-9)}
+        members = []
+        for k, row in enumerate(rows):
+            row["time"] = dict(timing)
+            histories[k].append(row)
+            is_best = False
+            if "val" in row:
+                score = selection_score(row["val"], cfgs[k].train.select_metric)
+                if best[k][0] is None or score > best[k][1]:
+                    best[k], is_best = (epoch, score), True
+            members.append(MemberEpoch(row, is_best, best[k][0], best[k][1]))
         if on_epoch is not None:
-            on_epoch(EpochReport(epoch, row, is_best, best_epoch, lambda e=epoch: state(e), best_score, step_times, _skipped(data)))
+            on_epoch(
+                EpochReport(
+                    epoch, rows[0], members[0].is_best, best[0][0], lambda e=epoch: state(e), best[0][1], step_times, _skipped(data),
+                    members=members if K > 1 else [], member_state=(lambda k, e=epoch: member_state(k, e)) if K > 1 else None,
+                )
+            )
         if bar is not None:
             bar.update(1)
-            bar.set_postfix_str(_postfix(row))
+            bar.set_postfix_str(_postfix(rows[0]) + (f" (member 0 of {K})" if K > 1 else ""))
         elif ctx.is_main:
-            log.info("epoch %d: %s", epoch, _postfix(row))
+            log.info("epoch %d: %s", epoch, _postfix(rows[0]) + (f" (member 0 of {K})" if K > 1 else ""))
         if cfg.debug.fail_at_epoch == epoch and ctx.is_main:
             raise RuntimeError(f"injected failure after epoch {epoch} (debug.fail_at_epoch)")
     if bar is not None:
         bar.close()
-    best = history[[r["epoch"] for r in history].index(best_epoch)] if best_epoch is not None else (history[-1] if history else {})
     skipped = _skipped(data)
-    return FitResult(best_epoch, best.get("val", {}), best.get("test", {}), history, skipped, m, start - 1 if resume is not None else None)
+    results = []
+    for k in range(K):
+        h, b = histories[k], best[k][0]
+        row = h[[r["epoch"] for r in h].index(b)] if b is not None else (h[-1] if h else {})
+        results.append(FitResult(b, row.get("val", {}), row.get("test", {}), h, skipped, m, start - 1 if resume is not None else None))
+    return results
 
 
 def _skipped(data: Data) -> dict[str, int]:

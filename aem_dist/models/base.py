@@ -57,13 +57,20 @@ class MILOutput:
             return None
         a = torch.exp(self.log_attention()).mean(dim=1)  # (R,)
         rows = self.attn_rows if self.attn_rows is not None else torch.arange(a.shape[0], device=a.device)
-        per_instance = torch.zeros(bag_index.shape[0], dtype=a.dtype, device=a.device).index_add_(0, rows, a)
+        per_instance = a.new_zeros(bag_index.shape[0]).index_add(0, rows, a)  # out of place: vmap-friendly (populations)
         bag_total = segment_sum(per_instance, bag_index, n_bags)  # (B,)
         return per_instance / bag_total.clamp_min(torch.finfo(a.dtype).tiny)[bag_index]
 
 
 class MILModel(nn.Module):
-    """Base class: subclasses implement ``forward``; override ``loss_terms`` for extra terms."""
+    """Base class: subclasses implement ``forward``; override ``loss_terms`` for extra terms.
+
+    ``population_note``: None when the model can train as one member of a population (stacked
+    weights, :mod:`aem_dist.engine.population`); otherwise the one-line reason it cannot, and sweeps
+    run it one trial per grid point.
+    """
+
+    population_note: str | None = None
 
     def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> MILOutput:  # pragma: no cover
         raise NotImplementedError

@@ -106,15 +106,25 @@ class TuneMetricsCallback(Callback):
     def _name(self, trial: Any) -> str:
         return self.trial_name(trial) if self.trial_name is not None else str(trial)
 
+    def _entries(self, trial: Any) -> list[tuple[str, str, Mapping[str, Any]]]:
+        """(entry id, name, config) of each grid point a trial trains: its population's members (the
+        sweep puts them in ``config["_population"]``), or the trial itself."""
+        pop = (trial.config or {}).get("_population")
+        if pop and pop.get("members"):
+            return [(f"{trial.trial_id}#{k}", m["name"], m["values"]) for k, m in enumerate(pop["members"])]
+        return [(trial.trial_id, self._name(trial), trial.config or {})]
+
     def _see(self, trial: Any, state: str | None = None) -> bool:
-        """Record a trial (its state from ``state`` or its Tune status); True if its state changed."""
-        tid = trial.trial_id
-        if tid not in self._names:
-            self._names[tid] = self._name(trial)
-            self._labels[tid] = trial_labels(self.base, self._names[tid], trial.config or {})
+        """Record a trial's grid points (their state from ``state`` or the trial's Tune status); True
+        if a state changed."""
         new = state or TUNE_STATES.get(str(trial.status), "pending")
-        changed = self._states.get(tid) != new
-        self._states[tid] = new
+        changed = False
+        for eid, name, config in self._entries(trial):
+            if eid not in self._names:
+                self._names[eid] = name
+                self._labels[eid] = trial_labels(self.base, name, config)
+            changed |= self._states.get(eid) != new
+            self._states[eid] = new
         return changed
 
     def counts(self) -> dict[str, int]:
@@ -144,9 +154,11 @@ class TuneMetricsCallback(Callback):
         with self._lock:
             changed = self._see(trial, "running")
             if "epoch" in result:  # an epoch report (a trial's closing "done/..." report carries none)
-                self._last[trial.trial_id] = dict(result)
-                if self.exporter is not None:
-                    self.exporter.on_report(self._labels[trial.trial_id], result)
+                per_member = result.get("members") or [result]  # a population reports each member
+                for (eid, _, _), member in zip(self._entries(trial), per_member):
+                    self._last[eid] = dict(member)
+                    if self.exporter is not None:
+                        self.exporter.on_report(self._labels[eid], member)
             self._publish(changed)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

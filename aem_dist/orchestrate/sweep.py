@@ -22,11 +22,13 @@ from typing import Any, Callable
 
 from .. import storage
 from ..config import Config, build_config, config_with
+from ..data.manifest import load_manifest
 from ..engine.results import run_record, write_json
 from ..observe.metrics import serve_run_metrics
 from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
+from .populations import Member, PopulationSpec, plan_populations
 from .worker import make_trainer, quiet_ray_logs, train_loop_per_worker, worker_resources
 
 log = logging.getLogger(__name__)
@@ -51,29 +53,32 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def run_trial(values: dict[str, Any], *, base: dict[str, Any], out: str, single: bool) -> None:
-    """Tune function trainable: one grid point, start to finish (resuming from its last checkpoint)."""
+def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single: bool) -> None:
+    """Tune function trainable: one population of grid points (often one point), start to finish
+    (resuming from its last checkpoint). Each member writes its own ``trials/<name>/results.json``."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     quiet_ray_logs()
-    values = {k: v for k, v in values.items() if not k.startswith("_")}
-    cfg = config_with(build_config(base, "sweep base config"), values)
-    name = trial_name(values)
-    run_dir = out if single else storage.join(out, "trials", name)
-    options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
-    # results.json is written last, so a trial that has one finished — even if the driver died before
+    spec = PopulationSpec.from_config(config["_population"]) if "_population" in config else PopulationSpec("run", [Member("run", {})])
+    base_cfg = build_config(base, "sweep base config")
+    cfgs = [config_with(base_cfg, m.values) for m in spec.members]
+    run_dirs = [out if single else storage.join(out, "trials", m.name) for m in spec.members]
+    options = StorageOptions.from_config(cfgs[0].storage, cfgs[0].data.retries)
+    # results.json is written last, so a member that has one finished — even if the driver died before
     # Tune's experiment state recorded it. Resuming then costs nothing for it.
-    results = _finished_results(run_dir, cfg, options)
-    if results is None:
+    results = [_finished_results(d, c, options) for d, c in zip(run_dirs, cfgs)]
+    if any(r is None for r in results):
+        cfg = cfgs[0]
         if cfg.scaling.num_workers == 0:
-            results = train_loop_per_worker({"cfg": cfg.to_dict(), "run_dir": run_dir, "api": "tune"})
+            results = train_loop_per_worker({"cfgs": [c.to_dict() for c in cfgs], "run_dirs": run_dirs, "api": "tune"})
         else:
-            trainer = make_trainer(cfg, run_dir, name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
+            trainer = make_trainer(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
             results = trainer.fit().return_value
-        write_json(storage.join(run_dir, "results.json"), results, options)
+        for run_dir, res in zip(run_dirs, results):
+            write_json(storage.join(run_dir, "results.json"), res, options)
     # A final report, so Tune holds completion metrics even for trials that had nothing left to train.
-    ray.tune.report({"done/best_epoch": -1 if results["best_epoch"] is None else results["best_epoch"], "done/test_auc": results["test"].get("auc")})
+    ray.tune.report({"done/best_epoch": [-1 if r["best_epoch"] is None else r["best_epoch"] for r in results], "done/test_auc": [r["test"].get("auc") for r in results]})
 
 
 def _finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict[str, Any] | None:
@@ -112,7 +117,17 @@ def max_concurrent(cfg: Config, cluster: dict[str, float], n_trials: int) -> int
     return min(n, max(1, n_trials))
 
 
-def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: bool, single: bool, callbacks: list | None = None):
+def plan(cfg: Config, grid: dict[str, list[Any]], announce: Callable[[str], None] = log.info) -> list[PopulationSpec]:
+    """The sweep's trials: grid points grouped into populations (validates every grid value first)."""
+    points = grid_points(grid)
+    try:
+        manifest = load_manifest(cfg.data.root, StorageOptions.from_config(cfg.storage, cfg.data.retries))
+    except Exception:  # noqa: BLE001  (the trials report an unreadable dataset with its own clear error)
+        manifest = None
+    return plan_populations(cfg, points, [trial_name(p) for p in points], manifest, announce)
+
+
+def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: bool, single: bool, callbacks: list | None = None, specs: list[PopulationSpec] | None = None):
     """Run the grid with Ray Tune (Ray must be initialised); returns the ResultGrid."""
     import ray
     from ray import tune
@@ -120,8 +135,9 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     fs, exp_root = storage.ray_storage_filesystem(ray_storage(cfg, out), options)
     exp_path = f"{exp_root.rstrip('/')}/{cfg.run.name}"
-    points = grid_points(grid)
-    concurrency = max_concurrent(cfg, ray.cluster_resources(), len(points))
+    if specs is None:
+        specs = plan(cfg, grid) if grid else [PopulationSpec("run", [Member("run", {})])]
+    concurrency = max_concurrent(cfg, ray.cluster_resources(), len(specs))
     # A trial that starts a TorchTrainer only supervises it: it reserves memory, not CPU, so that
     # its workers can use every CPU (a 2-CPU laptop runs two 1-worker trials, or one 2-worker trial).
     fn_resources = trial_resources(cfg) if cfg.scaling.num_workers == 0 else {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY}
@@ -129,8 +145,9 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
         tune.with_parameters(run_trial, base=cfg.to_dict(), out=out, single=single),
         {k.lower() if k in ("CPU", "GPU") else k: v for k, v in fn_resources.items()},
     )
-    param_space = {k: tune.grid_search(v) for k, v in grid.items()}
-    log.info("%d trial(s), at most %d at once (per trial: %s)", len(points), concurrency, trial_resources(cfg))
+    param_space = {"_population": tune.grid_search([s.as_config() for s in specs])}
+    n_points = sum(len(s.members) for s in specs)
+    log.info("%d trial(s) for %d grid point(s), at most %d at once (per trial: %s)", len(specs), n_points, concurrency, trial_resources(cfg))
 
     if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
         if not resume:
@@ -143,8 +160,8 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
             param_space=param_space,
             tune_config=tune.TuneConfig(
                 max_concurrent_trials=concurrency,
-                trial_name_creator=lambda t: trial_name(_grid_values(t.config, grid)),
-                trial_dirname_creator=lambda t: trial_name(_grid_values(t.config, grid)),
+                trial_name_creator=lambda t: t.config["_population"]["name"],
+                trial_dirname_creator=lambda t: t.config["_population"]["name"],
             ),
             run_config=tune.RunConfig(
                 name=cfg.run.name,
@@ -158,17 +175,18 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
     return tuner.fit()
 
 
-def _grid_values(trial_config: dict[str, Any], grid: dict[str, list[Any]]) -> dict[str, Any]:
-    return {k: trial_config[k] for k in grid if k in trial_config}
+def _members(trial_config: dict[str, Any] | None) -> list[Member]:
+    pop = (trial_config or {}).get("_population")
+    return PopulationSpec.from_config(pop).members if pop else []
 
 
 def collect_rows(results, cfg: Config, out: str, grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """One trials.csv row per grid point, from each trial's results.json (status from Tune)."""
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
-    by_name = {}
+    by_name = {}  # grid point → the Tune result of the trial (population) that trained it
     for result in results:
-        values = _grid_values(result.config or {}, grid)
-        by_name[trial_name(values)] = result
+        for member in _members(result.config):
+            by_name[member.name] = result
     rows = []
     for values in grid_points(grid):
         name = trial_name(values)
@@ -203,11 +221,13 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
     if not grid:
         raise SweepError("sweep.grid is empty: set e.g. --set 'sweep.grid={train.seed: [0, 1], loss.lam: [0, 0.1]}'")
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
-    record = run_record(cfg, "sweep", options, grid=grid, cluster=ray.cluster_resources(), trial_resources=trial_resources(cfg))
+    specs = plan(cfg, grid, announce)
+    populations = [[m.name for m in s.members] for s in specs]
+    record = run_record(cfg, "sweep", options, grid=grid, cluster=ray.cluster_resources(), trial_resources=trial_resources(cfg), populations=populations)
     write_json(storage.join(out, "run.json"), record, options)
     with serve_run_metrics(cfg, announce) as exporter:
-        callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: trial_name(_grid_values(trial.config, grid)))
-        results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=[callback])
+        callback = TuneMetricsCallback(cfg, exporter)
+        results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=[callback], specs=specs)
         rows = collect_rows(results, cfg, out, grid)
         summary = write_tables(out, rows, list(grid), options)
         report = write_report(out, options=options, progress=cfg.train.progress)

@@ -21,20 +21,21 @@ from ray.train.torch import TorchTrainer
 
 from .. import storage
 from ..config import Config, apply_overrides, build_config
-from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes
+from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best_states
 from ..engine.dist import DistContext
-from ..engine.loop import EpochReport, fit, resolve_device
+from ..engine.loop import EpochReport, fit_members, resolve_device
 from ..engine.results import results_dict
 from ..storage import StorageOptions
 
 
 class RayReporter:
-    """``on_epoch`` hook: report metrics (+ rank 0's checkpoint) to Ray Train or Ray Tune."""
+    """``on_epoch`` hook: report metrics (+ rank 0's checkpoint) to Ray Train or Ray Tune, and keep
+    each member's best state in its ``best_dirs[k]/state.pt``."""
 
-    def __init__(self, api: Any, ctx: DistContext, run_dir: str, options: StorageOptions):
+    def __init__(self, api: Any, ctx: DistContext, best_dirs: list[str], options: StorageOptions):
         self.api = api
         self.ctx = ctx
-        self.run_dir = run_dir
+        self.best_dirs = best_dirs
         self.options = options
         self.checkpoint_s: float | None = None
 
@@ -49,8 +50,7 @@ class RayReporter:
                 blob = state_to_bytes(report.state())
                 with open(os.path.join(tmp, STATE_FILE), "wb") as f:
                     f.write(blob)
-                if report.is_best:
-                    storage.atomic_write_bytes(storage.join(self.run_dir, "best", STATE_FILE), blob, self.options)
+                write_best_states(report, blob, self.best_dirs, self.options)
                 checkpoint = self.api.Checkpoint.from_directory(tmp)
             t0 = time.perf_counter() if checkpoint is None else t0
             self.api.report(metrics, checkpoint=checkpoint)  # persists the checkpoint before returning
@@ -66,11 +66,15 @@ def quiet_ray_logs() -> None:
     logging.getLogger("ray.train").setLevel(logging.WARNING)
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """Run in each Ray Train worker (``api="train"``) or directly in a Tune trial (``api="tune"``)."""
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Run in each Ray Train worker (``api="train"``) or directly in a Tune trial (``api="tune"``).
+
+    ``config``: ``cfgs`` (one config dict per member: one for a plain run, K for a population),
+    ``run_dirs`` (each member's trial folder) and ``api``. Returns each member's results (rank 0)."""
     quiet_ray_logs()
     # Progress is the driver's live trial table and metrics; a bar per worker would interleave.
-    cfg = build_config(apply_overrides(config["cfg"], {"train.progress": False}), "trial config")
+    cfgs = [build_config(apply_overrides(c, {"train.progress": False}), "trial config") for c in config["cfgs"]]
+    cfg = cfgs[0]
     api = ray.train if config.get("api", "train") == "train" else ray.tune
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     if api is ray.train:
@@ -84,8 +88,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_dir(folder)
-    result = fit(cfg, ctx=ctx, resume=resume, on_epoch=RayReporter(api, ctx, config["run_dir"], options), options=options)
-    return results_dict(result, cfg) if ctx.is_main else None
+    best_dirs = [storage.join(d, "best") for d in config["run_dirs"]]
+    results = fit_members(cfgs, ctx=ctx, resume=resume, on_epoch=RayReporter(api, ctx, best_dirs, options), options=options)
+    return [results_dict(r, c) for r, c in zip(results, cfgs)] if ctx.is_main else None
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
@@ -98,14 +103,15 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     return res
 
 
-def make_trainer(cfg: Config, run_dir: str, name: str, storage_path: str, callbacks: list | None = None) -> TorchTrainer:
-    """The TorchTrainer for one run: DDP over ``scaling.num_workers`` (gloo on CPU, nccl on GPU),
-    checkpoints under ``storage_path/name``, restarts from the last checkpoint up to ``run.max_failures``."""
+def make_trainer(cfgs: list[Config], run_dirs: list[str], name: str, storage_path: str, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run or population: DDP over ``scaling.num_workers`` (gloo on CPU, nccl on
+    GPU), checkpoints under ``storage_path/name``, restarts from the last checkpoint up to ``run.max_failures``."""
+    cfg = cfgs[0]
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     fs, path = storage.ray_storage_filesystem(storage_path, options)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(redact=True), "run_dir": run_dir, "api": "train"},
+        train_loop_config={"cfgs": [c.to_dict(redact=True) for c in cfgs], "run_dirs": run_dirs, "api": "train"},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,

@@ -1,0 +1,359 @@
+"""Populations: K members of one architecture trained together on the same packed batches.
+
+A sweep's grid points that differ only in ``loss.lam``, ``loss.kind``, ``train.seed`` (initialisation),
+``train.lr`` and ``train.weight_decay`` see the same data in the same order (equal ``train.data_seed``),
+so they can share one data stream, one process and one forward over each batch.
+
+Layout. Every member is first built exactly as its standalone run builds it (under its own
+``train.seed``); then all parameters are copied into ONE leaf ``flat`` of shape ``(K, P)`` — member k's
+parameters are row k, each named parameter a view ``flat[:, a:b].view(K, *shape)``. One leaf means
+one gradient tensor, per-member clipping as a norm over dim 1, and an AdamW update that is a handful
+of tensor ops over the whole population (:class:`StackedAdamW`), with per-member lr and weight decay
+broadcast along the member axis. DDP sees one parameter.
+
+Forward. ``torch.func.functional_call`` of a parameter-less copy of the model (on the meta device)
+under ``torch.func.vmap`` over the member axis: one call yields every member's logits and loss terms.
+Models whose forward cannot be vmapped (data-dependent shapes: ACMIL's masking, DTFD's distillation,
+CLAM's and DSMIL's instance selection) run member after member on the same batch, each with its own
+RNG stream restored around its forward, so every random draw equals the standalone run's.
+
+Loss. Σ_k L_k, never a mean over members: members share no parameter, so ∂(Σ L)/∂θ_k = ∂L_k/∂θ_k and
+each member gets exactly its standalone gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ..losses import attention_regulariser
+from ..models import MILModel
+
+log = logging.getLogger(__name__)
+
+# Keys that may differ between the members of one population; anything else splits populations.
+MEMBER_KEYS = ("loss.lam", "loss.kind", "train.seed", "train.lr", "train.weight_decay")
+
+
+class Population(nn.Module):
+    """K members with stacked parameters in one ``(K, P)`` leaf.
+
+    Args:
+        members: the K models, each initialised as its standalone run would be (same class and config).
+        lams: (K,) AEM weights; ``kl_uniform``: (K,) bools, True where a member uses the KL ablation.
+    """
+
+    def __init__(self, members: list[MILModel], lams: list[float], kl_uniform: list[bool]):
+        super().__init__()
+        if not members:
+            raise ValueError("a population needs at least one member")
+        first = members[0]
+        self.size = len(members)
+        self.names = [n for n, _ in first.named_parameters()]
+        self.shapes = [tuple(p.shape) for _, p in first.named_parameters()]
+        numels = [math.prod(s) for s in self.shapes]
+        self.offsets = [0, *itertools_accumulate(numels)]
+        rows = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) if numels else torch.zeros(0) for m in members]
+        self.flat = nn.Parameter(torch.stack(rows))  # (K, P)
+        self.buffer_names = [n for n, _ in first.named_buffers()]
+        for i, name in enumerate(self.buffer_names):
+            self.register_buffer(f"buffer_{i}", torch.stack([dict(m.named_buffers())[name].detach() for m in members]))
+        # The architecture without weights: functional_call supplies each member's tensors.
+        object.__setattr__(self, "base", copy.deepcopy(first).to("meta"))
+        self.register_buffer("lams", torch.tensor(lams, dtype=torch.float64), persistent=False)
+        self.register_buffer("kl_mask", torch.tensor(kl_uniform, dtype=torch.bool), persistent=False)
+        self.vectorised = True  # decided by probe()
+
+    # --- views --------------------------------------------------------------------------------
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """Name → (K, *shape) view of ``flat`` (differentiable)."""
+        return {n: self.flat[:, a:b].view(self.size, *s) for n, s, a, b in zip(self.names, self.shapes, self.offsets, self.offsets[1:])}
+
+    def buffers_stacked(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"buffer_{i}") for i, n in enumerate(self.buffer_names)}
+
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's weights as its standalone model's ``state_dict`` (loadable by predict/heatmap)."""
+        state = {n: v[k].detach().clone() for n, v in self.params().items()}
+        state.update({n: v[k].detach().clone() for n, v in self.buffers_stacked().items()})
+        return state
+
+    def train(self, mode: bool = True) -> "Population":
+        super().train(mode)
+        self.base.train(mode)
+        return self
+
+    # --- forward ------------------------------------------------------------------------------
+
+    def _member(self, params, buffers, feats, bag_index, n_bags, labels, kl: bool | None):
+        out = functional_call(self.base, (params, buffers), (feats, bag_index, n_bags))
+        terms = self.base.loss_terms(out, labels)
+        if kl is None:  # vectorised: both kinds, picked per member outside (a per-batch constant apart)
+            return terms, attention_regulariser(out, n_bags, "neg_entropy"), attention_regulariser(out, n_bags, "kl_uniform")
+        terms["aem"] = attention_regulariser(out, n_bags, "kl_uniform" if kl else "neg_entropy")
+        return terms
+
+    def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, labels: torch.Tensor, rng: "MemberRNG | None" = None) -> dict[str, torch.Tensor]:
+        """Every member's named loss terms on one packed batch: name → (K,) (``aem`` unweighted)."""
+        params, buffers = self.params(), self.buffers_stacked()
+        if self.vectorised:
+            fn = vmap(lambda p, b: self._member(p, b, feats, bag_index, n_bags, labels, None), randomness="different")
+            terms, neg, kl = fn(params, buffers)
+            terms["aem"] = torch.where(self.kl_mask, kl, neg)
+            return terms
+        per_member = []
+        for k in range(self.size):
+            with rng.member(k) if rng is not None else _nothing():
+                per_member.append(self._member({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, feats, bag_index, n_bags, labels, bool(self.kl_mask[k])))
+        return {name: torch.stack([t[name] for t in per_member]) for name in per_member[0]}
+
+    @torch.no_grad()
+    def predict(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every member's bag logits (K, B, C) and per-instance attention (K, T) (None without attention)."""
+        params, buffers = self.params(), self.buffers_stacked()
+
+        def one(p, b):
+            out = functional_call(self.base, (p, b), (feats, bag_index, n_bags))
+            attn = out.instance_attention(bag_index, n_bags)
+            return out.logits, (attn if attn is not None else out.logits.new_zeros(0))
+
+        if self.vectorised:
+            logits, attn = vmap(one)(params, buffers)
+        else:
+            outs = [one({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}) for k in range(self.size)]
+            logits, attn = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
+        return logits, (attn if attn.shape[-1] == feats.shape[0] else None)
+
+    def probe(self, dim: int, device: torch.device) -> None:
+        """Decide once whether the forward vectorises (``vmap``) or runs member after member; logs why."""
+        feats = torch.randn(7, dim, device=device, dtype=self.flat.dtype, generator=None)
+        bag_index = torch.tensor([0, 0, 0, 1, 1, 1, 1], device=device)
+        labels = torch.tensor([0, 0], device=device)
+        was = self.training
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                for mode in (True, False):
+                    self.train(mode)
+                    self.forward(feats, bag_index, 2, labels)
+                    self.predict(feats, bag_index, 2)
+        except Exception as err:  # noqa: BLE001  (any failure of the batching rules means: run a loop)
+            self.vectorised = False
+            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            log.info("population of %d %s: the forward does not vectorise (%s); members run one after another on each batch", self.size, type(self.base).__name__, first)
+        finally:
+            self.train(was)
+
+
+def itertools_accumulate(values: list[int]) -> list[int]:
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class MemberRNG:
+    """One global-RNG stream per member, swapped in around that member's forward (loop mode), so its
+    dropout and masking draws equal those of its standalone run, which seeds the global RNG per epoch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.states: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def seed(self, seeds: list[int]) -> None:
+        from .loop import seed_epoch_value  # the standalone run's formula
+
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.states = []
+            for s in seeds:
+                torch.manual_seed(seed_epoch_value(*s))
+                self.states.append((torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None))
+
+    def member(self, k: int):
+        rng = self
+
+        class _Swap:
+            def __enter__(self):
+                self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state(rng.device) if rng.device.type == "cuda" else None)
+                cpu, cuda = rng.states[k]
+                torch.set_rng_state(cpu)
+                if cuda is not None:
+                    torch.cuda.set_rng_state(cuda, rng.device)
+
+            def __exit__(self, *exc):
+                rng.states[k] = (torch.get_rng_state(), torch.cuda.get_rng_state(rng.device) if rng.device.type == "cuda" else None)
+                torch.set_rng_state(self.saved[0])
+                if self.saved[1] is not None:
+                    torch.cuda.set_rng_state(self.saved[1], rng.device)
+                return False
+
+        return _Swap()
+
+    def state_dict(self) -> list[list[torch.Tensor]]:
+        return [[cpu] + ([cuda] if cuda is not None else []) for cpu, cuda in self.states]
+
+    def load_state_dict(self, states: list[list[torch.Tensor]]) -> None:
+        self.states = [(s[0], s[1] if len(s) > 1 else None) for s in states]
+
+
+class StackedAdamW(torch.optim.Optimizer):
+    """AdamW over stacked parameters ``(K, ...)`` with per-member lr and weight decay.
+
+    AdamW is elementwise, so one update over the stack equals K separate ``torch.optim.AdamW`` updates
+    when lr and weight decay broadcast along the member axis. torch's AdamW takes one scalar lr per
+    param group (and scaling the loss cannot emulate a per-member lr: Adam is scale-invariant), hence
+    this update. The group's ``lr`` is a multiplier (1.0, then the cosine schedule's value), so
+    ``LambdaLR`` drives it like any optimizer; member k's lr is ``member_lr[k] · group lr``.
+    """
+
+    def __init__(self, params, member_lr: torch.Tensor, member_wd: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-8):
+        super().__init__(params, dict(lr=1.0, betas=betas, eps=eps))
+        self.member_lr = member_lr  # (K,)
+        self.member_wd = member_wd  # (K,)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float64)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = float(state["step"])
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                lr = (self.member_lr * group["lr"]).to(p.dtype).view(shape)  # (K, 1, ...)
+                wd = self.member_wd.to(p.dtype).view(shape)
+                g, m, v = p.grad, state["exp_avg"], state["exp_avg_sq"]
+                p.mul_(1 - lr * wd)
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                denom = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
+                p.addcdiv_(m * (lr / (1 - beta1**t)), denom, value=-1.0)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        out["member_lr"], out["member_wd"] = self.member_lr.clone(), self.member_wd.clone()
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        self.member_lr.copy_(state_dict.pop("member_lr"))
+        self.member_wd.copy_(state_dict.pop("member_wd"))
+        super().load_state_dict(state_dict)
+
+
+def clip_member_grads_(flat: nn.Parameter, max_norm: float) -> torch.Tensor:
+    """Per-member gradient clipping, as ``clip_grad_norm_`` does for each standalone run: (K,) norms."""
+    norms = flat.grad.norm(dim=1)  # (K,)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    flat.grad.mul_(coef.unsqueeze(1))
+    return norms
+
+
+class Members:
+    """The population counterpart of :class:`aem_dist.engine.loop.Single`: what ``fit_members`` trains.
+
+    Args:
+        cfgs: one config per member; they may differ only in :data:`MEMBER_KEYS` (see
+            :func:`check_fusable`).
+    """
+
+    def __init__(self, cfgs: list, manifest, ctx):
+        from ..models import build_model
+        from .dist import parallelize
+
+        check_fusable(cfgs)
+        self.cfgs = cfgs
+        self.size = len(cfgs)
+        cores = []
+        for c in cfgs:
+            torch.manual_seed(c.train.seed)  # each member initialised exactly as its standalone run
+            cores.append(build_model(c.model, manifest.dim, manifest.n_classes))
+        self.pop = Population(cores, [c.loss.lam for c in cfgs], [c.loss.kind == "kl_uniform" for c in cfgs]).to(ctx.device)
+        self.pop.probe(manifest.dim, ctx.device)
+        self.module = parallelize(self.pop, ctx)
+        dtype = self.pop.flat.dtype
+        self.lam = torch.tensor([c.loss.lam for c in cfgs], dtype=dtype, device=ctx.device)
+        self.optimizer = StackedAdamW(
+            [self.pop.flat],
+            member_lr=torch.tensor([c.train.lr for c in cfgs], dtype=torch.float64, device=ctx.device),
+            member_wd=torch.tensor([c.train.weight_decay for c in cfgs], dtype=torch.float64, device=ctx.device),
+        )
+        self.rng = MemberRNG(ctx.device)
+
+    def terms(self, batch) -> dict[str, torch.Tensor]:
+        return self.module(batch.feats, batch.bag_index, batch.n_bags, batch.labels, rng=None if self.pop.vectorised else self.rng)
+
+    def clip_grads_(self, max_norm: float) -> None:
+        clip_member_grads_(self.pop.flat, max_norm)
+
+    def seed_epoch(self, epoch: int, rank: int) -> None:
+        from .loop import seed_epoch
+
+        seed_epoch(self.cfgs[0].train.seed, epoch, rank)  # vectorised draws: one stream for all members
+        self.rng.seed([(c.train.seed, epoch, rank) for c in self.cfgs])
+
+    def predict(self, loader, ctx, epoch: int):
+        from .evaluate import predict_population
+
+        return predict_population(self.pop, loader, ctx, epoch=epoch)
+
+    def lrs(self) -> list[float]:
+        return (self.optimizer.member_lr * self.optimizer.param_groups[0]["lr"]).tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"population": self.pop.state_dict(), "member_rng": self.rng.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pop.load_state_dict(state["population"])
+        self.rng.load_state_dict(state["member_rng"])
+
+    def member_model_state(self, k: int) -> dict[str, torch.Tensor]:
+        return self.pop.member_state_dict(k)
+
+
+def population_key(cfg) -> str:
+    """What must be equal for two configs to fuse: the config without :data:`MEMBER_KEYS`, with the
+    data seed resolved (``train.data_seed`` follows ``train.seed`` unless set)."""
+    import json
+
+    data = cfg.to_dict()
+    data["train"]["data_seed"] = cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed
+    for dotted in MEMBER_KEYS:
+        section, leaf = dotted.split(".")
+        data[section].pop(leaf, None)
+    data.pop("sweep", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def check_fusable(cfgs: list) -> None:
+    """Raise ValueError naming the first key (outside :data:`MEMBER_KEYS`) on which members differ."""
+    keys = [population_key(c) for c in cfgs]
+    for k, key in enumerate(keys[1:], 1):
+        if key != keys[0]:
+            import json
+
+            a, b = json.loads(keys[0]), json.loads(key)
+            diff = sorted(f"{s}.{f}" for s in a for f in set(a[s]) | set(b.get(s, {})) if isinstance(a[s], dict) and a[s].get(f) != b.get(s, {}).get(f))
+            raise ValueError(f"population member {k} differs from member 0 in {', '.join(diff) or 'its config'}: only {', '.join(MEMBER_KEYS)} may differ")
