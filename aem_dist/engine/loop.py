@@ -160,6 +160,7 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
+        core.after_step((sched.last_epoch + 1) / sched.lr_lambdas[0].total)  # e.g. MHIM-MIL's EMA teacher
         sched.step()
         for name, value in {"loss": loss, **terms}.items():
             terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach())
