@@ -83,6 +83,7 @@ class ModelConfig(_Section):
     mhim_momentum_decay: bool = Field(False, description="mhim: cosine schedule of the EMA decay from mhim_momentum to mhim_momentum_final (official --mm_sche; off for CAMELYON16).")
     ibmil_confounders: int = Field(8, ge=1, description="ibmil: k of the k-means confounder dictionary built from stage-1 bag features (the official example's 8).")
     ibmil_confounder_dim: int = Field(128, ge=1, description="ibmil: width of the joint space bag queries and confounder keys are projected to (official c_dim 128).")
+    ibmil_stage: Literal[1, 2] = Field(2, description="ibmil: 2 = the interventional model (what `model.name=ibmil` trains: stage 1 runs first, see ibmil_stage1); 1 = the stage-1 base ABMIL alone (set by the pipeline).")
     ibmil_stage1: str | None = Field(None, description="ibmil: run folder of a finished stage-1 run whose best checkpoint builds the confounders; None = <run dir>/stage1 (trained first if absent).")
     c2c_clusters: int = Field(8, ge=1, description="c2c: k-means clusters per slide (the official num_cluster 8).")
     c2c_per_cluster: int = Field(8, ge=1, description="c2c: instances sampled from each cluster per training step (the official num_img_per_cluster 8).")

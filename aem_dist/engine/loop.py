@@ -184,13 +184,19 @@ def fit(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     options: StorageOptions | None = None,
+    model_init: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
-    """Train ``cfg`` to the end (from ``resume`` if given); evaluate val/test; pick the best epoch."""
+    """Train ``cfg`` to the end (from ``resume`` if given); evaluate val/test; pick the best epoch.
+
+    ``model_init``: tensors loaded into the freshly built model (by state_dict name, the rest keeps its
+    init) before training, e.g. IBMIL's confounder dictionary from :mod:`aem_dist.engine.ibmil`."""
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
     data = open_data(cfg, ctx, options)
     m = data.manifest
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
     core = build_model(cfg.model, m.dim, m.n_classes)
+    if model_init is not None:
+        core.load_state_dict(model_init, strict=False)
     model = parallelize(core, ctx)
     opt = make_optimizer(core, cfg, ctx.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero(sum(data.train.steps(e) for e in range(cfg.train.epochs))))
