@@ -89,3 +89,17 @@ def test_ibmil_stage_two_needs_its_confounders(demo_data):
         fit(_cfg(demo_data, "model.name=ibmil"))
     with pytest.raises(ValueError, match="needs a run folder"):
         run_local(_cfg(demo_data, "model.name=ibmil"))
+
+
+@pytest.mark.parametrize("name", ["lossattn", "ilra", "c2c", "mhim", "ibmil"])
+def test_checkpoint_predicts_with_attention(name, demo_data, tmp_path):
+    from aem_dist.engine.inference import evaluate_state
+
+    result = run_local(_cfg(demo_data, f"model.name={name}", "train.epochs=2"), run_dir=str(tmp_path))
+    state = load_dir(str(tmp_path / "best"))  # read back with weights_only=True
+    again = evaluate_state(state, demo_data, "test", keep_attention=True)
+    best = result.history[result.best_epoch]["test"]
+    assert again.metrics["auc"] == pytest.approx(best["auc"], abs=1e-9)
+    for pred in again.predictions:
+        assert pred.attention is not None and pred.attention.shape == (len(pred.coords),)
+        assert pred.attention.sum() == pytest.approx(1.0, abs=1e-6)
