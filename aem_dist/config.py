@@ -81,6 +81,8 @@ class ModelConfig(_Section):
     mhim_momentum: float = Field(0.9999, ge=0.0, le=1.0, description="mhim: EMA decay of the teacher after every optimizer step (official mm 0.9999).")
     mhim_momentum_final: float = Field(1.0, ge=0.0, le=1.0, description="mhim: final EMA decay when mhim_momentum_decay is on (official mm_final 1.0).")
     mhim_momentum_decay: bool = Field(False, description="mhim: cosine schedule of the EMA decay from mhim_momentum to mhim_momentum_final (official --mm_sche; off for CAMELYON16).")
+    mhim_teacher_init: str | None = Field(None, description="mhim: folder with the state.pt of a trained baseline whose encoder starts the teacher (the official --teacher_init; e.g. <run>/best of an mhim run with mhim_mask_ratio=0, mhim_mask_ratio_high=0, mhim_consistency_weight=0, the official 'pure' ABMIL). None = the teacher starts as a copy of the student (--no_tea_init).")
+    mhim_student_init: Literal["none", "fc", "all"] = Field("fc", description="mhim, with mhim_teacher_init: what of the baseline also starts the student: its instance embedding (fc, the official recipe's init_stu_type), everything (all) or nothing (none).")
     ibmil_confounders: int = Field(8, ge=1, description="ibmil: k of the k-means confounder dictionary built from stage-1 bag features (the official example's 8).")
     ibmil_confounder_dim: int = Field(128, ge=1, description="ibmil: width of the joint space bag queries and confounder keys are projected to (official c_dim 128).")
     ibmil_stage: Literal[1, 2] = Field(2, description="ibmil: 2 = the interventional model (what `model.name=ibmil` trains: stage 1 runs first, see ibmil_stage1); 1 = the stage-1 base ABMIL alone (set by the pipeline).")

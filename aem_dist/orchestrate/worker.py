@@ -23,7 +23,7 @@ from .. import storage
 from ..config import Config, apply_overrides, build_config
 from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes
 from ..engine.dist import DistContext
-from ..engine.ibmil import stage_init
+from ..engine.stages import model_init
 from ..engine.loop import EpochReport, fit, resolve_device
 from ..engine.results import results_dict
 from ..storage import StorageOptions
@@ -85,7 +85,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             resume = load_dir(folder)
-    init = stage_init(cfg, config["run_dir"], options, ctx)  # IBMIL's stage 1 (None for other models)
+    init = model_init(cfg, config["run_dir"], options, ctx)  # IBMIL stage 1, MHIM-MIL teacher init; None for most models
     result = fit(cfg, ctx=ctx, resume=resume, on_epoch=RayReporter(api, ctx, config["run_dir"], options), options=options, model_init=init)
     return results_dict(result, cfg) if ctx.is_main else None
 

@@ -103,3 +103,33 @@ def test_checkpoint_predicts_with_attention(name, demo_data, tmp_path):
     for pred in again.predictions:
         assert pred.attention is not None and pred.attention.shape == (len(pred.coords),)
         assert pred.attention.sum() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_mhim_teacher_starts_from_a_trained_baseline(demo_data, tmp_path):
+    from aem_dist.engine.stages import model_init
+    from aem_dist.models import build_model
+
+    pure = ("model.name=mhim", "model.mhim_mask_ratio=0", "model.mhim_mask_ratio_high=0", "model.mhim_consistency_weight=0")
+    run_local(_cfg(demo_data, *pure, "train.epochs=2"), run_dir=str(tmp_path / "baseline"))  # the official 'pure' ABMIL
+    baseline = load_dir(str(tmp_path / "baseline" / "best"))["model"]
+    cfg = _cfg(demo_data, "model.name=mhim", f"model.mhim_teacher_init={tmp_path / 'baseline' / 'best'}")
+    init = model_init(cfg, str(tmp_path / "run"))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 32, 2)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    missing, unexpected = model.load_state_dict(init, strict=False)
+    assert not unexpected
+    teacher = model.teacher_params()
+    for name, p in model.encoder.named_parameters():
+        torch.testing.assert_close(teacher[name], baseline[f"encoder.{name}"])  # the teacher is the baseline
+        expected = baseline[f"encoder.{name}"] if name.startswith("embed.") else fresh[f"encoder.{name}"]
+        torch.testing.assert_close(p.detach(), expected)  # the student takes its embedding only ('fc')
+    result = run_local(cfg, run_dir=str(tmp_path / "run"))
+    assert len(result.history) == 3
+    with pytest.raises(ValueError, match="not an mhim baseline"):
+        model_init(_cfg(demo_data, "model.name=mhim", f"model.mhim_teacher_init={_abmil_run(demo_data, tmp_path)}"), None)
+
+
+def _abmil_run(demo_data, tmp_path):
+    run_local(_cfg(demo_data, "model.name=abmil", "train.epochs=1"), run_dir=str(tmp_path / "abmil"))
+    return tmp_path / "abmil" / "best"
