@@ -1,6 +1,7 @@
 """IBMIL's first stage, run before the interventional model trains (``model.name: ibmil``).
 
-:func:`stage_init` is called by a run (``engine.local.run_local``, the Ray worker) before ``fit``:
+:func:`stage_init` is called (through :mod:`aem_dist.engine.stages`) by a run — ``engine.local.run_local``,
+the Ray worker — before ``fit``:
 
 1. stage 1 — the same config with ``model.ibmil_stage: 1`` (the base ABMIL), trained in
    ``<run>/stage1`` (or ``model.ibmil_stage1``) with per-epoch checkpoints there, so an interrupted

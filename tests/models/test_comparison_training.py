@@ -3,6 +3,8 @@
 - MHIM-MIL (EMA teacher, mask schedule) and C2C (per-slide cluster cache): a run interrupted after an
   epoch and resumed from its checkpoint equals an uninterrupted run, metric for metric; the teacher
   moved away from the student's initial weights and the checkpoint carries it and the clusters.
+- MHIM-MIL's teacher (and the student's embedding) can start from a trained baseline checkpoint.
+- Checkpoints of every new model (read with weights_only=True) predict with per-instance attention.
 - IBMIL: one run trains stage 1, builds the confounders, trains stage 2; a rerun reuses stage 1
   (no stage-1 epoch runs again, same confounders); a stage-2 resume equals an uninterrupted run.
 """
