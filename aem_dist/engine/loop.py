@@ -189,7 +189,7 @@ def fit(
     """Train ``cfg`` to the end (from ``resume`` if given); evaluate val/test; pick the best epoch.
 
     ``model_init``: tensors loaded into the freshly built model (by state_dict name, the rest keeps its
-    init) before training, e.g. IBMIL's confounder dictionary from :mod:`aem_dist.engine.ibmil`."""
+    init) before training — what :mod:`aem_dist.engine.stages` returns, e.g. IBMIL's confounders."""
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
     data = open_data(cfg, ctx, options)
     m = data.manifest

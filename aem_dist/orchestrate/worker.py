@@ -23,9 +23,9 @@ from .. import storage
 from ..config import Config, apply_overrides, build_config
 from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes
 from ..engine.dist import DistContext
-from ..engine.stages import model_init
 from ..engine.loop import EpochReport, fit, resolve_device
 from ..engine.results import results_dict
+from ..engine.stages import model_init
 from ..storage import StorageOptions
 
 
