@@ -53,7 +53,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field("abmil", description="Model from the registry: abmil, mha, dsmil, acmil, dtfd, maxpool, meanpool, clam_sb, transmil.")
+    name: str = Field("abmil", description="Model from the registry: abmil, mha, dsmil, acmil, dtfd, maxpool, meanpool, clam_sb, transmil, lossattn, ilra, mhim, ibmil, c2c.")
     hidden: int = Field(128, ge=1, description="Width of the instance embedding (the paper's 128).")
     attn_hidden: int | None = Field(None, ge=1, description="Width of the gated-attention network, and of dsmil's queries (default: same as hidden).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on instance embeddings during training.")
@@ -65,6 +65,33 @@ class ModelConfig(_Section):
     bias: bool = Field(False, description="Bias in the instance embedding layer (the paper's code has none).")
     k_sample: int = Field(8, ge=1, description="Instances sampled from each end of the attention ranking for the instance-level clustering loss (clam_sb; CLAM's B).")
     bag_weight: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the bag cross-entropy in clam_sb's loss; the instance loss gets 1 - bag_weight (CLAM's default 0.7).")
+    lossattn_weight: float = Field(2.0, ge=0.0, description="Weight of lossattn's attention-weighted instance cross-entropy (the official code's 2.0).")
+    ilra_layers: int = Field(2, ge=1, description="Gated attention blocks (GAB) stacked in ilra (the paper's 2).")
+    ilra_rank: int = Field(1, ge=1, description="Rank of ilra's low-rank latent matrix: latent vectors per block (the official CAMELYON16 config's topk=1).")
+    ilra_layer_norm: bool = Field(True, description="LayerNorms inside ilra's attention blocks (the official config's ln: true).")
+    mhim_mask_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="mhim: share of each bag's instances masked uniformly at random for the student (the official CAMELYON16 ABMIL recipe's 0.5).")
+    mhim_mask_ratio_low: float = Field(0.0, ge=0.0, lt=1.0, description="mhim: share of the lowest-teacher-attention instances masked (official CAMELYON16 ABMIL: 0).")
+    mhim_mask_ratio_high: float = Field(0.01, ge=0.0, lt=1.0, description="mhim: share of the highest-teacher-attention (hard/salient) instances considered for masking (official CAMELYON16 ABMIL: 0.01).")
+    mhim_mask_ratio_high_random: float = Field(0.5, gt=0.0, le=1.0, description="mhim: of the high-attention candidates (ceil(n·high/this) top instances) this share, ceil'd, is masked at random (official: 0.5).")
+    mhim_high_decay: bool = Field(True, description="mhim: decay the high-attention mask ratio by cosine to 0 over the run's steps (official --mrh_sche).")
+    mhim_consistency_weight: float = Field(0.1, ge=0.0, description="mhim: weight of the teacher-student consistency loss (official CAMELYON16 ABMIL cl_alpha 0.1).")
+    mhim_ce_weight: float = Field(1.0, ge=0.0, description="mhim: weight of the student's bag cross-entropy (official cls_alpha 1.0).")
+    mhim_temp_teacher: float = Field(0.1, gt=0.0, description="mhim: temperature of the teacher's bag embedding in the consistency loss (official temp_t 0.1).")
+    mhim_temp_student: float = Field(1.0, gt=0.0, description="mhim: temperature of the student's bag embedding in the consistency loss (official temp_s 1.0).")
+    mhim_momentum: float = Field(0.9999, ge=0.0, le=1.0, description="mhim: EMA decay of the teacher after every optimizer step (official mm 0.9999).")
+    mhim_momentum_final: float = Field(1.0, ge=0.0, le=1.0, description="mhim: final EMA decay when mhim_momentum_decay is on (official mm_final 1.0).")
+    mhim_momentum_decay: bool = Field(False, description="mhim: cosine schedule of the EMA decay from mhim_momentum to mhim_momentum_final (official --mm_sche; off for CAMELYON16).")
+    mhim_teacher_init: str | None = Field(None, description="mhim: folder with the state.pt of a trained baseline whose encoder starts the teacher (the official --teacher_init; e.g. <run>/best of an mhim run with mhim_mask_ratio=0, mhim_mask_ratio_high=0, mhim_consistency_weight=0, the official 'pure' ABMIL). None = the teacher starts as a copy of the student (--no_tea_init).")
+    mhim_student_init: Literal["none", "fc", "all"] = Field("fc", description="mhim, with mhim_teacher_init: what of the baseline also starts the student: its instance embedding (fc, the official recipe's init_stu_type), everything (all) or nothing (none).")
+    ibmil_confounders: int = Field(8, ge=1, description="ibmil: k of the k-means confounder dictionary built from stage-1 bag features (the official example's 8).")
+    ibmil_confounder_dim: int = Field(128, ge=1, description="ibmil: width of the joint space bag queries and confounder keys are projected to (official c_dim 128).")
+    ibmil_stage: Literal[1, 2] = Field(2, description="ibmil: 2 = the interventional model (what `model.name=ibmil` trains: stage 1 runs first, see ibmil_stage1); 1 = the stage-1 base ABMIL alone (set by the pipeline).")
+    ibmil_stage1: str | None = Field(None, description="ibmil: run folder of a finished stage-1 run whose best checkpoint builds the confounders; None = <run dir>/stage1 (trained first if absent).")
+    c2c_clusters: int = Field(8, ge=1, description="c2c: k-means clusters per slide (the official num_cluster 8).")
+    c2c_per_cluster: int = Field(8, ge=1, description="c2c: instances sampled from each cluster per training step (the official num_img_per_cluster 8).")
+    c2c_instance_weight: float = Field(0.01, ge=0.0, description="c2c: weight of the instance (patch) cross-entropy (the official beta 0.01).")
+    c2c_kl_weight: float = Field(0.01, ge=0.0, description="c2c: weight of the within-cluster KL(uniform ‖ attention) term (the official gamma 0.01).")
+    c2c_min_cluster: int = Field(5, ge=1, description="c2c: clusters with fewer sampled instances get no KL term (the official code skips clusters of <= 4).")
 
 
 class LossConfig(_Section):

@@ -68,8 +68,10 @@ def run_local(
 ) -> FitResult:
     """Train in this process. With ``run_dir``: a checkpoint per epoch in ``run_dir/checkpoints`` (resumed
     from if present) and the best-by-validation state in ``run_dir/best/state.pt``."""
+    from .stages import model_init  # noqa: PLC0415  (engine.ibmil imports this module)
+
     if run_dir is None:
-        return fit(cfg, options=options, on_epoch=on_epoch)
+        return fit(cfg, options=options, on_epoch=on_epoch, model_init=model_init(cfg, None, options))
     ckpt = LocalCheckpoints(storage.join(run_dir, "checkpoints"), keep=cfg.run.checkpoint_keep, options=options, best_dir=storage.join(run_dir, "best"))
     resume = ckpt.latest()
     if resume is not None:
@@ -83,4 +85,4 @@ def run_local(
         if on_epoch is not None:
             on_epoch(report)
 
-    return fit(cfg, resume=resume, options=options, on_epoch=both)
+    return fit(cfg, resume=resume, options=options, on_epoch=both, model_init=model_init(cfg, run_dir, options))

@@ -178,10 +178,12 @@ class Single:
 
     size = 1
 
-    def __init__(self, cfg: Config, manifest: Manifest, ctx: DistContext):
+    def __init__(self, cfg: Config, manifest: Manifest, ctx: DistContext, model_init: dict[str, torch.Tensor] | None = None):
         self.cfg = cfg
         torch.manual_seed(cfg.train.seed)  # identical init on every rank
         self.core = build_model(cfg.model, manifest.dim, manifest.n_classes)
+        if model_init is not None:
+            self.core.load_state_dict(model_init, strict=False)
         self.module = parallelize(self.core, ctx)
         self.optimizer = make_optimizer(self.core, cfg, ctx.device)
         self.lam = cfg.loss.lam
@@ -194,6 +196,9 @@ class Single:
 
     def clip_grads_(self, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(self.core.parameters(), max_norm)
+
+    def after_step(self, progress: float) -> None:
+        self.core.after_step(progress)
 
     def seed_epoch(self, epoch: int, rank: int) -> None:
         seed_epoch(self.cfg.train.seed, epoch, rank)
@@ -246,6 +251,7 @@ def train_epoch(trainee, sched, loader: SplitLoader, cfg: Config, ctx: DistConte
         if cfg.train.grad_clip:
             trainee.clip_grads_(cfg.train.grad_clip)
         opt.step()
+        trainee.after_step((sched.last_epoch + 1) / sched.lr_lambdas[0].total)  # e.g. MHIM-MIL's EMA teacher
         sched.step()
         for name, value in {"loss": loss, **terms}.items():
             value = value.detach().double().reshape(-1)
@@ -275,9 +281,13 @@ def fit(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     options: StorageOptions | None = None,
+    model_init: dict[str, torch.Tensor] | None = None,
 ) -> FitResult:
-    """Train ``cfg`` to the end (from ``resume`` if given); evaluate val/test; pick the best epoch."""
-    return fit_members([cfg], ctx=ctx, resume=resume, on_epoch=on_epoch, options=options)[0]
+    """Train ``cfg`` to the end (from ``resume`` if given); evaluate val/test; pick the best epoch.
+
+    ``model_init``: tensors loaded into the freshly built model (by state_dict name, the rest keeps its
+    init) before training — what :mod:`aem_dist.engine.stages` returns, e.g. IBMIL's confounders."""
+    return fit_members([cfg], ctx=ctx, resume=resume, on_epoch=on_epoch, options=options, model_init=model_init)[0]
 
 
 def fit_members(
@@ -287,14 +297,16 @@ def fit_members(
     resume: dict[str, Any] | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     options: StorageOptions | None = None,
+    model_init: dict[str, torch.Tensor] | None = None,
 ) -> list[FitResult]:
-    """Train one config, or a population of configs on the same batches; one result per config."""
+    """Train one config, or a population of configs on the same batches; one result per config
+    (``model_init``: single runs only, see :func:`fit`)."""
     cfg = cfgs[0]  # data, model, epochs and budgets are the same for every member
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
     data = open_data(cfg, ctx, options)
     m = data.manifest
     if len(cfgs) == 1:
-        trainee = Single(cfg, m, ctx)
+        trainee = Single(cfg, m, ctx, model_init)
     else:
         from .population import Members
 

@@ -308,6 +308,9 @@ class Members:
     def clip_grads_(self, max_norm: float) -> None:
         clip_member_grads_(self.pop.flat, max_norm)
 
+    def after_step(self, progress: float) -> None:
+        pass  # models with per-step state (MHIM-MIL's teacher) set population_note and never fuse
+
     def seed_epoch(self, epoch: int, rank: int) -> None:
         from .loop import seed_epoch
 

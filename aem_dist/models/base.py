@@ -78,3 +78,9 @@ class MILModel(nn.Module):
     def loss_terms(self, out: MILOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named loss terms, each a mean over bags. Default: cross-entropy of the bag logits."""
         return {"ce": F.cross_entropy(out.logits, labels)}
+
+    def after_step(self, progress: float) -> None:
+        """Called by the training loop right after every optimizer step, with ``progress`` = the share of
+        the run's optimizer steps done so far (step / total, in (0, 1]). Default: nothing. Models with
+        state that follows the weights (MHIM-MIL's EMA teacher) update it here; such state lives in
+        buffers so that it is part of the checkpoint and a resumed run continues exactly."""

@@ -25,6 +25,7 @@ from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best
 from ..engine.dist import DistContext
 from ..engine.loop import EpochReport, fit_members, resolve_device
 from ..engine.results import results_dict
+from ..engine.stages import model_init
 from ..storage import StorageOptions
 
 
@@ -89,7 +90,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
         with checkpoint.as_directory() as folder:
             resume = load_dir(folder)
     best_dirs = [storage.join(d, "best") for d in config["run_dirs"]]
-    results = fit_members(cfgs, ctx=ctx, resume=resume, on_epoch=RayReporter(api, ctx, best_dirs, options), options=options)
+    # IBMIL stage 1, MHIM-MIL teacher init (models with stages never fuse into populations); None for most models
+    init = model_init(cfg, config["run_dirs"][0], options, ctx) if len(cfgs) == 1 else None
+    results = fit_members(cfgs, ctx=ctx, resume=resume, on_epoch=RayReporter(api, ctx, best_dirs, options), options=options, model_init=init)
     return [results_dict(r, c) for r, c in zip(results, cfgs)] if ctx.is_main else None
 
 

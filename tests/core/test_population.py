@@ -57,7 +57,16 @@ def _assert_same_history(got, want, tol=1e-5):
                 assert a[split][key] == pytest.approx(value, abs=tol, rel=tol), (a["epoch"], split, key)
 
 
-@pytest.mark.parametrize("model", sorted(MODELS))
+FUSING = sorted(name for name, cls in MODELS.items() if cls.population_note is None)
+
+
+def test_which_models_fuse():
+    # the rest say why in one line, and sweeps run them one trial per grid point
+    assert sorted(set(MODELS) - set(FUSING)) == ["c2c", "ibmil", "mhim"]
+    assert all(MODELS[n].population_note for n in ("c2c", "ibmil", "mhim"))
+
+
+@pytest.mark.parametrize("model", FUSING)
 def test_member_equals_standalone_run(small_data, float64, model):
     """Every epoch's train/val/test metrics and the final weights of member k equal the standalone run
     of member k's config; for models whose forward vectorises and for those run member by member."""
