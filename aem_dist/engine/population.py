@@ -64,8 +64,15 @@ class Population(nn.Module):
         self.buffer_names = [n for n, _ in first.named_buffers()]
         for i, name in enumerate(self.buffer_names):
             self.register_buffer(f"buffer_{i}", torch.stack([dict(m.named_buffers())[name].detach() for m in members]))
-        # The architecture without weights: functional_call supplies each member's tensors.
-        object.__setattr__(self, "base", copy.deepcopy(first).to("meta"))
+        # The architecture without weights: functional_call supplies each member's tensors. The input
+        # Linear (if the model names one) is left out of it: its product with the shared batch is one
+        # matmul for all members, (T, D) @ (D, K·H), far cheaper than K batched ones under vmap.
+        base = copy.deepcopy(first).to("meta")
+        self.input_linear = first.input_linear
+        if self.input_linear is not None:
+            parent, leaf = self.input_linear.rpartition(".")[::2]
+            setattr(base.get_submodule(parent), leaf, nn.Identity())
+        object.__setattr__(self, "base", base)
         self.register_buffer("lams", torch.tensor(lams, dtype=torch.float64), persistent=False)
         self.register_buffer("kl_mask", torch.tensor(kl_uniform, dtype=torch.bool), persistent=False)
         self.vectorised = True  # decided by probe()
@@ -100,34 +107,49 @@ class Population(nn.Module):
         terms["aem"] = attention_regulariser(out, n_bags, "kl_uniform" if kl else "neg_entropy")
         return terms
 
+    def _inputs(self, feats: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, int | None]:
+        """The parameters the forward still needs, its input and the input's member axis (None: shared)."""
+        params = self.params()
+        if self.input_linear is None:
+            return params, feats, None
+        w = params.pop(f"{self.input_linear}.weight")  # (K, H, D)
+        b = params.pop(f"{self.input_linear}.bias", None)  # (K, H)
+        pre = (feats @ w.reshape(-1, w.shape[-1]).t()).view(feats.shape[0], self.size, -1)  # (T, K, H)
+        if b is not None:
+            pre = pre + b
+        return params, pre.transpose(0, 1), 0  # (K, T, H)
+
     def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, labels: torch.Tensor, rng: "MemberRNG | None" = None) -> dict[str, torch.Tensor]:
         """Every member's named loss terms on one packed batch: name → (K,) (``aem`` unweighted)."""
-        params, buffers = self.params(), self.buffers_stacked()
+        params, x, x_dim = self._inputs(feats)
+        buffers = self.buffers_stacked()
         if self.vectorised:
-            fn = vmap(lambda p, b: self._member(p, b, feats, bag_index, n_bags, labels, None), randomness="different")
-            terms, neg, kl = fn(params, buffers)
+            fn = vmap(lambda p, b, x: self._member(p, b, x, bag_index, n_bags, labels, None), in_dims=(0, 0, x_dim), randomness="different")
+            terms, neg, kl = fn(params, buffers, x)
             terms["aem"] = torch.where(self.kl_mask, kl, neg)
             return terms
         per_member = []
         for k in range(self.size):
             with rng.member(k) if rng is not None else _nothing():
-                per_member.append(self._member({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, feats, bag_index, n_bags, labels, bool(self.kl_mask[k])))
+                xk = x if x_dim is None else x[k]
+                per_member.append(self._member({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, xk, bag_index, n_bags, labels, bool(self.kl_mask[k])))
         return {name: torch.stack([t[name] for t in per_member]) for name in per_member[0]}
 
     @torch.no_grad()
     def predict(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every member's bag logits (K, B, C) and per-instance attention (K, T) (None without attention)."""
-        params, buffers = self.params(), self.buffers_stacked()
+        params, x, x_dim = self._inputs(feats)
+        buffers = self.buffers_stacked()
 
-        def one(p, b):
-            out = functional_call(self.base, (p, b), (feats, bag_index, n_bags))
+        def one(p, b, x):
+            out = functional_call(self.base, (p, b), (x, bag_index, n_bags))
             attn = out.instance_attention(bag_index, n_bags)
             return out.logits, (attn if attn is not None else out.logits.new_zeros(0))
 
         if self.vectorised:
-            logits, attn = vmap(one)(params, buffers)
+            logits, attn = vmap(one, in_dims=(0, 0, x_dim))(params, buffers, x)
         else:
-            outs = [one({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}) for k in range(self.size)]
+            outs = [one({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, x if x_dim is None else x[k]) for k in range(self.size)]
             logits, attn = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
         return logits, (attn if attn.shape[-1] == feats.shape[0] else None)
 

@@ -36,6 +36,8 @@ def instance_embedding(in_dim: int, cfg: ModelConfig) -> nn.Sequential:
 
 @register("abmil")
 class ABMIL(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         self.embed = instance_embedding(in_dim, cfg)

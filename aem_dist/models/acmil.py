@@ -50,6 +50,8 @@ def stkim_keep(scores: torch.Tensor, bag_index: torch.Tensor, n_bags: int, top_k
 
 @register("acmil")
 class ACMIL(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         self.branches = cfg.n_branches

@@ -71,6 +71,9 @@ class MILModel(nn.Module):
     """
 
     population_note: str | None = None
+    # The Linear that alone reads ``feats`` (the instance embedding's first layer), if the model has one:
+    # a population then computes it for all members as ONE matmul over the shared input.
+    input_linear: str | None = None
 
     def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> MILOutput:  # pragma: no cover
         raise NotImplementedError

@@ -30,6 +30,8 @@ from .segment import segment_count, segment_rank, segment_softmax, segment_sum
 
 @register("clam_sb")
 class CLAMSB(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         self.n_classes = n_classes

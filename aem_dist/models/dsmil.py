@@ -31,6 +31,8 @@ from .segment import segment_argmax, segment_max, segment_softmax, segment_sum
 
 @register("dsmil")
 class DSMIL(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         q_dim = cfg.attn_hidden or cfg.hidden

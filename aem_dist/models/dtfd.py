@@ -52,6 +52,8 @@ def pseudo_bags(bag_index: torch.Tensor, n_bags: int, n_pseudo: int, random: boo
 
 @register("dtfd")
 class DTFD(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         attn_hidden = cfg.attn_hidden or cfg.hidden

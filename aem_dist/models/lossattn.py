@@ -26,6 +26,8 @@ from .segment import segment_log_softmax, segment_mean, segment_sum
 
 @register("lossattn")
 class LossAttn(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         self.weight = cfg.lossattn_weight

@@ -24,6 +24,8 @@ from .segment import segment_softmax, segment_sum
 
 @register("mha")
 class MHA(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         if cfg.hidden % cfg.n_heads:

@@ -18,6 +18,8 @@ from .segment import segment_max, segment_mean
 
 
 class _InstancePooling(MILModel):
+    input_linear = "embed.0"
+
     reduce = staticmethod(segment_mean)
 
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):

@@ -99,6 +99,8 @@ class PPEG(nn.Module):
 
 @register("transmil")
 class TransMIL(MILModel):
+    input_linear = "embed.0"
+
     def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
         super().__init__()
         if cfg.hidden % cfg.n_heads:
