@@ -125,6 +125,7 @@ class RunSection(_Section):
     storage_path: str | None = Field(None, description="Where Ray keeps checkpoints and results (path or s3:// URL); default: the --out folder.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do from the last checkpoint (-1 = unlimited).")
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the best-scoring and latest survive).")
+    checkpoint_every: int = Field(1, ge=1, description="Ray runs: attach a checkpoint to every N-th epoch's report (and the last); metrics are reported every epoch. A failure resumes from the last checkpointed epoch.")
 
     _absolute = field_validator("storage_path")(_absolute_local)
 

@@ -45,11 +45,14 @@ def load_dir(folder: str, options: storage.StorageOptions | None = None) -> dict
     return state_from_bytes(storage.read_bytes(url, options), storage.redact(url, options))
 
 
-def write_best_states(report, blob: bytes, best_dirs: list[str], options: storage.StorageOptions | None = None) -> None:
+def write_best_states(report, blob: bytes | None, best_dirs: list[str], options: storage.StorageOptions | None = None) -> None:
     """Write ``best_dirs[k]/state.pt`` for every member whose best epoch this is. A single run's best
-    state is its full checkpoint (``blob``, already serialised); a population member's is its own
+    state is its full checkpoint (``blob`` if already serialised); a population member's is its own
     standalone-format state (weights, selection, history, model_meta)."""
     for k, is_best in enumerate(report.member_best):
         if is_best:
-            data = blob if report.member_state is None else state_to_bytes(report.best_state(k))
+            if report.member_state is None:
+                data = blob if blob is not None else state_to_bytes(report.state())
+            else:
+                data = state_to_bytes(report.best_state(k))
             storage.atomic_write_bytes(storage.join(best_dirs[k], STATE_FILE), data, options)

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import re
+import time
 from typing import Any, Callable
 
 from .. import storage
@@ -59,6 +60,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    started = time.time()
     quiet_ray_logs()
     spec = PopulationSpec.from_config(config["_population"]) if "_population" in config else PopulationSpec("run", [Member("run", {})])
     base_cfg = build_config(base, "sweep base config")
@@ -76,9 +78,21 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
             trainer = make_trainer(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
             results = trainer.fit().return_value
         for run_dir, res in zip(run_dirs, results):
+            res["timing"] = trial_timing(res.pop("timing", {}), started, time.time())
             write_json(storage.join(run_dir, "results.json"), res, options)
     # A final report, so Tune holds completion metrics even for trials that had nothing left to train.
     ray.tune.report({"done/best_epoch": [-1 if r["best_epoch"] is None else r["best_epoch"] for r in results], "done/test_auc": [r["test"].get("auc") for r in results]})
+
+
+def trial_timing(worker: dict[str, Any], started: float, ended: float) -> dict[str, Any]:
+    """Where a trial's wall time went (seconds): ``start_s`` (trial function → training worker running:
+    TorchTrainer and worker-group start-up, process group), ``setup_s`` (data and model), ``epochs_s``
+    (training + evaluation), ``reports_s`` (Ray reports incl. checkpoint persistence), ``teardown_s``
+    (worker done → trial function back). Shared by a population's members (``members``)."""
+    out = {"trial_s": ended - started, "members": worker.get("members", 1)}
+    if "worker_started" in worker:
+        out |= {"start_s": worker["worker_started"] - started, "setup_s": worker["setup_s"], "epochs_s": worker["epochs_s"], "reports_s": worker["reports_s"], "teardown_s": ended - worker["worker_ended"]}
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def _finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict[str, Any] | None:

@@ -33,29 +33,36 @@ class RayReporter:
     """``on_epoch`` hook: report metrics (+ rank 0's checkpoint) to Ray Train or Ray Tune, and keep
     each member's best state in its ``best_dirs[k]/state.pt``."""
 
-    def __init__(self, api: Any, ctx: DistContext, best_dirs: list[str], options: StorageOptions):
+    def __init__(self, api: Any, ctx: DistContext, best_dirs: list[str], options: StorageOptions, every: int = 1, epochs: int = 1):
         self.api = api
         self.ctx = ctx
         self.best_dirs = best_dirs
         self.options = options
+        self.every = every
+        self.epochs = epochs
         self.checkpoint_s: float | None = None
+        self.total_s = 0.0  # time spent reporting (checkpoint persistence included), for the timing record
 
     def __call__(self, report: EpochReport) -> None:
         if self.checkpoint_s is not None:  # the previous epoch's save: this one's is still to come
             report.extra["time/checkpoint_s"] = self.checkpoint_s
         metrics = report.flat()
+        # run.checkpoint_every: a report without a checkpoint still passes metrics (and is the barrier)
+        due = (report.epoch + 1) % self.every == 0 or report.epoch + 1 == self.epochs
         with tempfile.TemporaryDirectory(prefix="aem-ckpt-") as tmp:
             checkpoint = None
+            t0 = time.perf_counter()
             if self.ctx.is_main:
-                t0 = time.perf_counter()
-                blob = state_to_bytes(report.state())
-                with open(os.path.join(tmp, STATE_FILE), "wb") as f:
-                    f.write(blob)
+                blob = None
+                if due:
+                    blob = state_to_bytes(report.state())
+                    with open(os.path.join(tmp, STATE_FILE), "wb") as f:
+                        f.write(blob)
+                    checkpoint = self.api.Checkpoint.from_directory(tmp)
                 write_best_states(report, blob, self.best_dirs, self.options)
-                checkpoint = self.api.Checkpoint.from_directory(tmp)
-            t0 = time.perf_counter() if checkpoint is None else t0
             self.api.report(metrics, checkpoint=checkpoint)  # persists the checkpoint before returning
             self.checkpoint_s = time.perf_counter() - t0
+            self.total_s += self.checkpoint_s
 
 
 def quiet_ray_logs() -> None:
@@ -72,6 +79,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
 
     ``config``: ``cfgs`` (one config dict per member: one for a plain run, K for a population),
     ``run_dirs`` (each member's trial folder) and ``api``. Returns each member's results (rank 0)."""
+    started = time.time()  # wall clock: compared with the trial's own clock (same node) in the timing record
     quiet_ray_logs()
     # Progress is the driver's live trial table and metrics; a bar per worker would interleave.
     cfgs = [build_config(apply_overrides(c, {"train.progress": False}), "trial config") for c in config["cfgs"]]
@@ -92,8 +100,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     best_dirs = [storage.join(d, "best") for d in config["run_dirs"]]
     # IBMIL stage 1, MHIM-MIL teacher init (models with stages never fuse into populations); None for most models
     init = model_init(cfg, config["run_dirs"][0], options, ctx) if len(cfgs) == 1 else None
-    results = fit_members(cfgs, ctx=ctx, resume=resume, on_epoch=RayReporter(api, ctx, best_dirs, options), options=options, model_init=init)
-    return [results_dict(r, c) for r, c in zip(results, cfgs)] if ctx.is_main else None
+    reporter = RayReporter(api, ctx, best_dirs, options, every=cfg.run.checkpoint_every, epochs=cfg.train.epochs)
+    fit_start = time.time()
+    results = fit_members(cfgs, ctx=ctx, resume=resume, on_epoch=reporter, options=options, model_init=init)
+    ended = time.time()
+    after = -1 if results[0].resumed_after is None else results[0].resumed_after
+    epochs_s = sum(row["time"]["epoch_s"] for row in results[0].history if row["epoch"] > after)  # this process's epochs
+    timing = {"worker_started": started, "worker_ended": ended, "members": len(cfgs), "setup_s": ended - fit_start - epochs_s - reporter.total_s, "epochs_s": epochs_s, "reports_s": reporter.total_s}
+    return [results_dict(r, c) | {"timing": timing} for r, c in zip(results, cfgs)] if ctx.is_main else None
 
 
 def worker_resources(cfg: Config) -> dict[str, float]:
