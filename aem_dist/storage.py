@@ -363,11 +363,14 @@ def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> t
 
     - a plain path or ``file://`` URL → ``(None, absolute path)``: Ray's own local handling;
     - ``s3://bucket/prefix`` → ``(pyarrow.fs.S3FileSystem(endpoint_override=..., timeouts, retries), "bucket/prefix")``,
-      with the endpoint, region and credentials of ``options`` (config or AWS variables), so checkpoints go
-      to any S3-compatible server (MinIO, SeaweedFS, Ceph) and not only to AWS;
+      with the endpoint and region of ``options``, so checkpoints go to any S3-compatible server (MinIO,
+      SeaweedFS, Ceph) and not only to AWS. Credentials are *not* part of the object: it finds them where
+      it is used (AWS_* variables, which :func:`export_credentials` sets from the config, or the
+      provider chain: web identity, instance profile);
     - any other fsspec URL (``gs://``, ``memory://`` …) → ``(PyFileSystem(FSSpecHandler(fs)), path)``.
 
-    The returned filesystem holds the credentials (Ray pickles it to ship it to workers); never log it.
+    Ray pickles the returned filesystem to ship it to workers and Tune pickles it into ``tuner.pkl`` on
+    storage, so it must never carry a secret (tested by scanning everything a sweep writes).
     """
     import pyarrow.fs as pafs
 
@@ -391,11 +394,19 @@ def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> t
         region = options.region or ("us-east-1" if options.endpoint_url else None)
         if region:
             kwargs["region"] = region
-        if options.key and options.secret:
-            kwargs["access_key"] = options.key
-            kwargs["secret_key"] = options.secret
-            if options.token:
-                kwargs["session_token"] = options.token
+        # No access_key/secret_key here: pyarrow pickles explicit credentials (Ray and Tune pickle this
+        # object into their state on storage); without them it resolves the AWS_* variables (or any
+        # other credentials provider) in each process that uses it; ray_env exports config credentials.
         return pafs.S3FileSystem(**kwargs), path
-    fs, fs_path = open_fs(url, options)
+    fs, fs_path = open_fs(url, options)  # gs://, memory:// …: fsspec's own credential discovery
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs_path
+
+
+def export_credentials(options: StorageOptions) -> None:
+    """Make credentials given in the config visible to this process's environment (and so to the Ray
+    processes it starts), where filesystems built without explicit credentials find them. Memory only:
+    nothing is written, and objects that get pickled never hold them."""
+    pairs = {"AWS_ACCESS_KEY_ID": options.key, "AWS_SECRET_ACCESS_KEY": options.secret, "AWS_SESSION_TOKEN": options.token}
+    for name, value in pairs.items():
+        if value and os.environ.get(name) != value:
+            os.environ[name] = value
