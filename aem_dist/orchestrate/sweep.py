@@ -7,8 +7,9 @@ fits a :class:`TorchTrainer` (``scaling.num_workers ≥ 1``, results relayed to 
 
 Layout under ``out``: ``run.json``, ``trials.csv``, ``summary.{csv,md}``, ``trials/<trial>/`` (results.json,
 best/state.pt) and ``ray/<run.name>/`` (Tune's experiment state; Ray Train checkpoints under ``ray/train``).
-``--resume`` restores the Tune experiment: finished trials are kept, unfinished and errored ones re-run
-and pick up their last Ray Train checkpoint.
+``--resume`` starts a fresh Tune experiment over the same grid (Tune's pickled state is never loaded, see
+:mod:`.resume`): finished trials (results.json) return at once, the others continue from their last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from ..observe.metrics import serve_run_metrics
 from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
-from .worker import make_trainer, quiet_ray_logs, train_loop_per_worker, worker_resources
+from .resume import experiment_exists, finished_results, run_inprocess_trial
+from .worker import make_trainer, quiet_ray_logs, worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -62,27 +64,17 @@ def run_trial(values: dict[str, Any], *, base: dict[str, Any], out: str, single:
     name = trial_name(values)
     run_dir = out if single else storage.join(out, "trials", name)
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
-    # results.json is written last, so a trial that has one finished — even if the driver died before
-    # Tune's experiment state recorded it. Resuming then costs nothing for it.
-    results = _finished_results(run_dir, cfg, options)
+    # A finished trial (results.json, written last) costs nothing on resume; see .resume.
+    results = finished_results(run_dir, cfg, options)
     if results is None:
         if cfg.scaling.num_workers == 0:
-            results = train_loop_per_worker({"cfg": cfg.to_dict(), "run_dir": run_dir, "api": "tune"})
+            results = run_inprocess_trial(cfg, run_dir, options)
         else:
             trainer = make_trainer(cfg, run_dir, name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
             results = trainer.fit().return_value
         write_json(storage.join(run_dir, "results.json"), results, options)
     # A final report, so Tune holds completion metrics even for trials that had nothing left to train.
     ray.tune.report({"done/best_epoch": -1 if results["best_epoch"] is None else results["best_epoch"], "done/test_auc": results["test"].get("auc")})
-
-
-def _finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict[str, Any] | None:
-    """The trial's results.json if it exists and was produced by this very configuration."""
-    try:
-        results = json.loads(storage.read_bytes(storage.join(run_dir, "results.json"), options))
-    except FileNotFoundError:
-        return None
-    return results if results.get("config") == cfg.to_dict() else None
 
 
 def ray_storage(cfg: Config, out: str, *parts: str) -> str:
@@ -132,29 +124,29 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
     param_space = {k: tune.grid_search(v) for k, v in grid.items()}
     log.info("%d trial(s), at most %d at once (per trial: %s)", len(points), concurrency, trial_resources(cfg))
 
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+    # Never Tuner.restore: it unpickles state from the output prefix. A fresh experiment resumes from
+    # our own JSON records and weights-only checkpoints instead (see .resume).
+    if experiment_exists(fs, exp_path):
         if not resume:
             raise SweepError(f"{storage.redact(out, options)} already holds sweep {cfg.run.name!r}: pass --resume to continue it, or choose another --out / run.name")
-        log.info("resuming sweep from %s", storage.redact(exp_path, options))
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=concurrency,
-                trial_name_creator=lambda t: trial_name(_grid_values(t.config, grid)),
-                trial_dirname_creator=lambda t: trial_name(_grid_values(t.config, grid)),
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.run.name,
-                storage_path=exp_root,
-                storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=max(cfg.run.max_failures, 0)),
-                callbacks=callbacks or [],
-                verbose=0,  # the trial table of TuneMetricsCallback reports progress
-            ),
-        )
+        log.info("resuming sweep in %s: finished trials are kept, the others continue from their checkpoints", storage.redact(exp_path, options))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency,
+            trial_name_creator=lambda t: trial_name(_grid_values(t.config, grid)),
+            trial_dirname_creator=lambda t: trial_name(_grid_values(t.config, grid)),
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.run.name,
+            storage_path=exp_root,
+            storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=max(cfg.run.max_failures, 0)),
+            callbacks=callbacks or [],
+            verbose=0,  # the trial table of TuneMetricsCallback reports progress
+        ),
+    )
     return tuner.fit()
 
 
