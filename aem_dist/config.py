@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -175,6 +176,30 @@ def _check_dotted_key(cfg: BaseModel, dotted: str) -> None:
         node = getattr(node, part)
 
 
+SECRET_KEYS = ("storage.key", "storage.secret")
+_USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
+
+
+def mask_userinfo(obj: Any) -> Any:
+    """``obj`` (a plain config dict, list or string) with ``user:password@`` in URLs replaced by
+    ``***:***@``. For what is displayed or stored only — never for the config a run uses."""
+    if isinstance(obj, dict):
+        return {k: mask_userinfo(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [mask_userinfo(v) for v in obj]
+    return _USERINFO.sub(r"\1***:***@", obj) if isinstance(obj, str) else obj
+
+
+def _shown_input(key: str, value: Any) -> str:
+    """What an error may echo of a bad value: never a secret, never a whole section (which could hold one)."""
+    if any(key == k or key.startswith(k + ".") for k in SECRET_KEYS):
+        return " (got ***)"
+    if isinstance(value, (dict, list, tuple, set)) or value is None:
+        return f" (got a {type(value).__name__})" if value is not None else ""
+    text = repr(mask_userinfo(value) if isinstance(value, str) else value)
+    return f" (got {text[:80]}{'…' if len(text) > 80 else ''})"
+
+
 def _format_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
@@ -182,8 +207,10 @@ def _format_error(err: ValidationError, prefix: str = "") -> str:
         key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
+        elif not loc:  # a whole-config check (e.g. sweep.grid keys): its message names the key
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{key}: {e['msg']}{_shown_input(key, e.get('input'))}")
     return "; ".join(lines)
 
 
@@ -276,7 +303,8 @@ def config_with(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as shown to people: secrets removed, URL passwords masked."""
+    return yaml.safe_dump(mask_userinfo(cfg.to_dict()), sort_keys=False)
 
 
 def config_json(cfg: Config) -> str:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Credentials this process has seen in a config, so that log lines (botocore's DEBUG output carries the
+# key id in every Authorization header) can be redacted even when they never were in the environment.
+_SEEN_SECRETS: set[str] = set()
 _TRANSIENT_ERRNOS = {None, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
 
 
@@ -66,6 +69,9 @@ class StorageOptions:
         def secret_of(value: Any) -> str | None:
             return value.get_secret_value() if value is not None else None
 
+        for value in (getattr(section, "key", None), getattr(section, "secret", None)):
+            if value is not None and value.get_secret_value():
+                _SEEN_SECRETS.add(value.get_secret_value())
         return cls(
             endpoint_url=(getattr(section, "endpoint_url", None) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")),
             key=secret_of(getattr(section, "key", None)) or env.get("AWS_ACCESS_KEY_ID"),
@@ -172,11 +178,27 @@ def redact(text: Any, options: StorageOptions | None = None) -> str:
     """Remove credentials from text: known secret values, the AWS variables, and user:pass@ in URLs."""
     text = str(text)
     secrets = list(options.secrets()) if options else []
-    secrets += [os.environ[k] for k in _ENV_KEYS if os.environ.get(k)]
+    secrets += [os.environ[k] for k in _ENV_KEYS if os.environ.get(k)] + list(_SEEN_SECRETS)
     for s in sorted(set(secrets), key=len, reverse=True):
         if len(s) >= 3:
             text = text.replace(s, "***")
     return re.sub(r"(://)[^/@\s:]+:[^/@\s]+@", r"\1***:***@", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts every record (any logger, any level, tracebacks included) with
+    :func:`redact`: what a log shows never carries a credential, whatever library wrote it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
 
 
 def exists(url: str, options: StorageOptions | None = None) -> bool:

@@ -26,7 +26,7 @@ from .. import storage
 from ..config import Config, apply_overrides, build_config
 from ..engine.local import run_local
 from ..engine.loop import EpochReport
-from ..engine.results import results_dict
+from ..engine.results import results_dict, stored_config
 from ..storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict
         return None
     except ValueError:  # a torn or foreign file: not finished, train (and rewrite) it
         return None
-    return results if isinstance(results, dict) and results.get("config") == cfg.to_dict() else None
+    return results if isinstance(results, dict) and results.get("config") == stored_config(cfg) else None
 
 
 def run_inprocess_trial(cfg: Config, run_dir: str, options: StorageOptions) -> dict[str, Any]:
