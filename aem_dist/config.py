@@ -49,6 +49,8 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(None, description="Node-local shard cache folder for the streaming loader (default: a folder under the system temp dir).")
     cache_max_gb: float = Field(20.0, gt=0, description="Upper bound of the node-local shard cache, in GiB; least recently used shards are evicted.")
     retries: int = Field(5, ge=0, description="Bounded retries for object-storage reads before a shard read fails.")
+    max_instances_per_bag: int = Field(1_000_000, ge=1, description="Largest bag accepted (instances); a manifest, shard or source declaring more is refused before anything is allocated.")
+    max_dim: int = Field(16_384, ge=1, description="Largest feature dim accepted; a manifest or file declaring more is refused before the model or any array is built.")
 
     _absolute = field_validator("root", "cache_dir")(_absolute_local)
 

@@ -110,7 +110,18 @@ def encode_bag(bag: Bag) -> dict[str, bytes]:
 
 
 def load_npy(data: bytes, what: str) -> np.ndarray:
-    """np.load with ``allow_pickle=False``; any failure is a BadSampleError with a reason code."""
+    """np.load with ``allow_pickle=False``; any failure is a BadSampleError with a reason code.
+
+    The header's shape is checked against the bytes present before numpy allocates the array
+    (numpy allocates the declared size first, then finds the data short)."""
+    from .limits import SizeError, npy_array_shape
+
+    try:
+        npy_array_shape(data, what)
+    except SizeError as err:
+        raise BadSampleError("npy_size", str(err)) from None
+    except Exception as err:  # bad magic, unparsable header
+        raise BadSampleError("corrupt_npy", f"{what} is not a valid npy: {type(err).__name__}: {err}") from None
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from ..limits import Limits, SizeError, check_matrix_shape, check_stored_fully
 
 
 class SourceError(ValueError):
@@ -117,6 +119,17 @@ def as_matrix(arr: object, origin: str, field: str) -> np.ndarray:
     if a.dtype.hasobject:
         raise SourceError(f"{origin}: {field!r} has object dtype")
     return a
+
+
+def read_matrix(arr: Any, origin: str, field: str, limits: Limits | None = None) -> np.ndarray:
+    """Read an HDF5 dataset or zarr array as a 2-D matrix, after checking the shape it declares against
+    ``limits`` and that all of it is really stored (a few KB must not become gigabytes of fill value)."""
+    try:
+        check_matrix_shape(tuple(arr.shape), limits or Limits(), f"{origin}: {field!r}")
+        check_stored_fully(arr, f"{origin}: {field!r}")
+    except SizeError as err:
+        raise SourceError(str(err)) from None
+    return as_matrix(arr[...], origin, field)
 
 
 def label_text(value: object) -> str | None:
