@@ -273,10 +273,34 @@ def list_packaged() -> list[str]:
     return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything larger is not one
+
+
+def read_config_text(p: Path) -> str:
+    """The text of a config file: a regular file of bounded size holding UTF-8 text, else ConfigError."""
+    try:
+        st = p.stat()
+    except OSError as err:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {err.strerror}") from None
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a regular file (a folder or device?)")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is {st.st_size:,} bytes, more than a config can be ({MAX_CONFIG_BYTES:,})")
+    with open(p, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (a binary file?)") from None
+    if "\0" in text:
+        raise ConfigError(f"config file {str(p)!r} is not text (it holds NUL bytes)")
+    return text
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_config_text(p)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -295,6 +319,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
             _check_dotted_key(tmp, key)
         data = apply_overrides(data, overrides)
     return build_config(data, str(path or "defaults"))
+
+
+def check_sweep_grid(cfg: Config) -> int:
+    """Validate every point of ``sweep.grid`` against the config (before Ray starts); returns the number
+    of points. Raises ConfigError naming the grid point and the key."""
+    import itertools
+
+    keys = list(cfg.sweep.grid)
+    n = 0
+    for combo in itertools.product(*(cfg.sweep.grid[k] for k in keys)):
+        point = dict(zip(keys, combo))
+        try:
+            config_with(cfg, point)
+        except ConfigError as err:
+            shown = ", ".join(f"{k}: {'***' if k in SECRET_KEYS else repr(mask_userinfo(v))}" for k, v in point.items())
+            raise ConfigError(f"sweep.grid point {{{shown}}}: {str(err).removeprefix('override: ')}") from None
+        n += 1
+    return n
 
 
 def config_with(cfg: Config, overrides: dict[str, Any]) -> Config:
