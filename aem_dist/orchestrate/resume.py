@@ -53,7 +53,15 @@ def finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict
         return None
     except ValueError:  # a torn or foreign file: not finished, train (and rewrite) it
         return None
-    return results if isinstance(results, dict) and results.get("config") == stored_config(cfg) else None
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
+        return None
+    return results if _run_defining(results["config"]) == _run_defining(stored_config(cfg)) else None
+
+
+def _run_defining(config: dict[str, Any]) -> dict[str, Any]:
+    """A stored config without what does not change a run's results (Ray workers record progress off)."""
+    train = {k: v for k, v in (config.get("train") or {}).items() if k != "progress"}
+    return {**config, "train": train}
 
 
 def run_inprocess_trial(cfg: Config, run_dir: str, options: StorageOptions) -> dict[str, Any]:
