@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 
@@ -68,3 +69,27 @@ def test_bucket_named_like_key_id_works_and_debug_logs_carry_no_key(s3_server, t
 
     stored = json.loads(storage.read_bytes(f"{out}/results.json", results))
     assert stored["config"]["data"]["root"] == root  # stored as used: not a redacted s3://***/…
+
+
+def test_tune_callback_pickles_no_secret():
+    """Tune pickles callbacks into tuner.pkl on the output prefix: keys given in the config must not be in it."""
+    import cloudpickle
+
+    from aem_dist.observe.callbacks import TuneMetricsCallback
+
+    cfg = load_config(None, {"storage.key": "AKIAKEYID77", "storage.secret": SECRET})
+    blob = cloudpickle.dumps(TuneMetricsCallback(cfg, None, print_table=False))
+    assert SECRET.encode() not in blob and b"AKIAKEYID77" not in blob
+    assert cfg.storage.secret.get_secret_value() == SECRET  # the caller's config keeps them
+
+
+def test_ray_filesystem_pickles_no_credentials():
+    """What Ray ships to workers and Tune writes into tuner.pkl: keys resolved where used, never carried."""
+    from aem_dist import storage
+    from aem_dist.storage import StorageOptions
+
+    options = StorageOptions(endpoint_url="http://127.0.0.1:9", key="AKIAKEYID77", secret=SECRET, region="us-east-1")
+    fs, path = storage.ray_storage_filesystem("s3://bucket/prefix", options)
+    blob = pickle.dumps(fs)
+    assert path == "bucket/prefix" and b"127.0.0.1:9" in blob
+    assert SECRET.encode() not in blob and b"AKIAKEYID77" not in blob
