@@ -186,3 +186,18 @@ def test_good_data_still_reads(tmp_path):
     assert [b.key for b in bags] == [tiny_bag(i).key for i in range(3)]
     assert load_manifest(root).dim == DIM
     assert members_of(bags[0]) and tar_bytes(members_of(bags[0]))
+
+
+def test_ingest_limits_are_configurable(tmp_path):
+    import h5py
+
+    folder = tmp_path / "h5"
+    folder.mkdir()
+    for sid in ("s1", "s2"):
+        with h5py.File(folder / f"{sid}.h5", "w") as f:
+            f["features"] = np.ones((5, DIM), np.float32)
+    (tmp_path / "labels.csv").write_text("slide_id,label,split\ns1,0,train\ns2,1,train\n")
+    cmd = [sys.executable, "-m", "aem_dist", "ingest", "--format", "clam", "--src", str(folder), "--labels", str(tmp_path / "labels.csv"),
+           "--out", str(tmp_path / "ds"), "--max-instances-per-bag", "4"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "declares 5 instances, above data.max_instances_per_bag = 4" in run.stderr and "Traceback" not in run.stderr

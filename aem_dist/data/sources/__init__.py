@@ -38,6 +38,7 @@ class RawBag:
 
 class Source(Protocol):
     fmt: str
+    limits: Limits  # set by open_source; read_matrix checks declared shapes against it
 
     def slide_ids(self) -> list[str]:
         """Every slide the source holds, sorted."""
@@ -59,6 +60,7 @@ class FolderSource:
 
     fmt = ""
     suffix = ""
+    limits = Limits()
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
@@ -84,8 +86,14 @@ class FolderSource:
 FORMATS = ("clam", "trident", "pt", "acmil", "zarr", "mil-csv")
 
 
-def open_source(fmt: str, src: str) -> Source:
-    """The source for format ``fmt`` at local path ``src``."""
+def open_source(fmt: str, src: str, limits: Limits | None = None) -> Source:
+    """The source for format ``fmt`` at local path ``src``; declared shapes are checked against ``limits``."""
+    source = _open_source(fmt, src)
+    source.limits = limits or Limits()
+    return source
+
+
+def _open_source(fmt: str, src: str) -> Source:
     if fmt in ("clam", "trident"):
         from .h5_folder import H5FolderSource
 
