@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,6 +49,8 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(None, description="Node-local shard cache folder for the streaming loader (default: a folder under the system temp dir).")
     cache_max_gb: float = Field(20.0, gt=0, description="Upper bound of the node-local shard cache, in GiB; least recently used shards are evicted.")
     retries: int = Field(5, ge=0, description="Bounded retries for object-storage reads before a shard read fails.")
+    max_instances_per_bag: int = Field(1_000_000, ge=1, description="Largest bag accepted (instances); a manifest, shard or source declaring more is refused before anything is allocated.")
+    max_dim: int = Field(16_384, ge=1, description="Largest feature dim accepted; a manifest or file declaring more is refused before the model or any array is built.")
 
     _absolute = field_validator("root", "cache_dir")(_absolute_local)
 
@@ -217,6 +220,30 @@ def _check_dotted_key(cfg: BaseModel, dotted: str) -> None:
         node = getattr(node, part)
 
 
+SECRET_KEYS = ("storage.key", "storage.secret")
+_USERINFO = re.compile(r"(://)[^/@\s:]+:[^/@\s]+@")
+
+
+def mask_userinfo(obj: Any) -> Any:
+    """``obj`` (a plain config dict, list or string) with ``user:password@`` in URLs replaced by
+    ``***:***@``. For what is displayed or stored only — never for the config a run uses."""
+    if isinstance(obj, dict):
+        return {k: mask_userinfo(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [mask_userinfo(v) for v in obj]
+    return _USERINFO.sub(r"\1***:***@", obj) if isinstance(obj, str) else obj
+
+
+def _shown_input(key: str, value: Any) -> str:
+    """What an error may echo of a bad value: never a secret, never a whole section (which could hold one)."""
+    if any(key == k or key.startswith(k + ".") for k in SECRET_KEYS):
+        return " (got ***)"
+    if isinstance(value, (dict, list, tuple, set)) or value is None:
+        return f" (got a {type(value).__name__})" if value is not None else ""
+    text = repr(mask_userinfo(value) if isinstance(value, str) else value)
+    return f" (got {text[:80]}{'…' if len(text) > 80 else ''})"
+
+
 def _format_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
@@ -224,8 +251,10 @@ def _format_error(err: ValidationError, prefix: str = "") -> str:
         key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
+        elif not loc:  # a whole-config check (e.g. sweep.grid keys): its message names the key
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{key}: {e['msg']}{_shown_input(key, e.get('input'))}")
     return "; ".join(lines)
 
 
@@ -286,10 +315,34 @@ def list_packaged() -> list[str]:
     return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; anything larger is not one
+
+
+def read_config_text(p: Path) -> str:
+    """The text of a config file: a regular file of bounded size holding UTF-8 text, else ConfigError."""
+    try:
+        st = p.stat()
+    except OSError as err:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {err.strerror}") from None
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} is not a regular file (a folder or device?)")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {str(p)!r} is {st.st_size:,} bytes, more than a config can be ({MAX_CONFIG_BYTES:,})")
+    with open(p, "rb") as f:
+        data = f.read(MAX_CONFIG_BYTES + 1)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text (a binary file?)") from None
+    if "\0" in text:
+        raise ConfigError(f"config file {str(p)!r} is not text (it holds NUL bytes)")
+    return text
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(read_config_text(p)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -310,6 +363,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     return build_config(data, str(path or "defaults"))
 
 
+def check_sweep_grid(cfg: Config) -> int:
+    """Validate every point of ``sweep.grid`` against the config (before Ray starts); returns the number
+    of points. Raises ConfigError naming the grid point and the key."""
+    import itertools
+
+    keys = list(cfg.sweep.grid)
+    n = 0
+    for combo in itertools.product(*(cfg.sweep.grid[k] for k in keys)):
+        point = dict(zip(keys, combo))
+        try:
+            config_with(cfg, point)
+        except ConfigError as err:
+            shown = ", ".join(f"{k}: {'***' if k in SECRET_KEYS else repr(mask_userinfo(v))}" for k, v in point.items())
+            raise ConfigError(f"sweep.grid point {{{shown}}}: {str(err).removeprefix('override: ')}") from None
+        n += 1
+    return n
+
+
 def config_with(cfg: Config, overrides: dict[str, Any]) -> Config:
     """A new config equal to ``cfg`` with dotted overrides applied (used by sweeps for each trial)."""
     for key in overrides:
@@ -318,7 +389,8 @@ def config_with(cfg: Config, overrides: dict[str, Any]) -> Config:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The config as shown to people: secrets removed, URL passwords masked."""
+    return yaml.safe_dump(mask_userinfo(cfg.to_dict()), sort_keys=False)
 
 
 def config_json(cfg: Config) -> str:

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Credentials this process has seen in a config, so that log lines (botocore's DEBUG output carries the
+# key id in every Authorization header) can be redacted even when they never were in the environment.
+_SEEN_SECRETS: set[str] = set()
 _TRANSIENT_ERRNOS = {None, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
 
 
@@ -66,6 +69,9 @@ class StorageOptions:
         def secret_of(value: Any) -> str | None:
             return value.get_secret_value() if value is not None else None
 
+        for value in (getattr(section, "key", None), getattr(section, "secret", None)):
+            if value is not None and value.get_secret_value():
+                _SEEN_SECRETS.add(value.get_secret_value())
         return cls(
             endpoint_url=(getattr(section, "endpoint_url", None) or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")),
             key=secret_of(getattr(section, "key", None)) or env.get("AWS_ACCESS_KEY_ID"),
@@ -172,11 +178,27 @@ def redact(text: Any, options: StorageOptions | None = None) -> str:
     """Remove credentials from text: known secret values, the AWS variables, and user:pass@ in URLs."""
     text = str(text)
     secrets = list(options.secrets()) if options else []
-    secrets += [os.environ[k] for k in _ENV_KEYS if os.environ.get(k)]
+    secrets += [os.environ[k] for k in _ENV_KEYS if os.environ.get(k)] + list(_SEEN_SECRETS)
     for s in sorted(set(secrets), key=len, reverse=True):
         if len(s) >= 3:
             text = text.replace(s, "***")
     return re.sub(r"(://)[^/@\s:]+:[^/@\s]+@", r"\1***:***@", text)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter that redacts every record (any logger, any level, tracebacks included) with
+    :func:`redact`: what a log shows never carries a credential, whatever library wrote it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        elif record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        return True
 
 
 def exists(url: str, options: StorageOptions | None = None) -> bool:
@@ -363,11 +385,14 @@ def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> t
 
     - a plain path or ``file://`` URL → ``(None, absolute path)``: Ray's own local handling;
     - ``s3://bucket/prefix`` → ``(pyarrow.fs.S3FileSystem(endpoint_override=..., timeouts, retries), "bucket/prefix")``,
-      with the endpoint, region and credentials of ``options`` (config or AWS variables), so checkpoints go
-      to any S3-compatible server (MinIO, SeaweedFS, Ceph) and not only to AWS;
+      with the endpoint and region of ``options``, so checkpoints go to any S3-compatible server (MinIO,
+      SeaweedFS, Ceph) and not only to AWS. Credentials are *not* part of the object: it finds them where
+      it is used (AWS_* variables, which :func:`export_credentials` sets from the config, or the
+      provider chain: web identity, instance profile);
     - any other fsspec URL (``gs://``, ``memory://`` …) → ``(PyFileSystem(FSSpecHandler(fs)), path)``.
 
-    The returned filesystem holds the credentials (Ray pickles it to ship it to workers); never log it.
+    Ray pickles the returned filesystem to ship it to workers and Tune pickles it into ``tuner.pkl`` on
+    storage, so it must never carry a secret (tested by scanning everything a sweep writes).
     """
     import pyarrow.fs as pafs
 
@@ -391,11 +416,19 @@ def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> t
         region = options.region or ("us-east-1" if options.endpoint_url else None)
         if region:
             kwargs["region"] = region
-        if options.key and options.secret:
-            kwargs["access_key"] = options.key
-            kwargs["secret_key"] = options.secret
-            if options.token:
-                kwargs["session_token"] = options.token
+        # No access_key/secret_key here: pyarrow pickles explicit credentials (Ray and Tune pickle this
+        # object into their state on storage); without them it resolves the AWS_* variables (or any
+        # other credentials provider) in each process that uses it; ray_env exports config credentials.
         return pafs.S3FileSystem(**kwargs), path
-    fs, fs_path = open_fs(url, options)
+    fs, fs_path = open_fs(url, options)  # gs://, memory:// …: fsspec's own credential discovery
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs_path
+
+
+def export_credentials(options: StorageOptions) -> None:
+    """Make credentials given in the config visible to this process's environment (and so to the Ray
+    processes it starts), where filesystems built without explicit credentials find them. Memory only:
+    nothing is written, and objects that get pickled never hold them."""
+    pairs = {"AWS_ACCESS_KEY_ID": options.key, "AWS_SECRET_ACCESS_KEY": options.secret, "AWS_SESSION_TOKEN": options.token}
+    for name, value in pairs.items():
+        if value and os.environ.get(name) != value:
+            os.environ[name] = value

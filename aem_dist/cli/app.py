@@ -36,7 +36,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def setup_logging(verbose: bool = False) -> None:
     level = logging.DEBUG if verbose or os.environ.get("AEM_DEBUG") else logging.INFO
+    from ..storage import RedactingFilter
+
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # every logger's records pass here: redact them all
+        handler.addFilter(RedactingFilter())
 
 
 def run_guarded(fn: Callable[[], Any]) -> Any:

@@ -101,7 +101,7 @@ def demo(
 
     def body() -> None:
         from .. import storage
-        from ..config import load_config
+        from ..config import check_sweep_grid, load_config
         from ..data.synthetic import get_spec, write_synthetic
         from ..orchestrate.ray_env import ray_session
         from ..orchestrate.sweep import run_sweep
@@ -110,6 +110,7 @@ def demo(
         if not storage.exists(storage.join(data, "manifest.json")):
             write_synthetic(get_spec("demo"), data, seed)
         cfg = load_config("demo", [f"data.root={data}", *(set_ or [])])
+        check_sweep_grid(cfg)
         typer.echo(f"demo data: {data}; sweeping {cfg.sweep.grid} with {cfg.scaling.num_workers} Ray Train worker(s) per trial")
         with ray_session(None, cfg):
             run_sweep(cfg, sweep_out, resume=True, announce=typer.echo)

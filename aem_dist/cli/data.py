@@ -36,11 +36,14 @@ def ingest(
     seed: Annotated[int, typer.Option(help="Seed of the split and of the bag order inside shards.")] = 0,
     shard_mb: Annotated[int, typer.Option(help="Target shard size in MiB.")] = 256,
     on_bad: Annotated[str, typer.Option(help="error: stop at the first bad bag (NaN/Inf, 0 instances, wrong dim, missing features); skip: leave it out and count it.")] = "error",
+    max_instances_per_bag: Annotated[int, typer.Option(help="Largest bag a source file may declare (instances); larger ones are refused before they are read (data.max_instances_per_bag).")] = 1_000_000,
+    max_dim: Annotated[int, typer.Option(help="Largest feature dim a source file may declare (data.max_dim).")] = 16_384,
 ) -> None:
     """Convert extracted features (CLAM/TRIDENT, .pt, AEM/ACMIL HDF5, zarr, MIL CSV) into a dataset."""
 
     def body() -> None:
         from ..data.ingest import ingest as run_ingest
+        from ..data.limits import Limits
         from ..storage import StorageOptions, probe, redact
 
         if on_bad not in ("error", "skip"):
@@ -48,7 +51,7 @@ def ingest(
         options = StorageOptions.from_config()
         probe(out, options, write=True)  # wrong endpoint or key: fail now, not after the first shard
         names = [c.strip() for c in classes.split(",")] if classes else None
-        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20, on_bad=on_bad, options=options)
+        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20, on_bad=on_bad, options=options, limits=Limits(max_instances_per_bag, max_dim))
         m = result.manifest
         counts = ", ".join(f"{s}: {e.n_bags} bags" for s, e in m.splits.items())
         typer.echo(f"wrote {redact(out, options)}: dim {m.dim}, classes {m.class_names}; {counts}")

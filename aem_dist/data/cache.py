@@ -21,6 +21,13 @@ entry whose marker names another boot is hashed again before it is trusted. So f
 
 Local datasets are not copied: a shard on a local path is hashed once and a small marker
 ``<cache>/verified/<sha256>`` remembers (path, size, mtime) so later epochs skip the re-hash.
+
+Shared nodes: the markers are what makes an entry trusted, so nobody else may write them. The cache
+folder is created private (0700) and refused — with an error saying what to do — if it is owned by
+another user or writable by group or others (the default folder is per user:
+``$TMPDIR/aem-dist-cache-<uid>``). Entries and markers are used only when they are regular files (not
+symlinks) owned by this user; eviction lists the folder without following symlinks and deletes only
+regular files inside it.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import tempfile
 import uuid
 from pathlib import Path
@@ -46,7 +54,34 @@ CHUNK = 8 << 20
 
 
 def default_cache_dir() -> str:
-    return os.path.join(tempfile.gettempdir(), "aem-dist-cache")
+    """Per user: another user's cache folder in a shared /tmp is never ours to use."""
+    return os.path.join(tempfile.gettempdir(), f"aem-dist-cache-{os.getuid()}")
+
+
+def private_dir(root: Path) -> None:
+    """Create ``root`` as 0700 if missing; raise StorageError unless it is a folder owned by this user
+    and not writable by group or others (else anyone could plant entries that a run would train on)."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(root, 0o700)
+    uid = os.getuid()
+    link, st = os.lstat(root), os.stat(root)
+    fix = "set data.cache_dir to a folder of your own (it is created 0700), or chmod 700 this one"
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"shard cache {root} is not a folder; {fix}")
+    if link.st_uid != uid or st.st_uid != uid:
+        raise StorageError(f"shard cache {root} is owned by uid {st.st_uid if st.st_uid != uid else link.st_uid}, not by you (uid {uid}): refusing to trust its entries; {fix}")
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StorageError(f"shard cache {root} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): refusing to trust its entries; {fix}")
+
+
+def _own_regular_file(path: Path) -> bool:
+    """A regular file (a symlink is not followed) owned by this user and not writable by others."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
 def _boot_id() -> str | None:
@@ -103,7 +138,7 @@ class ShardCache:
         self.max_bytes = int(max_bytes)
         self.options = options
         self.retries = int(retries)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         self.fills = 0  # shards this object downloaded (bench and test hook)
         self.hits = 0
 
@@ -135,14 +170,17 @@ class ShardCache:
     # -- remote shards --------------------------------------------------------------------------
     def _trusted(self, final: Path, sha256: str, nbytes: int) -> bool:
         """Is ``final`` a complete, verified entry (re-hashing it once if it predates this boot)?"""
-        try:
-            if final.stat().st_size != nbytes:
-                return False
-        except FileNotFoundError:
+        if not _own_regular_file(final):
+            if os.path.lexists(final):  # a symlink or someone else's file: never read, replaced
+                log.warning("cache entry %s is not a regular file of yours; fetching it again", final.name)
+                with contextlib.suppress(FileNotFoundError):
+                    final.unlink()
+            return False
+        if final.stat().st_size != nbytes:
             return False
         marker = final.with_suffix(".ok")
         with contextlib.suppress(OSError):
-            if BOOT_ID is not None and marker.read_text() == BOOT_ID:
+            if BOOT_ID is not None and _own_regular_file(marker) and marker.read_text() == BOOT_ID:
                 return True
         got, n = _hash_file(final)
         if (got, n) != (sha256, nbytes):
@@ -222,15 +260,23 @@ class ShardCache:
                 tmp.unlink()
 
     def _entries(self) -> list[Path]:
-        base = self.root / "shards"
-        return list(base.glob("*/*.tar")) if base.exists() else []
+        """Regular ``shards/<ab>/<sha>.tar`` files; symlinked folders and files are not followed."""
+        found: list[Path] = []
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            with os.scandir(self.root / "shards") as level1:
+                for sub in level1:
+                    if not sub.is_dir(follow_symlinks=False):
+                        continue
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError), os.scandir(sub.path) as level2:
+                        found += [Path(e.path) for e in level2 if e.name.endswith(".tar") and e.is_file(follow_symlinks=False)]
+        return found
 
     def _evict(self, keep: Path) -> None:
         with _locked(self.root / "locks" / "evict.lock"):
             entries = []
             for p in self._entries():
                 with contextlib.suppress(FileNotFoundError):
-                    st = p.stat()
+                    st = os.lstat(p)
                     entries.append((st.st_mtime, st.st_size, p))
             total = sum(size for _, size, _ in entries)
             for _, size, p in sorted(entries, key=lambda e: e[0]):
@@ -257,7 +303,7 @@ class ShardCache:
         stamp = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         marker = self.root / "verified" / sha256
         try:
-            if json.loads(marker.read_text()) == stamp:
+            if _own_regular_file(marker) and json.loads(marker.read_text()) == stamp:
                 return f
         except (OSError, ValueError):
             pass

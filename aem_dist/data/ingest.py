@@ -20,6 +20,7 @@ from ..storage import StorageOptions
 from .manifest import Manifest
 from .schema import Bag, BadSampleError
 from .shards import DEFAULT_SHARD_BYTES, DatasetWriter
+from .limits import Limits
 from .sources import RawBag, SourceError, open_source
 from .sources.labels import class_names_for, match_ids, read_labels, stratified_split
 
@@ -70,11 +71,13 @@ def ingest(
     on_bad: str = "error",
     options: StorageOptions | None = None,
     progress: bool = True,
+    limits: Limits | None = None,
 ) -> IngestResult:
-    """Write the dataset at ``out``; returns its manifest and what was skipped."""
+    """Write the dataset at ``out``; returns its manifest and what was skipped. Shapes the source files
+    declare are checked against ``limits`` before they are read."""
     from ..progress import progress as progress_bar
 
-    source = open_source(fmt, src)
+    source = open_source(fmt, src, limits)
     skipped: Counter = Counter()
 
     def bad(err: BadSampleError) -> None:

@@ -6,16 +6,22 @@ The manifest is written last; a dataset exists only once its manifest does.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from .. import storage
 from ..storage import StorageOptions
+from .limits import Limits
 
 FORMAT = "aem-dist/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+# A shard name is one plain path segment: it is joined onto the dataset root, so '/', '..', a leading
+# '.' or '-', backslashes and control characters would read outside it or reach a terminal.
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+BAG_KEY = re.compile(r"[A-Za-z0-9_-]{1,255}")  # what schema.safe_key produces
 
 
 class ManifestError(ValueError):
@@ -52,6 +58,11 @@ class ShardEntry(BaseModel):
 
     @model_validator(mode="after")
     def _counts(self) -> "ShardEntry":
+        if not SHARD_NAME.fullmatch(self.name) or ".." in self.name:
+            raise ValueError(f"shard name {self.name!r} is not a plain file name (one path segment: letters, digits, '.', '_', '-')")
+        for bag in self.bags:
+            if not BAG_KEY.fullmatch(bag.key):
+                raise ValueError(f"shard {self.name}: bag key {bag.key!r} is not a safe key (letters, digits, '_', '-')")
         if len(self.bags) != self.n_bags:
             raise ValueError(f"shard {self.name}: n_bags {self.n_bags} != {len(self.bags)} listed bags")
         if sum(b.n for b in self.bags) != self.n_instances:
@@ -80,9 +91,15 @@ class Manifest(BaseModel):
     created_by: str = ""
 
     @model_validator(mode="after")
-    def _check(self) -> "Manifest":
+    def _check(self, info: ValidationInfo) -> "Manifest":
         if self.format != FORMAT:
             raise ValueError(f"format {self.format!r} is not {FORMAT!r}")
+        # Declared sizes are checked before anything (a model, a buffer) is built from them.
+        limits = (info.context or {}).get("limits") or Limits()
+        limits.check_bag(0, self.dim, "the manifest")
+        for name in self.class_names:
+            if not name.isprintable():
+                raise ValueError(f"class name {name!r} holds control characters")
         seen: set[str] = set()
         for split, entry in self.splits.items():
             if len(entry.class_counts) != self.n_classes:
@@ -90,6 +107,7 @@ class Manifest(BaseModel):
             for bag in entry.bags():
                 if bag.label >= self.n_classes:
                     raise ValueError(f"splits.{split}: bag {bag.key!r} label {bag.label} outside {self.n_classes} classes")
+                limits.check_bag(bag.n, None, f"splits.{split}: bag {bag.key!r}")
                 if bag.key in seen:
                     raise ValueError(f"splits.{split}: duplicate key {bag.key!r}")
                 seen.add(bag.key)
@@ -112,26 +130,27 @@ class Manifest(BaseModel):
         return json.dumps(data, indent=1, sort_keys=False)
 
 
-def parse_manifest(text: str | bytes, where: str = MANIFEST) -> Manifest:
+def parse_manifest(text: str | bytes, where: str = MANIFEST, limits: Limits | None = None) -> Manifest:
+    """Validate a manifest (counts, names, sizes within ``limits``); raises ManifestError naming the field."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{where}: not valid JSON: {err}") from None
     try:
-        return Manifest.model_validate(data)
+        return Manifest.model_validate(data, context={"limits": limits})
     except ValidationError as err:
         parts = []
         for e in err.errors():
             loc = ".".join(str(p) for p in e["loc"])
-            parts.append(f"{loc or '<root>'}: {e['msg']}")
+            parts.append(f"{loc or '<root>'}: {str(e['msg']).removeprefix('Value error, ')}")
         raise ManifestError(f"{where}: invalid manifest: " + "; ".join(parts)) from None
 
 
-def load_manifest(root: str, options: StorageOptions | None = None) -> Manifest:
-    """Read and validate ``<root>/manifest.json``."""
+def load_manifest(root: str, options: StorageOptions | None = None, limits: Limits | None = None) -> Manifest:
+    """Read and validate ``<root>/manifest.json`` (sizes against ``limits``, default :class:`Limits`)."""
     url = storage.join(root, MANIFEST)
     try:
         text = storage.read_bytes(url, options)
     except FileNotFoundError:
         raise ManifestError(f"{storage.redact(url, options)}: no manifest (not a dataset, or its writing never finished)") from None
-    return parse_manifest(text, storage.redact(url, options))
+    return parse_manifest(text, storage.redact(url, options), limits)

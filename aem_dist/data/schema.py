@@ -30,6 +30,7 @@ META = "json"
 MEMBERS = (FEATS, COORDS, META)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # what training converts
 
 
 class BadSampleError(ValueError):
@@ -110,7 +111,18 @@ def encode_bag(bag: Bag) -> dict[str, bytes]:
 
 
 def load_npy(data: bytes, what: str) -> np.ndarray:
-    """np.load with ``allow_pickle=False``; any failure is a BadSampleError with a reason code."""
+    """np.load with ``allow_pickle=False``; any failure is a BadSampleError with a reason code.
+
+    The header's shape is checked against the bytes present before numpy allocates the array
+    (numpy allocates the declared size first, then finds the data short)."""
+    from .limits import SizeError, npy_array_shape
+
+    try:
+        npy_array_shape(data, what)
+    except SizeError as err:
+        raise BadSampleError("npy_size", str(err)) from None
+    except Exception as err:  # bad magic, unparsable header
+        raise BadSampleError("corrupt_npy", f"{what} is not a valid npy: {type(err).__name__}: {err}") from None
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
@@ -159,14 +171,17 @@ def decode_bag(
     feats = load_npy(members[FEATS], "feats.npy")
     if feats.ndim != 2:
         raise BadSampleError("bad_shape", f"feats.npy must be 2-D, got shape {feats.shape}")
-    if feats.dtype.kind != "f":
-        raise BadSampleError("bad_dtype", f"feats.npy dtype {feats.dtype} is not floating point")
+    if feats.dtype not in FEATURE_DTYPES:
+        raise BadSampleError("bad_dtype", f"feats.npy dtype {feats.dtype} is not float16, float32 or float64")
     if feats.shape[0] == 0:
         raise BadSampleError("empty_bag", "bag has 0 instances")
     if dim is not None and feats.shape[1] != dim:
         raise BadSampleError("dim_mismatch", f"feature dim {feats.shape[1]} != manifest dim {dim}")
     if check_finite and not np.isfinite(feats).all():
         raise BadSampleError("non_finite", "features contain NaN or Inf")
+    if check_finite and feats.dtype == np.float64 and np.abs(feats).max() > np.finfo(np.float32).max:
+        # finite here, Inf once cast to the float32 that training packs
+        raise BadSampleError("non_finite", "features hold values beyond float32 range (Inf once converted for training)")
     n_meta = meta.get("n_instances")
     if n_meta is not None and n_meta != feats.shape[0]:
         raise BadSampleError("count_mismatch", f"json n_instances {n_meta} != {feats.shape[0]} rows in feats.npy")

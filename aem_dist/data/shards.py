@@ -16,6 +16,7 @@ from typing import IO, Any, Callable, Iterable, Iterator
 
 from .. import __version__, storage
 from ..storage import StorageOptions
+from .limits import MAX_TAR_HEADER_BYTES
 from .manifest import FORMAT, MANIFEST, BagEntry, Manifest, ShardEntry, SplitEntry
 from .schema import MEMBERS, Bag, BadSampleError, decode_bag, encode_bag
 
@@ -203,6 +204,42 @@ def write_dataset(
 # --- reading ---------------------------------------------------------------------------------
 
 
+_EXTENSION_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE)
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """tarfile's header parser, refusing what would make it read or expand more than the shard holds.
+
+    * Sparse members (old GNU 'S' type and the pax GNU.sparse formats): their declared size is filled
+      in from a map, so a 3 KB shard can read back as gigabytes of zeros. Shards we write are plain
+      ustar; only regular members are read.
+    * pax / GNU long-name extension headers above MAX_TAR_HEADER_BYTES: tarfile reads them whole.
+
+    Raises BadSampleError from inside tarfile's iteration (it passes non-header errors through).
+    """
+
+    def _proc_member(self, tarfile_: tarfile.TarFile):  # type: ignore[override]
+        if self.type in _EXTENSION_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise BadSampleError("tar_header_size", f"tar extension header before offset {self.offset} declares {self.size:,} bytes (limit {MAX_TAR_HEADER_BYTES:,})")
+        return super()._proc_member(tarfile_)
+
+    def _refuse_sparse(self, *_: Any) -> Any:
+        raise BadSampleError("sparse_member", f"tar member {self.name!r} is a sparse file (its size is expanded from a map, not stored): only regular members are read")
+
+    _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
+def check_shard_file(fs: Any, path: str, name: str, expected_bytes: int | None) -> None:
+    """Before reading a shard: it must be a regular file (not a device, fifo or folder a name resolves
+    to) of the size the manifest says, so a read is bounded by the manifest. Raises BadSampleError."""
+    info = fs.info(path)
+    if info.get("type") != "file":
+        raise BadSampleError("not_regular_file", f"shard is not a regular file (it is a {info.get('type')})", shard=name)
+    size = info.get("size")
+    if expected_bytes is not None and size is not None and int(size) != expected_bytes:
+        raise BadSampleError("sha256_mismatch", f"shard holds {int(size):,} bytes but the manifest says {expected_bytes:,}", shard=name)
+
+
 @dataclass
 class RawSample:
     """One sample's expected members (extension → bytes) and the names of members left unread."""
@@ -222,7 +259,7 @@ def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
     """
     current: RawSample | None = None
     try:
-        with tarfile.open(fileobj=f, mode="r|") as tar:
+        with tarfile.open(fileobj=f, mode="r|", tarinfo=_CheckedTarInfo) as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -347,6 +384,7 @@ def read_shard(
     """
     fs, path = storage.open_fs(url, options)
     name = url.rsplit("/", 1)[-1]
+    check_shard_file(fs, path, name, expect[0] if expect is not None else None)
     with fs.open(path, "rb") as f:
         reader = _HashingReader(f)
         yield from decode_shard(iter_tar_samples(io.BufferedReader(reader, 1 << 20), name), name, dim=dim, n_classes=n_classes, on_bad=on_bad)
@@ -418,7 +456,7 @@ def index_tar(f: IO[bytes], shard: str) -> TarIndex:
     seen_keys: list[str] = []
     key: str | None = None
     try:
-        tar = tarfile.open(fileobj=f, mode="r:")
+        tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo)
         for info in tar:
             if not info.isfile():
                 continue
@@ -450,6 +488,10 @@ def index_tar(f: IO[bytes], shard: str) -> TarIndex:
                 if key is not None:
                     index.members.pop(key, None)
                     index.unexpected.pop(key, None)
+    except BadSampleError as err:  # a refused header: nothing at or after it is read
+        index.cut = err.located(shard=shard, key=key)
+        if key is not None:
+            index.members.pop(key, None)
     except (tarfile.TarError, EOFError, OSError) as err:
         index.cut = BadSampleError("truncated_tar", f"tar is cut or corrupt: {err}", shard=shard, key=key)
         if key is not None:

@@ -14,7 +14,7 @@ from .. import storage
 from ..storage import StorageOptions
 from .manifest import ManifestError, load_manifest
 from .schema import BadSampleError, human_bytes
-from .shards import _HashingReader, decode_shard, iter_tar_samples
+from .shards import _HashingReader, check_shard_file, decode_shard, iter_tar_samples
 
 
 @dataclass
@@ -73,9 +73,13 @@ def verify_shard(root: str, split: str, entry, dim: int, n_classes: int, options
 
     fs, path = storage.open_fs(url, options)
     try:
+        check_shard_file(fs, path, entry.name, entry.bytes)
         f = fs.open(path, "rb")
     except FileNotFoundError:
         report.problems.append("shard is missing [missing_shard]")
+        return report
+    except BadSampleError as err:  # not a regular file, or not the manifest's size: not read at all
+        report.problems.append(f"{err.message} [{err.reason}]")
         return report
     except Exception as err:
         report.problems.append(storage.describe_error(err, url, options))

@@ -87,7 +87,7 @@ def stage_init(cfg: Config, run_dir: str | None, options: StorageOptions | None 
     url = storage.join(stage1, CONFOUNDERS_FILE)
     fs, path = storage.open_fs(url, options)
     if not fs.exists(path):
-        ckpt = LocalCheckpoints(storage.join(stage1, "checkpoints"), keep=cfg.run.checkpoint_keep, options=options, best_dir=storage.join(stage1, "best"))
+        ckpt = LocalCheckpoints(storage.join(stage1, "checkpoints"), keep=cfg.run.checkpoint_keep, options=options, best_dirs=[storage.join(stage1, "best")])
         resume = ckpt.latest()
         if resume is not None and resume["best_epoch"] is not None:
             ckpt.best = f"epoch-{int(resume['best_epoch']):06d}"

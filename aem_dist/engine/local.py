@@ -15,24 +15,25 @@ from .. import storage
 from ..config import Config
 from ..storage import StorageOptions
 from .checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best_states
-from .loop import EpochReport, FitResult, fit
+from .loop import EpochReport, FitResult, fit, fit_members
 
 log = logging.getLogger(__name__)
 _EPOCH_DIR = re.compile(r"^epoch-(\d{6})$")
 
 
 class LocalCheckpoints:
-    """``folder/epoch-NNNNNN/state.pt`` per epoch; keeps the latest ``keep`` plus the best.
+    """``folder/epoch-NNNNNN/state.pt`` per epoch; keeps the latest ``keep`` (plus, for a single run, its best).
 
-    With ``best_dir`` the best-so-far state is also written to ``best_dir/state.pt`` (what ``predict`` reads).
+    ``best_dirs[k]/state.pt`` receives member k's best-so-far state (what ``predict`` reads); a single
+    run has one member.
     """
 
-    def __init__(self, folder: str, keep: int = 2, options: StorageOptions | None = None, best_dir: str | None = None):
+    def __init__(self, folder: str, keep: int = 2, options: StorageOptions | None = None, best_dirs: list[str] | None = None):
         self.folder = str(folder)
         self.keep = keep
         self.options = options
-        self.best_dir = best_dir
-        self.best: str | None = None
+        self.best_dirs = best_dirs or []
+        self.best: str | None = None  # a single run's best epoch folder, kept from eviction
 
     def _epochs(self) -> list[str]:
         fs, path = storage.open_fs(self.folder, self.options)
@@ -49,10 +50,10 @@ class LocalCheckpoints:
         name = f"epoch-{report.epoch:06d}"
         blob = state_to_bytes(report.state())
         storage.atomic_write_bytes(storage.join(self.folder, name, STATE_FILE), blob, self.options)
-        if report.is_best:
+        if report.is_best and not report.members:
             self.best = name
-        if self.best_dir is not None:
-            write_best_states(report, blob, [self.best_dir], self.options)
+        if self.best_dirs:
+            write_best_states(report, blob, self.best_dirs, self.options)
         epochs = self._epochs()
         fs, path = storage.open_fs(self.folder, self.options)
         for old in epochs[: -self.keep]:
@@ -72,11 +73,25 @@ def run_local(
 
     if run_dir is None:
         return fit(cfg, options=options, on_epoch=on_epoch, model_init=model_init(cfg, None, options))
-    ckpt = LocalCheckpoints(storage.join(run_dir, "checkpoints"), keep=cfg.run.checkpoint_keep, options=options, best_dir=storage.join(run_dir, "best"))
+    return run_local_members([cfg], storage.join(run_dir, "checkpoints"), [storage.join(run_dir, "best")], options, on_epoch, model_init(cfg, run_dir, options))[0]
+
+
+def run_local_members(
+    cfgs: list[Config],
+    checkpoints: str,
+    best_dirs: list[str],
+    options: StorageOptions | None = None,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    model_init: dict | None = None,
+) -> list[FitResult]:
+    """Train one run or a population in this process: a checkpoint per epoch in ``checkpoints`` (resumed
+    from if present), member k's best state in ``best_dirs[k]/state.pt``."""
+    ckpt = LocalCheckpoints(checkpoints, keep=cfgs[0].run.checkpoint_keep, options=options, best_dirs=best_dirs)
     resume = ckpt.latest()
     if resume is not None:
-        ckpt.best = None if resume["best_epoch"] is None else f"epoch-{int(resume['best_epoch']):06d}"
-        log.info("resuming %s after epoch %d", storage.redact(run_dir, options), int(resume["epoch"]))
+        if len(cfgs) == 1:
+            ckpt.best = None if resume["best_epoch"] is None else f"epoch-{int(resume['best_epoch']):06d}"
+        log.info("resuming %s after epoch %d", storage.redact(checkpoints, options), int(resume["epoch"]))
 
     def both(report: EpochReport) -> None:
         t0 = time.perf_counter()
@@ -85,4 +100,4 @@ def run_local(
         if on_epoch is not None:
             on_epoch(report)
 
-    return fit(cfg, resume=resume, options=options, on_epoch=both, model_init=model_init(cfg, run_dir, options))
+    return fit_members(cfgs, resume=resume, options=options, on_epoch=both, model_init=model_init)

@@ -14,7 +14,7 @@ from importlib import metadata
 from typing import Any
 
 from .. import __version__, storage
-from ..config import Config
+from ..config import Config, mask_userinfo
 from ..data.manifest import MANIFEST
 from ..storage import StorageOptions
 from .loop import FitResult
@@ -43,6 +43,11 @@ def write_json(url: str, obj: Any, options: StorageOptions | None = None) -> Non
     storage.atomic_write_text(url, to_json(obj) + "\n", options)
 
 
+def stored_config(cfg: Config) -> dict[str, Any]:
+    """The config as written into results.json / run.json: secrets removed, URL passwords masked."""
+    return mask_userinfo(cfg.to_dict())
+
+
 def results_dict(result: FitResult, cfg: Config) -> dict[str, Any]:
     """The content of ``results.json``."""
     return {
@@ -52,7 +57,7 @@ def results_dict(result: FitResult, cfg: Config) -> dict[str, Any]:
         "skipped": result.skipped,
         "resumed_after_epoch": result.resumed_after,
         "history": result.history,
-        "config": cfg.to_dict(),
+        "config": stored_config(cfg),
     }
 
 
@@ -100,7 +105,7 @@ def command_line(options: StorageOptions | None = None) -> str:
     """The command that started this process, with credentials given as overrides masked."""
     text = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
     text = re.sub(r"(storage\.(?:key|secret)=)\S+", r"\1***", text)
-    return storage.redact(text, options)
+    return mask_userinfo(storage.redact(text, options))
 
 
 def run_record(cfg: Config, kind: str, options: StorageOptions | None = None, **extra: Any) -> dict[str, Any]:
@@ -108,7 +113,7 @@ def run_record(cfg: Config, kind: str, options: StorageOptions | None = None, **
     return {
         "kind": kind,
         "command": command_line(options),
-        "config": cfg.to_dict(),
+        "config": stored_config(cfg),
         "versions": package_versions(),
         "git_commit": git_commit(),
         "dataset": {"root": storage.redact(cfg.data.root, options), "manifest_sha256": manifest_sha256(cfg.data.root, options)},

@@ -77,7 +77,8 @@ class TuneMetricsCallback(Callback):
         max_rows: int = 20,
         stream: IO[str] | None = None,
     ):
-        self.base = base
+        # Tune pickles callbacks into its experiment state on storage: keep a copy without secrets.
+        self.base = Config.model_validate(base.to_dict(redact=True))
         self.exporter = exporter
         self.trial_name = trial_name
         self.print_table = print_table

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import storage
+from ..data.limits import check_grid
 from ..storage import StorageOptions
 from .attention import AttentionStore, BagResult
 from .figures import new_figure, save_png
@@ -61,7 +62,7 @@ def _paint(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> np.
 def render(bag: BagResult, class_names: Sequence[str] = (), scale: str = "rank"):
     """The heatmap figure of one bag (side by side with its tumour mask when it has one)."""
     cells, patch = patch_grid(bag.coords)
-    shape = (int(cells[:, 1].max()) + 1, int(cells[:, 0].max()) + 1)
+    shape = check_grid(cells, f"slide {bag.slide_id!r}")  # coordinates are data: bound the image first
     values, cbar_label, (vmin, vmax) = scaled(bag.attention, scale)
     heat = _paint(cells, values, shape)
     panels = 2 if bag.tumour is not None else 1

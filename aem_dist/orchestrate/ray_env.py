@@ -28,17 +28,16 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 
 def _storage_env_from_config(cfg) -> None:
     """Credentials set in the config (rather than the environment) reach Ray workers as AWS_* env vars
-    of the local Ray processes; they are never put into Ray configs, which Ray writes to disk."""
+    of the local Ray processes; they are never put into Ray configs or filesystems, which Ray pickles
+    to storage."""
+    from ..storage import StorageOptions, export_credentials
+
     s = cfg.storage
-    pairs = {
-        "AWS_ENDPOINT_URL_S3": s.endpoint_url,
-        "AWS_ACCESS_KEY_ID": s.key.get_secret_value() if s.key else None,
-        "AWS_SECRET_ACCESS_KEY": s.secret.get_secret_value() if s.secret else None,
-        "AWS_REGION": s.region,
-    }
-    for name, value in pairs.items():
-        if value:
-            os.environ[name] = value
+    if s.endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = s.endpoint_url
+    if s.region:
+        os.environ["AWS_REGION"] = s.region
+    export_credentials(StorageOptions.from_config(s))
 
 
 def _short_tmp() -> str:

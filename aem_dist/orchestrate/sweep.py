@@ -7,8 +7,9 @@ fits a :class:`TorchTrainer` (``scaling.num_workers ≥ 1``, results relayed to 
 
 Layout under ``out``: ``run.json``, ``trials.csv``, ``summary.{csv,md}``, ``trials/<trial>/`` (results.json,
 best/state.pt) and ``ray/<run.name>/`` (Tune's experiment state; Ray Train checkpoints under ``ray/train``).
-``--resume`` restores the Tune experiment: finished trials are kept, unfinished and errored ones re-run
-and pick up their last Ray Train checkpoint.
+``--resume`` starts a fresh Tune experiment over the same grid (Tune's pickled state is never loaded, see
+:mod:`.resume`): finished trials (results.json) return at once, the others continue from their last
+checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
 from .populations import Member, PopulationSpec, plan_populations
-from .worker import make_trainer, quiet_ray_logs, train_loop_per_worker, worker_resources
+from .resume import experiment_exists, finished_results, run_inprocess_trial
+from .worker import make_trainer, quiet_ray_logs, worker_resources
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +69,13 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
     cfgs = [config_with(base_cfg, m.values) for m in spec.members]
     run_dirs = [out if single else storage.join(out, "trials", m.name) for m in spec.members]
     options = StorageOptions.from_config(cfgs[0].storage, cfgs[0].data.retries)
-    # results.json is written last, so a member that has one finished — even if the driver died before
-    # Tune's experiment state recorded it. Resuming then costs nothing for it.
-    results = [_finished_results(d, c, options) for d, c in zip(run_dirs, cfgs)]
+    # A finished member (results.json, written last) costs nothing on resume; see .resume.
+    results = [finished_results(d, c, options) for d, c in zip(run_dirs, cfgs)]
     if any(r is None for r in results):
         cfg = cfgs[0]
         if cfg.scaling.num_workers == 0:
-            results = train_loop_per_worker({"cfgs": [c.to_dict() for c in cfgs], "run_dirs": run_dirs, "api": "tune"})
+            ckpt_dir = storage.join(run_dirs[0] if len(cfgs) == 1 else storage.join(out, "populations", spec.name), "checkpoints")
+            results = run_inprocess_trial(cfgs, run_dirs, ckpt_dir, options)
         else:
             trainer = make_trainer(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
             results = trainer.fit().return_value
@@ -93,15 +95,6 @@ def trial_timing(worker: dict[str, Any], started: float, ended: float) -> dict[s
     if "worker_started" in worker:
         out |= {"start_s": worker["worker_started"] - started, "setup_s": worker["setup_s"], "epochs_s": worker["epochs_s"], "reports_s": worker["reports_s"], "teardown_s": ended - worker["worker_ended"]}
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
-
-
-def _finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict[str, Any] | None:
-    """The trial's results.json if it exists and was produced by this very configuration."""
-    try:
-        results = json.loads(storage.read_bytes(storage.join(run_dir, "results.json"), options))
-    except FileNotFoundError:
-        return None
-    return results if results.get("config") == cfg.to_dict() else None
 
 
 def ray_storage(cfg: Config, out: str, *parts: str) -> str:
@@ -163,29 +156,29 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
     n_points = sum(len(s.members) for s in specs)
     log.info("%d trial(s) for %d grid point(s), at most %d at once (per trial: %s)", len(specs), n_points, concurrency, trial_resources(cfg))
 
-    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+    # Never Tuner.restore: it unpickles state from the output prefix. A fresh experiment resumes from
+    # our own JSON records and weights-only checkpoints instead (see .resume).
+    if experiment_exists(fs, exp_path):
         if not resume:
             raise SweepError(f"{storage.redact(out, options)} already holds sweep {cfg.run.name!r}: pass --resume to continue it, or choose another --out / run.name")
-        log.info("resuming sweep from %s", storage.redact(exp_path, options))
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True, param_space=param_space, storage_filesystem=fs)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=concurrency,
-                trial_name_creator=lambda t: t.config["_population"]["name"],
-                trial_dirname_creator=lambda t: t.config["_population"]["name"],
-            ),
-            run_config=tune.RunConfig(
-                name=cfg.run.name,
-                storage_path=exp_root,
-                storage_filesystem=fs,
-                failure_config=tune.FailureConfig(max_failures=max(cfg.run.max_failures, 0)),
-                callbacks=callbacks or [],
-                verbose=0,  # the trial table of TuneMetricsCallback reports progress
-            ),
-        )
+        log.info("resuming sweep in %s: finished trials are kept, the others continue from their checkpoints", storage.redact(exp_path, options))
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency,
+            trial_name_creator=lambda t: t.config["_population"]["name"],
+            trial_dirname_creator=lambda t: t.config["_population"]["name"],
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.run.name,
+            storage_path=exp_root,
+            storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=max(cfg.run.max_failures, 0)),
+            callbacks=callbacks or [],
+            verbose=0,  # the trial table of TuneMetricsCallback reports progress
+        ),
+    )
     return tuner.fit()
 
 

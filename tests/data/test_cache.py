@@ -85,3 +85,67 @@ def test_local_shards_are_verified_once_not_copied(tmp_path):
     p.write_bytes(b"abd" * 100)  # changed after verification: mtime/size stamp no longer matches
     with pytest.raises(BadSampleError, match="sha256"):
         c.open(str(p), "local.tar", sha, 300)
+
+
+# --- shared nodes: another user must not be able to plant what a run trains on --------------------
+
+
+def test_world_writable_or_foreign_cache_is_refused(tmp_path):
+    from aem_dist.storage import StorageError
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(StorageError, match=r"writable by group or others \(mode 777\).*data.cache_dir"):
+        ShardCache(str(shared), 1 << 20)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir(mode=0o700)
+    if os.getuid() == 0:
+        os.chown(foreign, 12345, 12345)
+    else:  # not root: a folder we do not own is one level up anyway
+        foreign = tmp_path.anchor
+    with pytest.raises(StorageError, match=r"owned by uid \d+, not by you"):
+        ShardCache(str(foreign), 1 << 20)
+    fresh = ShardCache(str(tmp_path / "new" / "cache"), 1 << 20)
+    assert (fresh.root.stat().st_mode & 0o777) == 0o700
+    assert cache_mod.default_cache_dir().endswith(f"aem-dist-cache-{os.getuid()}")
+
+
+def test_planted_entries_are_never_used(tmp_path):
+    data = os.urandom(3000)
+    url, sha, n = put("p.tar", data)
+    c = ShardCache(str(tmp_path / "cache"), 1 << 20)
+    entry = c.entry_path(sha)
+    entry.parent.mkdir(parents=True)
+    # 1) someone else's file with the right size and a marker of this boot
+    entry.write_bytes(b"X" * n)
+    entry.with_suffix(".ok").write_text(str(cache_mod.BOOT_ID))
+    entry.chmod(0o666)
+    with c.open(url, "p.tar", sha, n) as f:
+        assert f.read() == data
+    # 2) a symlink to a file outside the cache, of the right size
+    outside = tmp_path / "outside.tar"
+    outside.write_bytes(b"Y" * n)
+    entry.unlink()
+    entry.symlink_to(outside)
+    with c.open(url, "p.tar", sha, n) as f:
+        assert f.read() == data
+    assert c.fills == 2 and outside.read_bytes() == b"Y" * n and not entry.is_symlink()
+
+
+def test_eviction_never_follows_symlinks(tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "ab").mkdir(parents=True)
+    victims = [outside / "victim.tar", outside / "ab" / "victim.tar"]
+    for v in victims:
+        v.write_bytes(b"v" * 5000)
+    c = ShardCache(str(tmp_path / "cache"), 1500)
+    (c.root / "shards").mkdir()
+    (c.root / "shards" / "zz").symlink_to(outside)  # a symlinked folder of "entries"
+    (c.root / "shards" / "yy").mkdir()
+    (c.root / "shards" / "yy" / "link.tar").symlink_to(victims[0])  # a symlinked "entry"
+    for i in range(3):
+        url, sha, n = put(f"e{i}.tar", os.urandom(1000))
+        c.open(url, f"e{i}.tar", sha, n).close()
+    assert all(v.read_bytes() == b"v" * 5000 for v in victims)
+    assert c.usage() <= 1500

@@ -75,8 +75,11 @@ def test_missing_bucket_is_clear(s3_server):
         storage.probe("s3://no-such-bucket-aem/x", s3_server.options())
 
 
-def test_ray_storage_filesystem_s3_roundtrip(s3_server):
+def test_ray_storage_filesystem_s3_roundtrip(s3_server, monkeypatch):
     import pyarrow.fs as pafs
+
+    for name, value in s3_server.env().items():  # Ray's filesystem finds credentials where it is used
+        monkeypatch.setenv(name, value)
 
     root = s3_server.make_bucket("st-ray") + "/experiments"
     fs, path = storage.ray_storage_filesystem(root, s3_server.options())
@@ -92,9 +95,13 @@ def test_ray_storage_filesystem_s3_roundtrip(s3_server):
     assert any(i.path.endswith("checkpoint.bin") and i.size == 5000 for i in infos)
 
 
-def test_ray_storage_filesystem_is_picklable(s3_server):
+def test_ray_storage_filesystem_is_picklable_without_secrets(s3_server, monkeypatch):
     import pickle
 
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
     fs, path = storage.ray_storage_filesystem("s3://st-ray/p", s3_server.options())
-    fs2 = pickle.loads(pickle.dumps(fs))  # Ray ships it to workers
+    blob = pickle.dumps(fs)  # Ray ships it to workers; Tune pickles it into tuner.pkl on storage
+    assert s3_server.secret.encode() not in blob and s3_server.key.encode() not in blob
+    fs2 = pickle.loads(blob)
     assert fs2.get_file_info(path).type is not None

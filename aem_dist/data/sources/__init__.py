@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from ..limits import Limits, SizeError, check_matrix_shape, check_stored_fully
 
 
 class SourceError(ValueError):
@@ -36,6 +38,7 @@ class RawBag:
 
 class Source(Protocol):
     fmt: str
+    limits: Limits  # set by open_source; read_matrix checks declared shapes against it
 
     def slide_ids(self) -> list[str]:
         """Every slide the source holds, sorted."""
@@ -57,6 +60,7 @@ class FolderSource:
 
     fmt = ""
     suffix = ""
+    limits = Limits()
 
     def __init__(self, folder: str):
         self.folder = Path(folder)
@@ -82,8 +86,14 @@ class FolderSource:
 FORMATS = ("clam", "trident", "pt", "acmil", "zarr", "mil-csv")
 
 
-def open_source(fmt: str, src: str) -> Source:
-    """The source for format ``fmt`` at local path ``src``."""
+def open_source(fmt: str, src: str, limits: Limits | None = None) -> Source:
+    """The source for format ``fmt`` at local path ``src``; declared shapes are checked against ``limits``."""
+    source = _open_source(fmt, src)
+    source.limits = limits or Limits()
+    return source
+
+
+def _open_source(fmt: str, src: str) -> Source:
     if fmt in ("clam", "trident"):
         from .h5_folder import H5FolderSource
 
@@ -117,6 +127,17 @@ def as_matrix(arr: object, origin: str, field: str) -> np.ndarray:
     if a.dtype.hasobject:
         raise SourceError(f"{origin}: {field!r} has object dtype")
     return a
+
+
+def read_matrix(arr: Any, origin: str, field: str, limits: Limits | None = None) -> np.ndarray:
+    """Read an HDF5 dataset or zarr array as a 2-D matrix, after checking the shape it declares against
+    ``limits`` and that all of it is really stored (a few KB must not become gigabytes of fill value)."""
+    try:
+        check_matrix_shape(tuple(arr.shape), limits or Limits(), f"{origin}: {field!r}")
+        check_stored_fully(arr, f"{origin}: {field!r}")
+    except SizeError as err:
+        raise SourceError(str(err)) from None
+    return as_matrix(arr[...], origin, field)
 
 
 def label_text(value: object) -> str | None:

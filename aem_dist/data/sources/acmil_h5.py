@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import h5py
 
-from . import FEATURE_KEYS, RawBag, SourceError, as_matrix, label_text
+from ..limits import Limits
+from . import FEATURE_KEYS, RawBag, SourceError, label_text, read_matrix
 
 
 class AcmilH5Source:
     fmt = "acmil"
+    limits = Limits()
 
     def __init__(self, path: str):
         self.path = path
@@ -33,8 +35,8 @@ class AcmilH5Source:
         key = next((k for k in FEATURE_KEYS if k in g), None)
         if key is None:
             raise SourceError(f"{origin}: no 'feat' dataset (has {sorted(g.keys())})")
-        feats = as_matrix(g[key][()], origin, key)
-        coords = as_matrix(g["coords"][()], origin, "coords") if "coords" in g else None
+        feats = read_matrix(g[key], origin, key, self.limits)
+        coords = read_matrix(g["coords"], origin, "coords", self.limits) if "coords" in g else None
         return RawBag(slide_id, feats, coords, self.label_of(slide_id), origin)
 
     def close(self) -> None:

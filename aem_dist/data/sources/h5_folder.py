@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import h5py
 
-from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, as_matrix
+from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, read_matrix
 
 class H5FolderSource(FolderSource):
     suffix = ".h5"
@@ -25,8 +25,8 @@ class H5FolderSource(FolderSource):
                 key = next((k for k in FEATURE_KEYS if k in f), None)
                 if key is None:
                     raise SourceError(f"{path}: no 'features' dataset (has {sorted(f.keys())})")
-                feats = as_matrix(f[key][()], str(path), key)
-                coords = as_matrix(f["coords"][()], str(path), "coords") if "coords" in f else None
+                feats = read_matrix(f[key], str(path), key, self.limits)
+                coords = read_matrix(f["coords"], str(path), "coords", self.limits) if "coords" in f else None
         except OSError as err:
             raise SourceError(f"{path}: not a readable HDF5 file: {err}") from None
         return RawBag(slide_id, feats, coords, None, str(path))

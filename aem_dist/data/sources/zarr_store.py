@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import zarr
 
-from . import FEATURE_KEYS, RawBag, SourceError, as_matrix, label_text
+from ..limits import Limits
+from . import FEATURE_KEYS, RawBag, SourceError, label_text, read_matrix
 
 
 class ZarrSource:
     fmt = "zarr"
+    limits = Limits()
 
     def __init__(self, path: str):
         self.path = path
@@ -34,8 +36,8 @@ class ZarrSource:
         key = next((k for k in FEATURE_KEYS if k in names), None)
         if key is None:
             raise SourceError(f"{origin}: no 'features' array (has {sorted(names)})")
-        feats = as_matrix(g[key][...], origin, key)
-        coords = as_matrix(g["coords"][...], origin, "coords") if "coords" in names else None
+        feats = read_matrix(g[key], origin, key, self.limits)
+        coords = read_matrix(g["coords"], origin, "coords", self.limits) if "coords" in names else None
         return RawBag(slide_id, feats, coords, self.label_of(slide_id), origin)
 
     def close(self) -> None:
