@@ -107,27 +107,31 @@ def run_paper(bags, spec, epochs: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "steps": epochs * len(bags)}
 
 
+class _Dims:
+    """What the engine reads from a manifest to build a model."""
+
+    def __init__(self, dim: int, n_classes: int):
+        self.dim, self.n_classes = dim, n_classes
+
+
 def run_ours(bags, spec, epochs: int, max_bags: int) -> dict:
     budget = None if max_bags == 1 else 8192
     from aem_dist.config import load_config
     from aem_dist.data.loader import InMemoryLoader, LoaderSpec
     from aem_dist.engine.dist import DistContext
-    from aem_dist.engine.loop import CosineToZero, make_optimizer, train_epoch
-    from aem_dist.models import build_model
+    from aem_dist.engine.loop import CosineToZero, Single, train_epoch
 
     cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false"])
     loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=max_bags, max_instances=budget))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, spec.dim, spec.n_classes)
     ctx = DistContext()
-    opt = make_optimizer(model, cfg, ctx.device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero(epochs * loader.steps(0)))
-    train_epoch(model, model, opt, sched, loader, cfg, ctx, 0)  # warm-up
+    trainee = Single(cfg, _Dims(spec.dim, spec.n_classes), ctx)  # the engine's model and fused AdamW
+    sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, CosineToZero(epochs * loader.steps(0)))
+    train_epoch(trainee, sched, loader, cfg, ctx, 0)  # warm-up
     t0 = time.perf_counter()
     steps = 0
     for e in range(epochs):
-        stats, _ = train_epoch(model, model, opt, sched, loader, cfg, ctx, e + 1)
-        steps += int(stats["steps"])
+        stats, _ = train_epoch(trainee, sched, loader, cfg, ctx, e + 1)
+        steps += int(stats[0]["steps"])
     return {"seconds": time.perf_counter() - t0, "steps": steps}
 
 

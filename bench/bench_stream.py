@@ -74,20 +74,15 @@ def stream_loader(url, manifest, opts, cache, workers, split="train", train=True
 
 def train_rate(loader, manifest, epoch: int) -> tuple[float, int]:
     """Steps per second of the engine's train_epoch on ``loader`` (ABMIL, paper settings)."""
-    from aem_dist.engine.dist import DistContext, parallelize
-    from aem_dist.engine.loop import train_epoch
-    from aem_dist.models import build_model
+    from aem_dist.engine.dist import DistContext
+    from aem_dist.engine.loop import Single, train_epoch
 
     cfg = load_config(None, {"train.progress": False, "loss.lam": 0.1})
-    torch.manual_seed(0)
-    core = build_model(cfg.model, manifest.dim, manifest.n_classes)
-    ctx = DistContext()
-    model = parallelize(core, ctx)
-    opt = torch.optim.AdamW(core.parameters(), lr=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    trainee = Single(cfg, manifest, DistContext())
+    sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, lambda s: 1.0)
     t0 = time.perf_counter()
-    stats, _ = train_epoch(model, core, opt, sched, loader, cfg, ctx, epoch)
-    return stats["steps"] / (time.perf_counter() - t0), int(stats["steps"])
+    stats, _ = train_epoch(trainee, sched, loader, cfg, DistContext(), epoch)
+    return stats[0]["steps"] / (time.perf_counter() - t0), int(stats[0]["steps"])
 
 
 def _status_kb(pid: int | str, field: str) -> int:

@@ -23,7 +23,10 @@ each member gets exactly its standalone gradient.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
+import json
 import logging
 import math
 from typing import Any
@@ -58,7 +61,7 @@ class Population(nn.Module):
         self.names = [n for n, _ in first.named_parameters()]
         self.shapes = [tuple(p.shape) for _, p in first.named_parameters()]
         numels = [math.prod(s) for s in self.shapes]
-        self.offsets = [0, *itertools_accumulate(numels)]
+        self.offsets = [0, *itertools.accumulate(numels)]
         rows = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) if numels else torch.zeros(0) for m in members]
         self.flat = nn.Parameter(torch.stack(rows))  # (K, P)
         self.buffer_names = [n for n, _ in first.named_buffers()]
@@ -130,7 +133,7 @@ class Population(nn.Module):
             return terms
         per_member = []
         for k in range(self.size):
-            with rng.member(k) if rng is not None else _nothing():
+            with rng.member(k) if rng is not None else contextlib.nullcontext():
                 xk = x if x_dim is None else x[k]
                 per_member.append(self._member({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, xk, bag_index, n_bags, labels, bool(self.kl_mask[k])))
         return {name: torch.stack([t[name] for t in per_member]) for name in per_member[0]}
@@ -155,7 +158,7 @@ class Population(nn.Module):
 
     def probe(self, dim: int, device: torch.device) -> None:
         """Decide once whether the forward vectorises (``vmap``) or runs member after member; logs why."""
-        feats = torch.randn(7, dim, device=device, dtype=self.flat.dtype, generator=None)
+        feats = torch.randn(7, dim, device=device, dtype=self.flat.dtype)
         bag_index = torch.tensor([0, 0, 0, 1, 1, 1, 1], device=device)
         labels = torch.tensor([0, 0], device=device)
         was = self.training
@@ -173,22 +176,6 @@ class Population(nn.Module):
             self.train(was)
 
 
-def itertools_accumulate(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 class MemberRNG:
     """One global-RNG stream per member, swapped in around that member's forward (loop mode), so its
     dropout and masking draws equal those of its standalone run, which seeds the global RNG per epoch."""
@@ -197,34 +184,34 @@ class MemberRNG:
         self.device = device
         self.states: list[tuple[torch.Tensor, torch.Tensor | None]] = []
 
-    def seed(self, seeds: list[int]) -> None:
-        from .loop import seed_epoch_value  # the standalone run's formula
+    def seed(self, seeds: list[tuple[int, int, int]]) -> None:
+        """Each member's stream as its standalone run seeds it: ``seed_epoch(seed, epoch, rank)``."""
+        from .loop import seed_epoch_value  # (loop imports this module lazily)
 
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self.states = []
             for s in seeds:
                 torch.manual_seed(seed_epoch_value(*s))
-                self.states.append((torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None))
+                self.states.append(self._get())
 
+    def _get(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+
+    def _set(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    @contextlib.contextmanager
     def member(self, k: int):
-        rng = self
-
-        class _Swap:
-            def __enter__(self):
-                self.saved = (torch.get_rng_state(), torch.cuda.get_rng_state(rng.device) if rng.device.type == "cuda" else None)
-                cpu, cuda = rng.states[k]
-                torch.set_rng_state(cpu)
-                if cuda is not None:
-                    torch.cuda.set_rng_state(cuda, rng.device)
-
-            def __exit__(self, *exc):
-                rng.states[k] = (torch.get_rng_state(), torch.cuda.get_rng_state(rng.device) if rng.device.type == "cuda" else None)
-                torch.set_rng_state(self.saved[0])
-                if self.saved[1] is not None:
-                    torch.cuda.set_rng_state(self.saved[1], rng.device)
-                return False
-
-        return _Swap()
+        """Member k's stream is the global RNG inside the block; the caller's is restored after it."""
+        saved = self._get()
+        self._set(self.states[k])
+        try:
+            yield
+        finally:
+            self.states[k] = self._get()
+            self._set(saved)
 
     def state_dict(self) -> list[list[torch.Tensor]]:
         return [[cpu] + ([cuda] if cuda is not None else []) for cpu, cuda in self.states]
@@ -361,8 +348,6 @@ class Members:
 def population_key(cfg) -> str:
     """What must be equal for two configs to fuse: the config without :data:`MEMBER_KEYS`, with the
     data seed resolved (``train.data_seed`` follows ``train.seed`` unless set)."""
-    import json
-
     data = cfg.to_dict()
     data["train"]["data_seed"] = cfg.train.seed if cfg.train.data_seed is None else cfg.train.data_seed
     for dotted in MEMBER_KEYS:
@@ -377,8 +362,6 @@ def check_fusable(cfgs: list) -> None:
     keys = [population_key(c) for c in cfgs]
     for k, key in enumerate(keys[1:], 1):
         if key != keys[0]:
-            import json
-
             a, b = json.loads(keys[0]), json.loads(key)
             diff = sorted(f"{s}.{f}" for s in a for f in set(a[s]) | set(b.get(s, {})) if isinstance(a[s], dict) and a[s].get(f) != b.get(s, {}).get(f))
             raise ValueError(f"population member {k} differs from member 0 in {', '.join(diff) or 'its config'}: only {', '.join(MEMBER_KEYS)} may differ")

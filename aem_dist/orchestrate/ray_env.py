@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 # Ray Train V2 is the default in Ray 2.60; pin it so an inherited environment cannot flip APIs.
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# A Train V2 worker's report queue holds one result, taken when the controller polls the worker group
+# (every 2 s by default): each per-epoch ray.train.report then waits for the next poll — measured
+# 1.6 s per epoch, half of a small trial's wall time (BENCHMARKS.md). Poll every 0.1 s instead. The
+# local Ray processes inherit this; a cluster sets it in its pods' environment (cluster/kuberay).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 
 
 def _storage_env_from_config(cfg) -> None:

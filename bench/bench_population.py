@@ -1,0 +1,198 @@
+"""Populations (fused trials) vs one trial per grid point vs the paper's loop, side by side in one run.
+
+    PYTHONPATH=$PWD python bench/bench_population.py                  # the CAMELYON16 protocol shape (long)
+    PYTHONPATH=$PWD python bench/bench_population.py --seeds 2 --lams 3 --epochs 3    # a quick look
+    PYTHONPATH=$PWD python bench/bench_population.py --only steps     # the step-time table alone
+
+The sweep: ``configs/camelyon16.yaml`` (ABMIL, hidden 128, AdamW lr 1e-4 cosine, batch of one bag,
+val + test every epoch) on ``wsi-small`` at ``--scale`` 0.25, ``--epochs`` 10, a grid of ``--seeds`` ×
+``--lams`` (the paper's 5 × 7 by default), three ways:
+
+* ``unfused`` — ``aem-dist sweep --set sweep.population=off``: one Ray Tune trial per grid point, each a
+  1-worker TorchTrainer (today's sweep before populations), as many at once as the CPUs allow;
+* ``fused``   — ``aem-dist sweep --set train.data_seed=0``: the whole grid fuses into populations
+  (``sweep.population: auto``), each a 1-worker TorchTrainer given every CPU;
+* ``loop``    — the grid as sequential runs of a batch-1 loop like the paper's script (the model of
+  bench_packing.py, fp32 tensors in RAM loaded once and not timed), training and evaluating val and
+  test every epoch.
+
+Both sweeps are timed end to end (the command's wall time: Ray start-up, trials, tables, report). The
+per-trial timing record (results.json ``timing``) gives where a trial's time goes.
+
+Step time: a K-member population's training step vs one model's (the engine's ``Single``), K ∈ {1, 7,
+35}, one bag per step on ``mil-small`` and ``wsi-small`` bags: member-steps/s and the FLOP rate as a
+fraction of a bare matmul chain of the same shapes (x @ W for all members at once, then the members'
+V/U layers as a batched matmul, forward + backward) timed in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_packing import HIDDEN, PaperABMIL, load_bags, model_flops  # noqa: E402
+
+LAMS = [0.0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5]  # configs/camelyon16.yaml
+
+
+def cli(*args: str, log: Path) -> float:
+    """Run ``aem-dist ARGS`` (its own process, like a user); returns its wall time."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "aem_dist", *args], stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"aem-dist {' '.join(args[:2])} failed; see {log}")
+    return time.perf_counter() - t0
+
+
+def sweep(data: str, out: Path, seeds: int, lams: list[float], epochs: int, *extra: str) -> dict:
+    grid = f"sweep.grid={{train.seed: {list(range(seeds))}, loss.lam: {lams}}}"
+    sets = [f"data.root={data}", f"train.epochs={epochs}", "scaling.num_workers=1", "train.progress=false", "metrics.port=0", "metrics.grace_s=0", grid, *extra]
+    wall = cli("sweep", "--config", "camelyon16", "--out", str(out), *[a for s in sets for a in ("--set", s)], log=out.with_suffix(".log"))
+    timings = [json.loads(p.read_text())["timing"] for p in sorted(out.glob("trials/*/results.json"))]
+    trials = {json.dumps({k: v for k, v in t.items()}, sort_keys=True): t for t in timings}.values()  # a population's members share one
+    keys = ("trial_s", "start_s", "setup_s", "epochs_s", "reports_s", "teardown_s")
+    return {"wall_s": wall, "trials": len(trials), "per_trial": {k: float(np.mean([t.get(k, np.nan) for t in trials])) for k in keys}}
+
+
+def paper_loop(data: str, seeds: int, lams: list[float], epochs: int) -> dict:
+    """The grid as sequential batch-1 runs (train + val/test every epoch), dataset in RAM (not timed)."""
+    from aem_dist.data.loader import read_split
+    from aem_dist.data.manifest import load_manifest
+
+    manifest = load_manifest(data)
+    splits = {s: read_split(data, manifest, s) for s in ("train", "val", "test")}
+    xs = {s: [torch.from_numpy(b.feats.astype(np.float32)) for b in bags] for s, bags in splits.items()}
+    ys = {s: [torch.tensor([b.label]) for b in bags] for s, bags in splits.items()}
+    t0 = time.perf_counter()
+    for seed in range(seeds):
+        for lam in lams:
+            torch.manual_seed(seed)
+            model = PaperABMIL(manifest.dim, manifest.n_classes)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-4)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(xs["train"]))
+            for epoch in range(epochs):
+                model.train()
+                for i in np.random.default_rng([seed, epoch]).permutation(len(xs["train"])):
+                    logits, log_a = model(xs["train"][i])
+                    loss = F.cross_entropy(logits, ys["train"][i]) + lam * (torch.exp(log_a) * log_a).sum()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                model.eval()
+                with torch.no_grad():
+                    for split in ("val", "test"):
+                        probs = torch.cat([torch.softmax(model(x)[0], 1) for x in xs[split]])
+                        _ = probs.numpy()  # metrics are cheap next to the forwards; left out on both sides
+    return {"wall_s": time.perf_counter() - t0, "runs": seeds * len(lams)}
+
+
+def bare_rate(instances: int, dim: int, k: int, repeats: int = 10) -> float:
+    """FLOP/s of the population's matmuls as bare ops: x @ W (all members), then V/U per member (bmm)."""
+    x = torch.randn(instances, dim)
+    w1 = torch.randn(dim, k * HIDDEN, requires_grad=True)
+    w2 = torch.randn(k, HIDDEN, 2 * HIDDEN, requires_grad=True)
+
+    def step():
+        h = (x @ w1).view(instances, k, HIDDEN).transpose(0, 1)
+        torch.bmm(h, w2).sum().backward()
+
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    dt = (time.perf_counter() - t0) / repeats
+    return 3.0 * 2 * instances * (dim * HIDDEN + 2 * HIDDEN * HIDDEN) * k / dt
+
+
+def step_times(preset: str, ks: list[int], steps: int) -> list[dict]:
+    from aem_dist.config import load_config
+    from aem_dist.data.loader import InMemoryLoader, LoaderSpec
+    from aem_dist.engine.dist import DistContext
+    from aem_dist.engine.loop import Single
+    from aem_dist.engine.population import Members
+    from aem_dist.losses import total_loss
+
+    spec, bags = load_bags(preset)
+    loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=1))
+    batches = [b for _, b in zip(range(steps), loader.epoch(0))]
+    instances = int(np.mean([b.n_instances for b in batches]))
+
+    class Dims:
+        dim, n_classes = spec.dim, spec.n_classes
+
+    rows = []
+    for k in ks:
+        cfgs = [load_config("camelyon16", [f"train.seed={i}", f"loss.lam={LAMS[i % len(LAMS)]}", "train.data_seed=0", "train.progress=false"]) for i in range(k)]
+        trainee = Single(cfgs[0], Dims, DistContext()) if k == 1 else Members(cfgs, Dims, DistContext())
+
+        def run():
+            for b in batches:
+                loss = total_loss(trainee.terms(b), trainee.lam)
+                trainee.optimizer.zero_grad()
+                loss.sum().backward()
+                trainee.optimizer.step()
+
+        run()  # warm-up
+        t0 = time.perf_counter()
+        run()
+        dt = (time.perf_counter() - t0) / len(batches)
+        flops = model_flops(instances, spec.dim, spec.n_classes, 1) * k
+        rows.append({"preset": preset, "K": k, "step_ms": dt * 1e3, "member_steps_per_s": k / dt, "gflops": flops / dt / 1e9, "of_bare": flops / dt / bare_rate(instances, spec.dim, k), "instances": instances})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--lams", type=int, default=7, help="the first N of the paper's λ grid")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--scale", type=float, default=0.25)
+    ap.add_argument("--only", choices=("sweep", "steps"), default=None)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    out: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    if args.only != "steps":
+        lams = LAMS[: args.lams]
+        work = Path(tempfile.mkdtemp(prefix="bench-pop-"))
+        data = str(work / "wsi-small")
+        cli("synth", "--preset", "wsi-small", "--scale", str(args.scale), "--out", data, log=work / "synth.log")
+        print(f"grid {args.seeds} seeds x {len(lams)} λ, {args.epochs} epochs, wsi-small x{args.scale}; work in {work}", file=sys.stderr)
+        out["loop"] = paper_loop(data, args.seeds, lams, args.epochs)
+        print(f"  loop done: {out['loop']['wall_s']:.0f} s", file=sys.stderr)
+        out["fused"] = sweep(data, work / "fused", args.seeds, lams, args.epochs, "train.data_seed=0", "sweep.trial_cpus=2")
+        print(f"  fused done: {out['fused']['wall_s']:.0f} s", file=sys.stderr)
+        out["unfused"] = sweep(data, work / "unfused", args.seeds, lams, args.epochs, "sweep.population=off")
+        print(f"  unfused done: {out['unfused']['wall_s']:.0f} s", file=sys.stderr)
+        n = args.seeds * len(lams)
+        print(f"\nsweep of {n} grid points ({args.seeds} seeds x {len(lams)} λ), {args.epochs} epochs, batch of one bag, wsi-small x{args.scale}")
+        print(f"{'way':<9} {'wall s':>8} {'trials':>7} {'fused is':>9}")
+        for way in ("unfused", "fused", "loop"):
+            r = out[way]
+            print(f"{way:<9} {r['wall_s']:>8.1f} {r.get('trials', r.get('runs')):>7} {r['wall_s'] / out['fused']['wall_s']:>8.2f}x")
+        print("\nper trial (mean s): " + "  ".join(f"{w}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[w]["per_trial"].items()) for w in ("unfused", "fused")))
+    if args.only != "sweep":
+        out["steps"] = step_times("mil-small", [1, 7, 35], 200) + step_times("wsi-small", [1, 7, 35], 20)
+        print(f"\n{'dataset':<10} {'K':>3} {'inst/bag':>8} {'step ms':>8} {'member-steps/s':>15} {'vs K=1':>7} {'GFLOP/s':>8} {'of bare':>8}")
+        for r in out["steps"]:
+            base = next(b for b in out["steps"] if b["preset"] == r["preset"] and b["K"] == 1)
+            print(f"{r['preset']:<10} {r['K']:>3} {r['instances']:>8} {r['step_ms']:>8.2f} {r['member_steps_per_s']:>15.0f} {r['member_steps_per_s'] / base['member_steps_per_s']:>6.2f}x {r['gflops']:>8.1f} {r['of_bare']:>7.0%}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
