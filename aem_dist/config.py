@@ -81,7 +81,8 @@ class TrainConfig(_Section):
     max_instances_per_batch: int | None = Field(None, ge=1, description="Instance budget of a packed step; a bag larger than it is trained alone, never truncated. None = no budget.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for a local run; under Ray Train the worker's assigned device is used.")
     eval_every: int = Field(1, ge=1, description="Evaluate val/test every this many epochs (and always at the last).")
-    select_metric: Literal["auc+f1", "auc", "f1"] = Field("auc+f1", description="Validation score for picking the test epoch (strictly greater wins).")
+    select_metric: Literal["auc+f1", "auc", "f1", "loss", "last"] = Field("auc+f1", description="Validation score for picking the reported epoch: auc+f1 (official), auc, f1 (higher wins), loss (val NLL, lower wins) or last (the last evaluated epoch). A NaN score never wins.")
+    select_tie: Literal["val_loss", "later", "earlier"] = Field("val_loss", description="Equal selection scores: val_loss (lower val loss wins, then the later epoch), later, or earlier (the official strict '>').")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value (None = off).")
     progress: bool = Field(True, description="Show progress bars.")
 

@@ -24,7 +24,7 @@ from ..models import build_model
 from ..storage import StorageOptions
 from .dist import DistContext, parallelize
 from .evaluate import evaluate
-from .metrics import selection_score
+from .selection import BestTracker, warn_val_split
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
         if not ctx.all_true(bool(torch.isfinite(loss))):
             raise NonFiniteLossError(f"epoch {epoch}: non-finite loss on some rank; this rank's bags: {batch.keys[:8]}")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * ctx.bag_share(batch.n_bags, loss)).backward()  # every bag of the step weighs 1/Σn under DDP
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
@@ -194,15 +194,18 @@ def fit(
     opt = make_optimizer(core, cfg, ctx.device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero(sum(data.train.steps(e) for e in range(cfg.train.epochs))))
     history: list[dict[str, Any]] = []
-    best_epoch, best_score, start = None, -math.inf, 0
+    tracker, start = BestTracker(cfg.train.select_metric, cfg.train.select_tie), 0
     if resume is not None:
         core.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
-        history, best_epoch, best_score = list(resume["history"]), resume["best_epoch"], float(resume["best_score"])
+        history = list(resume["history"])
+        tracker.load_state_dict(resume.get("selection", resume))
         start = int(resume["epoch"]) + 1
-        log.info("resuming after epoch %d (best so far: %s)", start - 1, best_epoch)
+        log.info("resuming after epoch %d (best so far: %s)", start - 1, tracker.best_epoch)
+    if ctx.is_main and data.val is not None and start == 0:
+        warn_val_split(m.splits["val"].n_bags, m.splits["val"].class_counts, m.class_names)
 
     def state(epoch: int) -> dict[str, Any]:
         return {
@@ -211,8 +214,9 @@ def fit(
             "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(),
             "epoch": epoch,
-            "best_epoch": best_epoch,
-            "best_score": best_score,
+            "best_epoch": tracker.best_epoch,
+            "best_score": tracker.best_score,
+            "selection": tracker.state_dict(),
             "history": history,
             "model_meta": {"name": cfg.model.name, "dim": m.dim, "n_classes": m.n_classes, "class_names": m.class_names, "model": cfg.model.model_dump()},
         }
@@ -231,13 +235,9 @@ def fit(
                     row[split] = evaluate(core, loader, ctx, m.n_classes, epoch=epoch).metrics
         row["time"] = {"epoch_s": time.perf_counter() - t0, "train_s": train_s, "instances_per_s": train_stats["instances"] / max(train_s, 1e-9)}
         history.append(row)
-        is_best = False
-        if "val" in row:
-            score = selection_score(row["val"], cfg.train.select_metric)
-            if best_epoch is None or score > best_score:
-                best_epoch, best_score, is_best = epoch, score, True
+        is_best = "val" in row and tracker.update(epoch, row["val"])
         if on_epoch is not None:
-            on_epoch(EpochReport(epoch, row, is_best, best_epoch, lambda e=epoch: state(e), best_score, step_times, _skipped(data)))
+            on_epoch(EpochReport(epoch, row, is_best, tracker.best_epoch, lambda e=epoch: state(e), tracker.best_score, step_times, _skipped(data)))
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(_postfix(row))
@@ -247,6 +247,9 @@ def fit(
             raise RuntimeError(f"injected failure after epoch {epoch} (debug.fail_at_epoch)")
     if bar is not None:
         bar.close()
+    best_epoch = tracker.best_epoch
+    if best_epoch is None and history and ctx.is_main:
+        log.warning("no epoch had a finite validation score (train.select_metric=%s); reporting the last epoch", cfg.train.select_metric)
     best = history[[r["epoch"] for r in history].index(best_epoch)] if best_epoch is not None else (history[-1] if history else {})
     skipped = _skipped(data)
     return FitResult(best_epoch, best.get("val", {}), best.get("test", {}), history, skipped, m, start - 1 if resume is not None else None)
