@@ -231,14 +231,20 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config file path, or the name of a packaged config ('demo', 'camelyon16', ...)."""
+    """A config file path, or the bare name of a packaged config ('demo', 'camelyon16', ...).
+
+    Something that looks like a path (a folder part or a file suffix) is only ever that file: a
+    missing ``/wrong/path/camelyon16.yaml`` is an error, never the packaged file of the same name.
+    """
     p = Path(path)
     if p.exists():
         return p
-    packaged = PACKAGED_CONFIGS / (p.name if p.suffix else f"{p.name}.yaml")
-    if packaged.exists():
+    text = str(path)
+    packaged = PACKAGED_CONFIGS / f"{p.name}.yaml"
+    if "/" not in text and "\\" not in text and not p.suffix and packaged.exists():
         return packaged
-    raise ConfigError(f"config file {str(path)!r} not found (packaged configs: {', '.join(list_packaged())})")
+    hint = f"; the packaged config of that name is --config {p.stem}" if (PACKAGED_CONFIGS / f"{p.stem}.yaml").exists() else ""
+    raise ConfigError(f"config file {text!r} not found{hint} (packaged configs: {', '.join(list_packaged())})")
 
 
 def list_packaged() -> list[str]:

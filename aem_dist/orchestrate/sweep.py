@@ -23,6 +23,7 @@ from typing import Any, Callable
 from .. import storage
 from ..config import Config, build_config, config_with
 from ..engine.results import run_record, write_json
+from ..engine.runrecord import result_relevant_diff
 from ..observe.metrics import serve_run_metrics
 from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
@@ -82,7 +83,7 @@ def _finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dic
         results = json.loads(storage.read_bytes(storage.join(run_dir, "results.json"), options))
     except FileNotFoundError:
         return None
-    return results if results.get("config") == cfg.to_dict() else None
+    return results if isinstance(results.get("config"), dict) and not result_relevant_diff(results["config"], cfg.to_dict()) else None
 
 
 def ray_storage(cfg: Config, out: str, *parts: str) -> str:
