@@ -36,11 +36,16 @@ def ingest(
     seed: Annotated[int, typer.Option(help="Seed of the split and of the bag order inside shards.")] = 0,
     shard_mb: Annotated[int, typer.Option(help="Target shard size in MiB.")] = 256,
     on_bad: Annotated[str, typer.Option(help="error: stop at the first bad bag (NaN/Inf, 0 instances, wrong dim, missing features); skip: leave it out and count it.")] = "error",
+    case_column: Annotated[Optional[str], typer.Option(help="Labels CSV column grouping slides by case/patient (default: case_id when present); a case's slides always share one split.")] = None,
+    label_map: Annotated[Optional[str], typer.Option(help="Map raw labels to class names first, e.g. 'Tumor=tumor,ITC=tumor'. Without it, labels differing only by case/whitespace are an error.")] = None,
+    dim: Annotated[Optional[int], typer.Option(help="Feature dim of the dataset (default: the dim most slides' headers agree on; the others are reported as bad).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="With --on-bad error: report every bad slide in one pass instead of stopping at the first.")] = False,
 ) -> None:
     """Convert extracted features (CLAM/TRIDENT, .pt, AEM/ACMIL HDF5, zarr, MIL CSV) into a dataset."""
 
     def body() -> None:
         from ..data.ingest import ingest as run_ingest
+        from ..data.sources.labels import parse_label_map
         from ..storage import StorageOptions, probe, redact
 
         if on_bad not in ("error", "skip"):
@@ -48,7 +53,8 @@ def ingest(
         options = StorageOptions.from_config()
         probe(out, options, write=True)  # wrong endpoint or key: fail now, not after the first shard
         names = [c.strip() for c in classes.split(",")] if classes else None
-        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20, on_bad=on_bad, options=options)
+        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20, on_bad=on_bad, options=options,
+                            case_column=case_column, label_map=parse_label_map(label_map), dim=dim, report_all=all_)
         m = result.manifest
         counts = ", ".join(f"{s}: {e.n_bags} bags" for s, e in m.splits.items())
         typer.echo(f"wrote {redact(out, options)}: dim {m.dim}, classes {m.class_names}; {counts}")
