@@ -226,6 +226,7 @@ def fit(
         seed_epoch(cfg.train.seed, epoch, ctx.rank)
         t0 = time.perf_counter()
         train_stats, step_times = train_epoch(model, core, opt, sched, data.train, cfg, ctx, epoch)
+        train_stats["repeat_frac"] = data.train.repeat_fraction(epoch)  # padding repeats (equal steps per rank)
         row: dict[str, Any] = {"epoch": epoch, "train": train_stats, "lr": opt.param_groups[0]["lr"]}
         train_s = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1

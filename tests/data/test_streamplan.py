@@ -81,3 +81,22 @@ def test_ranks_read_their_own_shards():
     touched = [set(plan.shards_of(r, w)) for r in range(2) for w in range(2)]
     assert all(len(t) == 2 for t in touched)  # 8 shards / 4 streams, no sharing at these sizes
     assert len(set().union(*touched)) == 8
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_repeat_fraction_stays_within_the_one_batch_per_rank_bound(world):
+    """Ranks' step counts differ by at most one before padding, so at most world − 1 batches repeat."""
+    import numpy as np
+
+    rng = np.random.default_rng(world)
+    for trial in range(5):
+        sizes = np.clip(rng.lognormal(7.0, 1.0, size=120), 50, 20_000).astype(int).tolist()
+        shards = [sizes[i : i + 16] for i in range(0, len(sizes), 16)]
+        split = split_of(shards)
+        for workers in (1, 2):
+            plan = plan_epoch(split, world_size=world, workers=workers, train=True, seed=trial, epoch=trial, max_instances=16_384, max_bags=8)
+            assert len({plan.steps(r) for r in range(world)}) == 1
+            assert plan.repeats <= (world - 1) * 8, plan.repeats
+            assert plan.repeat_fraction <= (world - 1) * 8 / len(sizes) + 1e-12
+            visits = Counter(k for r in range(world) for k in keys(plan, r))
+            assert sum(visits.values()) - len(sizes) == plan.repeats and set(visits) == {f"b{i:03d}" for i in range(len(sizes))}
