@@ -121,7 +121,8 @@ class MetricsSection(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics from the driver.")
     host: str = Field("127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 on a cluster).")
     port: int = Field(9464, ge=0, le=65535, description="Port of the metrics endpoint (0 = any free port).")
-    grace_s: float = Field(15.0, ge=0.0, description="Keep serving this long after the run ends so the last values get scraped.")
+    grace_s: float = Field(15.0, ge=0.0, description="Keep serving this long after the run ends so the last values get scraped — only if the endpoint was scraped during the run, or with metrics.grace_always.")
+    grace_always: bool = Field(False, description="Apply metrics.grace_s even when nothing scraped the endpoint during the run (e.g. runs shorter than the scrape interval).")
     pushgateway: str | None = Field(None, description="Pushgateway address (host:port) for final results; None = no push.")
 
 
