@@ -69,8 +69,11 @@ def ingest(
 @app.command()
 def verify(
     url: Annotated[str, typer.Argument(help="Dataset folder or URL (path, file://, s3://bucket/prefix).")],
+    all_: Annotated[bool, typer.Option("--all", help="Print every problem (default: the first 20 per shard).")] = False,
 ) -> None:
-    """Check a dataset against its manifest (bytes, sha256, counts, keys, safe decoding); exit 1 on problems.
+    """Check a dataset against its manifest (bytes, sha256, counts, keys, safe decoding).
+
+    Exit 0: OK; 1: problems found (all listed); 2: the dataset cannot be read (no or invalid manifest).
 
     Every shard is read once; every bag is decoded with the loaders' safe decoder (nothing is unpickled).
     """
@@ -80,7 +83,9 @@ def verify(
         from ..storage import StorageOptions
 
         report = verify_dataset(url, StorageOptions.from_config())
-        typer.echo(report.text())
+        typer.echo(report.text(limit=None if all_ else 20))
+        if not report.readable:
+            raise typer.Exit(2)
         if not report.ok:
             raise typer.Exit(1)
 

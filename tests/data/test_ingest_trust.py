@@ -105,3 +105,14 @@ def test_on_bad_error_all_reports_every_problem_at_once(tmp_path):
         ingest("clam", str(folder), str(tmp_path / "out"), labels_csv=labels, report_all=True, progress=False)
     assert "slide_03" in str(info.value) and "slide_07" in str(info.value)
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_verify_lists_every_problem_with_all_and_cannot_read_is_not_a_data_problem(tmp_path):
+    from aem_dist.data.verify import ShardReport, VerifyReport, verify_dataset
+
+    shard = ShardReport("train", "train-000000.tar", problems=[f"key 'b{i}': bad [non_finite]" for i in range(25)])
+    report = VerifyReport("x", shards=[shard])
+    assert "… and 5 more (--all shows every one)" in report.text() and "b24" not in report.text()
+    assert "b24" in report.text(limit=None) and "more" not in report.text(limit=None)
+    missing = verify_dataset(str(tmp_path / "nothing-here"), progress=False)
+    assert not missing.readable and not missing.ok
