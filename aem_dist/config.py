@@ -236,6 +236,9 @@ def resolve_config_path(path: str | Path) -> Path:
 
     Something that looks like a path (a folder part or a file suffix) is only ever that file: a
     missing ``/wrong/path/camelyon16.yaml`` is an error, never the packaged file of the same name.
+    The one exception is the repository's own relative layout, ``configs/<name>.yaml``, which mirrors
+    the packaged folder: where no ``configs/`` folder exists (a RayJob's working directory) the
+    packaged copy is used, with a warning naming it.
     """
     p = Path(path)
     if p.exists():
@@ -244,6 +247,12 @@ def resolve_config_path(path: str | Path) -> Path:
     packaged = PACKAGED_CONFIGS / f"{p.name}.yaml"
     if "/" not in text and "\\" not in text and not p.suffix and packaged.exists():
         return packaged
+    in_repo_layout = PACKAGED_CONFIGS / p.name
+    if p.parent == Path("configs") and not p.parent.exists() and in_repo_layout.exists():
+        import logging
+
+        logging.getLogger(__name__).warning("config %s: no configs/ folder here; using the packaged %s", text, in_repo_layout)
+        return in_repo_layout
     hint = f"; the packaged config of that name is --config {p.stem}" if (PACKAGED_CONFIGS / f"{p.stem}.yaml").exists() else ""
     raise ConfigError(f"config file {text!r} not found{hint} (packaged configs: {', '.join(list_packaged())})")
 

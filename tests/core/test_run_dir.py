@@ -54,3 +54,5 @@ def test_config_with_a_missing_path_errors_instead_of_loading_the_packaged_file(
     with pytest.raises(ConfigError, match="not found"):
         resolve_config_path("camelyon16.yaml")  # a file name, not the packaged name
     assert resolve_config_path("camelyon16").name == "camelyon16.yaml"
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_config_path(tmp_path / "configs" / "camelyon16.yaml")  # absolute: never the packaged file
