@@ -68,18 +68,34 @@ def result_relevant_diff(old_cfg: dict[str, Any], new_cfg: dict[str, Any]) -> li
     return sorted(k for k in old.keys() & new.keys() if _relevant(k) and old[k] != new[k])
 
 
-def mismatch_message(where: str, old_cfg: dict[str, Any], new_cfg: dict[str, Any], keys: list[str]) -> str:
+START_OVER = "pass --force-new to start over there, or choose another --out"
+
+
+def mismatch_message(where: str, old_cfg: dict[str, Any], new_cfg: dict[str, Any], keys: list[str], start_over: str = START_OVER) -> str:
     """One line: where, each differing key with old → new, and how to start over."""
     old, new = _normalise(flatten(old_cfg)), _normalise(flatten(new_cfg))
     parts = ", ".join(f"{k} {old[k]!r} → {new[k]!r}" for k in keys)
     hint = " (train.epochs fixes the length of the lr schedule the checkpoints were trained on)" if "train.epochs" in keys else ""
-    return f"{where} holds a run with a different config: {parts}{hint}; pass --force-new to start over there, or choose another --out"
+    return f"{where} holds a run with a different config: {parts}{hint}; {start_over}"
 
 
-def check_same_run(old_cfg: dict[str, Any] | None, new_cfg: dict[str, Any], where: str) -> None:
+def check_same_run(old_cfg: dict[str, Any] | None, new_cfg: dict[str, Any], where: str, start_over: str = START_OVER) -> None:
     """Raise :class:`RunConfigMismatch` if ``old_cfg`` (None: nothing recorded) differs in a result-relevant key."""
     if old_cfg is None:
         return
     keys = result_relevant_diff(old_cfg, new_cfg)
     if keys:
-        raise RunConfigMismatch(mismatch_message(where, old_cfg, new_cfg, keys))
+        raise RunConfigMismatch(mismatch_message(where, old_cfg, new_cfg, keys, start_over))
+
+
+def recorded_config(out: str, options: Any = None) -> dict[str, Any] | None:
+    """The config in ``out/run.json`` (written by the run or sweep that owns ``out``), or None."""
+    import json
+
+    from .. import storage
+
+    try:
+        record = json.loads(storage.read_bytes(storage.join(out, "run.json"), options))
+    except FileNotFoundError:
+        return None
+    return record.get("config") if isinstance(record, dict) else None

@@ -15,7 +15,7 @@ from .. import storage
 from ..config import Config
 from ..engine.local import clear_run, run_local
 from ..engine.results import results_dict, run_record, write_json
-from ..engine.runrecord import check_same_run
+from ..engine.runrecord import check_same_run, recorded_config
 from ..observe.metrics import epoch_hook, run_labels, serve_run_metrics
 from ..storage import StorageOptions
 from .errors import TrainingFailed
@@ -37,7 +37,7 @@ def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Ca
 
         clear_run(out, options, extra=(ray_storage(cfg, out, "train", "run"), ray_storage(cfg, out, cfg.run.name)))
     else:
-        check_same_run(_recorded_config(out, options), cfg.to_dict(), storage.redact(out, options))
+        check_same_run(recorded_config(out, options), cfg.to_dict(), storage.redact(out, options))
     write_json(storage.join(out, "run.json"), run_record(cfg, "train", options), options)
     with serve_run_metrics(cfg, announce) as exporter:
         if cfg.scaling.num_workers == 0 and address is None:
@@ -46,15 +46,6 @@ def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Ca
             write_json(storage.join(out, "results.json"), results, options)
             return results
         return _train_on_ray(cfg, out, address, exporter, options)
-
-
-def _recorded_config(out: str, options: StorageOptions) -> dict[str, Any] | None:
-    """The config in ``out/run.json`` (written by the run that owns ``out``), or None if there is none."""
-    try:
-        record = json.loads(storage.read_bytes(storage.join(out, "run.json"), options))
-    except FileNotFoundError:
-        return None
-    return record.get("config") if isinstance(record, dict) else None
 
 
 def _train_on_ray(cfg: Config, out: str, address: str | None, exporter, options: StorageOptions) -> dict[str, Any]:

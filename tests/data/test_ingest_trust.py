@@ -71,8 +71,10 @@ def test_first_slide_with_an_odd_dim_is_the_one_blamed(tmp_path):
         del f["features"]
         f["features"] = np.zeros((3, DIM + 1), np.float32)
     labels = write_labels(tmp_path / "l.csv", data)
+    # slide_00 alone in train: the train split is written first, so it is certainly the first slide read
+    first = _write(tmp_path / "first.csv", ["slide_id", "label", "split"], [(sid, lab, "train" if sid == "slide_00" else ["val", "test"][i % 2]) for i, (sid, (_, _, lab)) in enumerate(data.items())])
     with pytest.raises(BadSampleError, match=r"feature dim 7 != dataset dim 6 \(the dim of 11 of 12 slides\)") as info:
-        ingest("clam", str(folder), str(tmp_path / "out"), labels_csv=labels, progress=False, seed=5)
+        ingest("clam", str(folder), str(tmp_path / "out"), labels_csv=first, progress=False)
     assert info.value.key == "slide_00"
     kept = ingest("clam", str(folder), str(tmp_path / "out2"), labels_csv=labels, on_bad="skip", progress=False)
     assert kept.manifest.dim == DIM and sum(e.n_bags for e in kept.manifest.splits.values()) == 11
