@@ -118,3 +118,20 @@ def test_verify_lists_every_problem_with_all_and_cannot_read_is_not_a_data_probl
     assert "b24" in report.text(limit=None) and "more" not in report.text(limit=None)
     missing = verify_dataset(str(tmp_path / "nothing-here"), progress=False)
     assert not missing.readable and not missing.ok
+
+
+def test_cv_folds_keep_every_patient_in_one_fold():
+    from aem_dist.data.sources.labels import grouped_stratified_folds
+
+    ids = [f"p{p:02d}_s{s}" for p in range(20) for s in range(3)]
+    cases = [i.split("_")[0] for i in ids]
+    y = [int(c[1:]) % 2 for c in cases]
+    folds = grouped_stratified_folds(ids, y, cases, k=5, seed=0)
+    by_case = defaultdict(set)
+    for case, f in zip(cases, folds):
+        by_case[case].add(f)
+    assert all(len(f) == 1 for f in by_case.values()) and set(folds) == set(range(5))
+    for f in range(5):  # stratified: both classes in every held-out fold
+        assert {label for label, g in zip(y, folds) if g == f} == {0, 1}
+    with pytest.raises(SourceError, match="at least 5 cases"):
+        grouped_stratified_folds(ids[:6], y[:6], cases[:6], k=5, seed=0)

@@ -174,6 +174,23 @@ def grouped_stratified_split(ids: list[str], y: list[int], cases: list[str] | No
     return {sid: split_of_case[case] for sid, case in zip(ids, cases)}
 
 
+def grouped_stratified_folds(ids: list[str], y: list[int], cases: list[str] | None, *, k: int, seed: int) -> list[int]:
+    """Cross-validation fold (0..k-1) of every slide, stratified by class, a case's slides in one fold
+    (scikit-learn's ``StratifiedGroupKFold``, shuffled with ``seed``). ``cases`` None: one case per slide.
+    Raises :class:`SourceError` when there are fewer cases than folds."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    groups = list(cases) if cases is not None else list(ids)
+    if len(set(groups)) < k:
+        raise SourceError(f"{k} folds need at least {k} cases, found {len(set(groups))}")
+    fold = [0] * len(ids)
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, held) in enumerate(splitter.split(ids, y, groups)):
+        for i in held:
+            fold[int(i)] = f
+    return fold
+
+
 def stratified_split(ids: list[str], y: list[int], *, val_frac: float, test_frac: float, seed: int) -> dict[str, str]:
     """Seeded split stratified by class (sklearn): test first, then val from the rest."""
     from sklearn.model_selection import train_test_split
