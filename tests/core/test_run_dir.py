@@ -56,3 +56,20 @@ def test_config_with_a_missing_path_errors_instead_of_loading_the_packaged_file(
     assert resolve_config_path("camelyon16").name == "camelyon16.yaml"
     with pytest.raises(ConfigError, match="not found"):
         resolve_config_path(tmp_path / "configs" / "camelyon16.yaml")  # absolute: never the packaged file
+
+
+def test_cli_refuses_a_changed_config_in_one_line_and_force_new_starts_over(demo_data, tmp_path):
+    import subprocess
+    import sys
+
+    def train(*extra):
+        args = ["--set", f"data.root={demo_data}", "--set", "train.epochs=1", "--set", "scaling.num_workers=0", "--set", "metrics.enabled=false", "--set", "train.progress=false"]
+        return subprocess.run([sys.executable, "-m", "aem_dist", "train", "--config", "demo", *args, "--out", str(tmp_path), *extra], capture_output=True, text=True, timeout=300)
+
+    assert train("--set", "loss.lam=0.1").returncode == 0
+    refused = train("--set", "loss.lam=0.2")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    line = next(ln for ln in refused.stderr.splitlines() if ln.startswith("error:"))
+    assert "loss.lam 0.1 → 0.2" in line and "--force-new" in line
+    assert train("--set", "loss.lam=0.2", "--force-new").returncode == 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["loss"]["lam"] == 0.2
