@@ -45,7 +45,8 @@ def train(
 ) -> None:
     """Train one model: in this process (scaling.num_workers 0) or as a Ray Train DDP run.
 
-    Writes OUT/results.json (best epoch by val AUC + F1, its val/test metrics, per-epoch history),
+    Writes OUT/results.json (best epoch by train.select_metric — default val AUC + F1 —, its val/test
+    metrics, per-epoch history, the config that produced them),
     OUT/run.json (config, versions, commit, data hash) and OUT/best/state.pt; serves live metrics
     on metrics.host:metrics.port while it runs.
     """
