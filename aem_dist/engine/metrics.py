@@ -7,10 +7,13 @@ Metrics are computed from per-bag predictions gathered from every rank first (se
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+from .selection import BestTracker
 
 SPLIT_METRICS = ("auc", "f1", "acc", "balanced_acc", "loss", "attn_entropy", "attn_entropy_norm", "attn_top1pct")
 
@@ -43,6 +46,14 @@ def macro_f1(pred: np.ndarray, labels: np.ndarray) -> float:
     return float(f1_score(labels, pred, average="macro", labels=seen, zero_division=0))
 
 
+def _balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
+    """sklearn's balanced accuracy (mean recall over the classes present); its warning about predicted
+    classes absent from the labels is already covered by the val-split warning, once per run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(labels, pred))
+
+
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
     """Macro one-vs-rest AUC (:func:`macro_auc`), macro F1 of the argmax (:func:`macro_f1`), accuracy,
     balanced accuracy and ``loss``: the mean negative log-likelihood of the true label under the
@@ -60,7 +71,7 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int
         "auc": macro_auc(probs, labels, n_classes),
         "f1": macro_f1(pred, labels),
         "acc": float(accuracy_score(labels, pred)),
-        "balanced_acc": float(balanced_accuracy_score(labels, pred)),
+        "balanced_acc": _balanced_accuracy(labels, pred),
         "loss": float(nll.mean()),
     }
 
@@ -88,8 +99,6 @@ def attention_stats(per_bag: Sequence[tuple[float, float, float]]) -> dict[str, 
 
 def select_best(history: Sequence[dict[str, Any]], metric: str = "auc+f1", tie: str = "val_loss") -> int | None:
     """Index into ``history`` of the epoch :class:`~aem_dist.engine.selection.BestTracker` selects."""
-    from .selection import BestTracker
-
     tracker = BestTracker(metric, tie)
     best_i = None
     for i, row in enumerate(history):
