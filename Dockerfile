@@ -42,8 +42,8 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && rm /tmp/requirements.txt
 
 # Layer 3 (small, changes most): the package itself. `configs/` mirrors the repository's symlink so
-# `--config configs/cluster-sweep.yaml` resolves from this folder too (and any folder falls back to the
-# packaged copy by name).
+# `--config configs/cluster-sweep.yaml` resolves from this folder too (where no configs/ folder exists,
+# that exact form falls back to the packaged copy with a warning; any other missing path is an error).
 COPY --chown=1000:100 aem_dist ./aem_dist
 RUN pip install --no-cache-dir --no-deps . \
  && rm -rf build ./*.egg-info \

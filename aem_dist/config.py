@@ -112,7 +112,8 @@ class TrainConfig(_Section):
     max_instances_per_batch: int | None = Field(None, ge=1, description="Instance budget of a packed step; a bag larger than it is trained alone, never truncated. None = no budget.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for a local run; under Ray Train the worker's assigned device is used.")
     eval_every: int = Field(1, ge=1, description="Evaluate val/test every this many epochs (and always at the last).")
-    select_metric: Literal["auc+f1", "auc", "f1"] = Field("auc+f1", description="Validation score for picking the test epoch (strictly greater wins).")
+    select_metric: Literal["auc+f1", "auc", "f1", "loss", "last"] = Field("auc+f1", description="Validation score for picking the reported epoch: auc+f1 (official), auc, f1 (higher wins), loss (val NLL, lower wins) or last (the last evaluated epoch). A NaN score never wins.")
+    select_tie: Literal["val_loss", "later", "earlier"] = Field("val_loss", description="Equal selection scores: val_loss (lower val loss wins, then the later epoch), later, or earlier (the official strict '>').")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value (None = off).")
     progress: bool = Field(True, description="Show progress bars.")
 
@@ -165,7 +166,8 @@ class MetricsSection(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics from the driver.")
     host: str = Field("127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 on a cluster).")
     port: int = Field(9464, ge=0, le=65535, description="Port of the metrics endpoint (0 = any free port).")
-    grace_s: float = Field(15.0, ge=0.0, description="Keep serving this long after the run ends so the last values get scraped.")
+    grace_s: float = Field(15.0, ge=0.0, description="Keep serving this long after the run ends so the last values get scraped — only if the endpoint was scraped during the run, or with metrics.grace_always.")
+    grace_always: bool = Field(False, description="Apply metrics.grace_s even when nothing scraped the endpoint during the run (e.g. runs shorter than the scrape interval).")
     pushgateway: str | None = Field(None, description="Pushgateway address (host:port) for final results; None = no push.")
 
 
@@ -301,14 +303,29 @@ def build_config(data: dict[str, Any], source: str = "config") -> Config:
 
 
 def resolve_config_path(path: str | Path) -> Path:
-    """A config file path, or the name of a packaged config ('demo', 'camelyon16', ...)."""
+    """A config file path, or the bare name of a packaged config ('demo', 'camelyon16', ...).
+
+    Something that looks like a path (a folder part or a file suffix) is only ever that file: a
+    missing ``/wrong/path/camelyon16.yaml`` is an error, never the packaged file of the same name.
+    The one exception is the repository's own relative layout, ``configs/<name>.yaml``, which mirrors
+    the packaged folder: where no ``configs/`` folder exists (a RayJob's working directory) the
+    packaged copy is used, with a warning naming it.
+    """
     p = Path(path)
     if p.exists():
         return p
-    packaged = PACKAGED_CONFIGS / (p.name if p.suffix else f"{p.name}.yaml")
-    if packaged.exists():
+    text = str(path)
+    packaged = PACKAGED_CONFIGS / f"{p.name}.yaml"
+    if "/" not in text and "\\" not in text and not p.suffix and packaged.exists():
         return packaged
-    raise ConfigError(f"config file {str(path)!r} not found (packaged configs: {', '.join(list_packaged())})")
+    in_repo_layout = PACKAGED_CONFIGS / p.name
+    if p.parent == Path("configs") and not p.parent.exists() and in_repo_layout.exists():
+        import logging
+
+        logging.getLogger(__name__).warning("config %s: no configs/ folder here; using the packaged %s", text, in_repo_layout)
+        return in_repo_layout
+    hint = f"; the packaged config of that name is --config {p.stem}" if (PACKAGED_CONFIGS / f"{p.stem}.yaml").exists() else ""
+    raise ConfigError(f"config file {text!r} not found{hint} (packaged configs: {', '.join(list_packaged())})")
 
 
 def list_packaged() -> list[str]:

@@ -107,13 +107,6 @@ def run_paper(bags, spec, epochs: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "steps": epochs * len(bags)}
 
 
-class _Dims:
-    """What the engine reads from a manifest to build a model."""
-
-    def __init__(self, dim: int, n_classes: int):
-        self.dim, self.n_classes = dim, n_classes
-
-
 def run_ours(bags, spec, epochs: int, max_bags: int) -> dict:
     budget = None if max_bags == 1 else 8192
     from aem_dist.config import load_config
@@ -124,7 +117,7 @@ def run_ours(bags, spec, epochs: int, max_bags: int) -> dict:
     cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false"])
     loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=max_bags, max_instances=budget))
     ctx = DistContext()
-    trainee = Single(cfg, _Dims(spec.dim, spec.n_classes), ctx)  # the engine's model and fused AdamW
+    trainee = Single.build(cfg, spec.dim, spec.n_classes, ctx)  # the engine's model and fused AdamW
     sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, CosineToZero(epochs * loader.steps(0)))
     train_epoch(trainee, sched, loader, cfg, ctx, 0)  # warm-up
     t0 = time.perf_counter()

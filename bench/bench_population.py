@@ -131,13 +131,13 @@ def step_times(preset: str, ks: list[int], steps: int) -> list[dict]:
     batches = [b for _, b in zip(range(steps), loader.epoch(0))]
     instances = int(np.mean([b.n_instances for b in batches]))
 
-    class Dims:
+    class Dims:  # what Members reads from a manifest
         dim, n_classes = spec.dim, spec.n_classes
 
     rows = []
     for k in ks:
         cfgs = [load_config("camelyon16", [f"train.seed={i}", f"loss.lam={LAMS[i % len(LAMS)]}", "train.data_seed=0", "train.progress=false"]) for i in range(k)]
-        trainee = Single(cfgs[0], Dims, DistContext()) if k == 1 else Members(cfgs, Dims, DistContext())
+        trainee = Single.build(cfgs[0], spec.dim, spec.n_classes, DistContext()) if k == 1 else Members(cfgs, Dims, DistContext())
 
         def run():
             for b in batches:

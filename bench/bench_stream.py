@@ -78,7 +78,7 @@ def train_rate(loader, manifest, epoch: int) -> tuple[float, int]:
     from aem_dist.engine.loop import Single, train_epoch
 
     cfg = load_config(None, {"train.progress": False, "loss.lam": 0.1})
-    trainee = Single(cfg, manifest, DistContext())
+    trainee = Single.build(cfg, manifest.dim, manifest.n_classes, DistContext())
     sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, lambda s: 1.0)
     t0 = time.perf_counter()
     stats, _ = train_epoch(trainee, sched, loader, cfg, DistContext(), epoch)

@@ -28,10 +28,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..data.manifest import ManifestError
     from ..data.schema import BadSampleError
+    from ..engine.runrecord import RunConfigMismatch
     from ..orchestrate.errors import SweepError, TrainingFailed
     from ..storage import StorageError
 
-    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError, SweepError, TrainingFailed)
+    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError, SweepError, TrainingFailed, RunConfigMismatch)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -38,13 +38,15 @@ def synth(
 @app.command()
 def train(
     config: ConfigOpt,
-    out: Annotated[str, typer.Option(help="Run folder or URL: results.json, run.json, best/state.pt and checkpoints go here. Re-running with the same --out resumes.")],
+    out: Annotated[str, typer.Option(help="Run folder or URL: results.json, run.json, best/state.pt and checkpoints go here. Re-running with the same --out and config resumes; a different config is refused.")],
     set_: SetOpt = None,
     address: AddressOpt = None,
+    force_new: Annotated[bool, typer.Option("--force-new", help="Start over in --out: remove the checkpoints, best state and results a previous run left there (also when its config differs).")] = False,
 ) -> None:
     """Train one model: in this process (scaling.num_workers 0) or as a Ray Train DDP run.
 
-    Writes OUT/results.json (best epoch by val AUC + F1, its val/test metrics, per-epoch history),
+    Writes OUT/results.json (best epoch by train.select_metric — default val AUC + F1 —, its val/test
+    metrics, per-epoch history, the config that produced them),
     OUT/run.json (config, versions, commit, data hash) and OUT/best/state.pt; serves live metrics
     on metrics.host:metrics.port while it runs.
     """
@@ -54,7 +56,7 @@ def train(
         from ..orchestrate.train import train_run
 
         cfg = load_config(config, set_)
-        result = train_run(cfg, out, address=address, announce=typer.echo)
+        result = train_run(cfg, out, address=address, announce=typer.echo, force_new=force_new)
         _print_result(result)
 
     run_guarded(body)

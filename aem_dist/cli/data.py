@@ -38,12 +38,17 @@ def ingest(
     on_bad: Annotated[str, typer.Option(help="error: stop at the first bad bag (NaN/Inf, 0 instances, wrong dim, missing features); skip: leave it out and count it.")] = "error",
     max_instances_per_bag: Annotated[int, typer.Option(help="Largest bag a source file may declare (instances); larger ones are refused before they are read (data.max_instances_per_bag).")] = 1_000_000,
     max_dim: Annotated[int, typer.Option(help="Largest feature dim a source file may declare (data.max_dim).")] = 16_384,
+    case_column: Annotated[Optional[str], typer.Option(help="Labels CSV column grouping slides by case/patient (default: case_id when present); a case's slides always share one split.")] = None,
+    label_map: Annotated[Optional[str], typer.Option(help="Map raw labels to class names first, e.g. 'Tumor=tumor,ITC=tumor'. Without it, labels differing only by case/whitespace are an error.")] = None,
+    dim: Annotated[Optional[int], typer.Option(help="Feature dim of the dataset (default: the dim most slides' headers agree on; the others are reported as bad).")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="With --on-bad error: report every bad slide in one pass instead of stopping at the first.")] = False,
 ) -> None:
     """Convert extracted features (CLAM/TRIDENT, .pt, AEM/ACMIL HDF5, zarr, MIL CSV) into a dataset."""
 
     def body() -> None:
         from ..data.ingest import ingest as run_ingest
         from ..data.limits import Limits
+        from ..data.sources.labels import parse_label_map
         from ..storage import StorageOptions, probe, redact
 
         if on_bad not in ("error", "skip"):
@@ -51,7 +56,9 @@ def ingest(
         options = StorageOptions.from_config()
         probe(out, options, write=True)  # wrong endpoint or key: fail now, not after the first shard
         names = [c.strip() for c in classes.split(",")] if classes else None
-        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20, on_bad=on_bad, options=options, limits=Limits(max_instances_per_bag, max_dim))
+        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20, on_bad=on_bad, options=options,
+                            case_column=case_column, label_map=parse_label_map(label_map), dim=dim, report_all=all_,
+                            limits=Limits(max_instances_per_bag, max_dim))
         m = result.manifest
         counts = ", ".join(f"{s}: {e.n_bags} bags" for s, e in m.splits.items())
         typer.echo(f"wrote {redact(out, options)}: dim {m.dim}, classes {m.class_names}; {counts}")
@@ -66,8 +73,11 @@ def ingest(
 @app.command()
 def verify(
     url: Annotated[str, typer.Argument(help="Dataset folder or URL (path, file://, s3://bucket/prefix).")],
+    all_: Annotated[bool, typer.Option("--all", help="Print every problem (default: the first 20 per shard).")] = False,
 ) -> None:
-    """Check a dataset against its manifest (bytes, sha256, counts, keys, safe decoding); exit 1 on problems.
+    """Check a dataset against its manifest (bytes, sha256, counts, keys, safe decoding).
+
+    Exit 0: OK; 1: problems found (all listed); 2: the dataset cannot be read (no or invalid manifest).
 
     Every shard is read once; every bag is decoded with the loaders' safe decoder (nothing is unpickled).
     """
@@ -77,7 +87,9 @@ def verify(
         from ..storage import StorageOptions
 
         report = verify_dataset(url, StorageOptions.from_config())
-        typer.echo(report.text())
+        typer.echo(report.text(limit=None if all_ else 20))
+        if not report.readable:
+            raise typer.Exit(2)
         if not report.ok:
             raise typer.Exit(1)
 

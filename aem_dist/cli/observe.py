@@ -54,6 +54,7 @@ def predict(
     split: Annotated[str, typer.Option(help="Split(s) to predict, comma-separated, e.g. test or val,test.")] = "test",
     max_instances: Annotated[int, typer.Option(help="Instances per forward pass (bags are packed, never cut; a larger bag runs alone).")] = 65_536,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best (the selected epoch), last (the latest kept) or epoch-N (if still kept).")] = "best",
 ) -> None:
     """Per-bag predictions and per-instance attention with coords → a zarr store (layout: docs/observability.md)."""
 
@@ -63,13 +64,13 @@ def predict(
         from ..storage import StorageOptions, redact
 
         options = StorageOptions.from_config()
-        model = load_run_model(run, options)
+        model = load_run_model(run, options, checkpoint)
         data_cfg = DataConfig.model_validate(model.config["data"]) if "data" in model.config else DataConfig()
         root = data or data_cfg.root
         bags = []
         for s in [p.strip() for p in split.split(",") if p.strip()]:
             bags += predict_split(model, root, s, options=options, data=data_cfg, max_instances=max_instances, device=device)
-        attrs = {"run": redact(run, options), "data": redact(root, options), "model": model.meta.get("name"), "checkpoint_epoch": model.epoch}
+        attrs = {"run": redact(run, options), "data": redact(root, options), "model": model.meta.get("name"), "checkpoint_epoch": model.epoch, "checkpoint": checkpoint}
         meta = write_attention(out, bags, class_names=model.meta.get("class_names") or [], attrs=attrs, options=options)
         acc = sum(int(b.probs.argmax() == b.label) for b in bags) / len(bags)
         typer.echo(f"wrote {meta['n_bags']} bags / {meta['n_instances']:,} instances ({', '.join(meta['splits'])}; accuracy {acc:.3f}) to {redact(out, options)}")

@@ -1,9 +1,13 @@
 """``aem-dist ingest``: turn a source format plus a labels CSV into a dataset (shards + manifest).
 
-Steps: list the source's slides; join the labels CSV (or the labels the format carries); map class
-names to indices; take splits from the CSV or make a seeded stratified split; shuffle each split
-(seeded, so shards mix classes even when the CSV is sorted by label); validate and write one bag at a
-time with a progress bar. Memory holds one bag. Bad bags follow ``on_bad`` ('error' or 'skip').
+Steps: list the source's slides; join the labels CSV (or the labels the format carries); map labels
+(``label_map``) and refuse case/whitespace variants; map class names to indices; take splits from the
+CSV (a case in two splits is an error) or make a seeded split stratified over cases; decide the
+feature dim by consensus of all slides' headers (or ``dim``) before accepting any slide, so the odd
+slides are the ones reported; shuffle each split (seeded, so shards mix classes even when the CSV is
+sorted by label); validate and write one bag at a time with a progress bar. Memory holds one bag.
+Bad bags follow ``on_bad`` ('error' or 'skip'); with ``report_all`` an error run reports every bad
+bag at once instead of the first.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from .schema import Bag, BadSampleError
 from .shards import DEFAULT_SHARD_BYTES, DatasetWriter
 from .limits import Limits
 from .sources import RawBag, SourceError, open_source
-from .sources.labels import class_names_for, match_ids, read_labels, stratified_split
+from .sources.labels import check_case_splits, check_label_variants, class_names_for, grouped_stratified_split, match_ids, read_labels
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ class IngestResult:
     unlabelled: int = 0  # source slides the labels CSV does not mention (not ingested)
 
 
-def to_bag(raw: RawBag, label: int, dim: int | None) -> Bag:
+def to_bag(raw: RawBag, label: int, dim: int | None, dim_why: str = "") -> Bag:
     """Validate a source bag and convert it to the stored dtypes. Raises BadSampleError naming the file."""
     feats = np.asarray(raw.feats)
     where = raw.origin
@@ -43,7 +47,7 @@ def to_bag(raw: RawBag, label: int, dim: int | None) -> Bag:
     if feats.shape[0] == 0:
         raise BadSampleError("empty_bag", f"{where}: bag has 0 instances", key=raw.slide_id)
     if dim is not None and feats.shape[1] != dim:
-        raise BadSampleError("dim_mismatch", f"{where}: feature dim {feats.shape[1]} != dataset dim {dim}", key=raw.slide_id)
+        raise BadSampleError("dim_mismatch", f"{where}: feature dim {feats.shape[1]} != dataset dim {dim}{dim_why}", key=raw.slide_id)
     feats16 = feats.astype(np.float16)
     if not np.isfinite(feats16).all():
         why = "NaN or Inf" if not np.isfinite(feats).all() else "values beyond float16 range (±65504)"
@@ -72,16 +76,30 @@ def ingest(
     options: StorageOptions | None = None,
     progress: bool = True,
     limits: Limits | None = None,
+    case_column: str | None = None,
+    label_map: dict[str, str] | None = None,
+    dim: int | None = None,
+    report_all: bool = False,
 ) -> IngestResult:
-    """Write the dataset at ``out``; returns its manifest and what was skipped. Shapes the source files
-    declare are checked against ``limits`` before they are read."""
+    """Write the dataset at ``out``; returns its manifest and what was skipped.
+
+    Shapes the source files declare are checked against ``limits`` before they are read.
+    ``case_column``: the labels CSV column grouping slides by case (default ``case_id`` if present).
+    ``label_map``: raw label → class name, applied before anything else looks at labels. ``dim``: the
+    feature dim (default: the dim most slides' headers agree on). Raises :class:`SourceError` for a
+    case in two CSV splits, label variants, or no majority dim; :class:`BadSampleError` for a bad bag
+    (with ``report_all``: a :class:`SourceError` listing every bad bag)."""
     from ..progress import progress as progress_bar
 
     source = open_source(fmt, src, limits)
     skipped: Counter = Counter()
+    problems: list[BadSampleError] = []
 
     def bad(err: BadSampleError) -> None:
         if on_bad != "skip":
+            if report_all:
+                problems.append(err)
+                return
             raise err
         skipped[err.reason] += 1
         log.warning("ingest: skipping %s", err)
@@ -89,7 +107,7 @@ def ingest(
     try:
         source_ids = source.slide_ids()
         if labels_csv:
-            rows = read_labels(labels_csv)
+            rows = read_labels(labels_csv, case_column)
             matched = match_ids([r.slide_id for r in rows], set(source_ids))
             for r in rows:
                 if r.slide_id not in matched:
@@ -98,11 +116,14 @@ def ingest(
             ids = [matched[r.slide_id] for r in rows]
             labels = [r.label for r in rows]
             given_splits = [r.split for r in rows]
+            cases = [r.case for r in rows] if rows and rows[0].case is not None else None
             unlabelled = len(set(source_ids) - set(ids))
             if unlabelled:
                 log.info("ingest: %d slide(s) in %s are not in %s and are left out", unlabelled, src, labels_csv)
         else:
-            ids, labels, given_splits, unlabelled = [], [], [], 0
+            if case_column is not None:
+                raise SourceError(f"--case-column {case_column!r} needs a labels CSV (--labels)")
+            ids, labels, given_splits, unlabelled, cases = [], [], [], 0, None
             for sid in source_ids:
                 lab = source.label_of(sid)
                 if lab is None:
@@ -112,34 +133,50 @@ def ingest(
                 given_splits.append(None)
         if not ids:
             raise SourceError(f"no slide to ingest from {src}" + (f" with labels {labels_csv}" if labels_csv else ""))
+        if label_map:
+            labels = [label_map.get(lab, lab) for lab in labels]
+        check_label_variants(ids, labels)
         names, index = class_names_for(labels, classes)
         y = [index[lab] for lab in labels]
         if all(s is not None for s in given_splits):
+            if cases is not None:
+                check_case_splits(cases, given_splits, labels_csv or src)
             split_of = dict(zip(ids, given_splits))
             how = "from the labels CSV"
         else:
-            split_of = stratified_split(ids, y, val_frac=val_frac, test_frac=test_frac, seed=seed)
-            how = f"stratified, seed {seed}, val {val_frac}, test {test_frac}"
+            split_of = grouped_stratified_split(ids, y, cases, val_frac=val_frac, test_frac=test_frac, seed=seed)
+            how = f"stratified{' by case' if cases is not None else ''}, seed {seed}, val {val_frac}, test {test_frac}"
         label_of = dict(zip(ids, y))
         rng = np.random.default_rng([seed, 0x1A6E57])
         order = [(split, sid) for split in ("train", "val", "test") for sid in rng.permutation(sorted(i for i in ids if split_of[i] == split)).tolist()]
 
         source_meta: dict[str, Any] = {"format": fmt, "src": storage.redact(src, options), "labels": labels_csv, "split": how, "seed": seed}
-        dim: int | None = None
+        if label_map:
+            source_meta["label_map"] = dict(label_map)
+        if cases is not None:
+            case_of = dict(zip(ids, cases))
+            source_meta["cases"] = {
+                "column": case_column or "case_id",
+                "n_cases": {sp: len({case_of[i] for i in ids if split_of[i] == sp}) for sp in ("train", "val", "test")},
+                "case_of": case_of,
+            }
+        dim, dim_why = consensus_dim(source, ids, dim)
         writer: DatasetWriter | None = None
         try:
             with progress_bar(len(order), f"ingest {fmt}", "bag", disable=not progress) as bar:
                 for split, sid in order:
                     bar.update(1)
                     try:
-                        bag = to_bag(source.load(sid), label_of[sid], dim)
+                        bag = to_bag(source.load(sid), label_of[sid], dim, dim_why)
                     except BadSampleError as err:
                         bad(err)
                         continue
                     if writer is None:
-                        dim = bag.dim
                         writer = DatasetWriter(out, dim, names, options=options, shard_bytes=shard_bytes, source=source_meta)
                     writer.add(split, bag)
+            if problems:
+                shown = "\n  ".join(str(p) for p in problems)
+                raise SourceError(f"{len(problems)} bad slide(s) in {src}:\n  {shown}")
             if writer is None:
                 raise SourceError(f"every slide from {src} was skipped: {dict(skipped)}")
             writer.source["skipped"] = dict(skipped)
@@ -151,3 +188,33 @@ def ingest(
     finally:
         source.close()
     return IngestResult(manifest, skipped, unlabelled)
+
+
+def consensus_dim(source: Any, ids: list[str], given: int | None = None) -> tuple[int | None, str]:
+    """The dataset's feature dim and why, decided before any slide is accepted.
+
+    ``given`` wins. Otherwise every slide's dim is read — from the file header where the source can
+    (``source.dim_of``), else by loading the slide — and the dim most slides share is the dataset's,
+    so the odd slides are the ones reported, whichever is read first. Unreadable slides are left to
+    the main pass to report. Raises :class:`SourceError` when no dim has a strict majority over the
+    runner-up (pass ``--dim``).
+    """
+    if given is not None:
+        return given, " (--dim)"
+    counts: Counter = Counter()
+    for sid in ids:
+        try:
+            d = source.dim_of(sid) if hasattr(source, "dim_of") else int(np.asarray(source.load(sid).feats).shape[1])
+        except (SourceError, BadSampleError, IndexError):
+            continue
+        counts[d] += 1
+    if not counts:
+        return None, ""
+    ranked = counts.most_common()
+    if len(ranked) > 1 and ranked[0][1] == ranked[1][1]:
+        shown = ", ".join(f"{n} slide(s) of dim {d}" for d, n in ranked)
+        raise SourceError(f"slides disagree on the feature dim with no majority ({shown}); pass --dim")
+    d, n = ranked[0]
+    if len(ranked) > 1:
+        log.warning("ingest: feature dim %d (%d of %d slides); %s", d, n, sum(counts.values()), ", ".join(f"{m} slide(s) of dim {o}" for o, m in ranked[1:]))
+    return d, f" (the dim of {n} of {sum(counts.values())} slides)"

@@ -18,7 +18,7 @@ import torch
 from .. import storage
 from ..storage import StorageOptions
 from .manifest import Manifest
-from .packing import PackedBatch, pack, plan_rank
+from .packing import PackedBatch, pack, plan_rank, plan_repeat_fraction
 from .schema import Bag, BadSampleError
 from .shards import read_shard
 
@@ -61,6 +61,9 @@ class SplitLoader(Protocol):
 
     def epoch(self, epoch: int) -> Iterator[PackedBatch]:
         """This rank's batches of ``epoch``."""
+
+    def repeat_fraction(self, epoch: int) -> float:
+        """Share of ``epoch``'s bag visits (all ranks) that repeat a bag to equalise steps (training)."""
 
 
 @dataclass
@@ -170,6 +173,10 @@ class InMemoryLoader:
 
     def steps(self, epoch: int) -> int:
         return len(self._plan(epoch))
+
+    def repeat_fraction(self, epoch: int) -> float:
+        s = self.spec
+        return plan_repeat_fraction(self.sizes, world_size=s.world_size, max_instances=s.max_instances, max_bags=s.max_bags, train=s.train, seed=s.seed, epoch=epoch)
 
     def epoch(self, epoch: int) -> Iterator[PackedBatch]:
         for batch in self._plan(epoch):

@@ -10,10 +10,11 @@ manifest without talking to the others:
 1. order the bags (a permutation drawn from ``(seed, epoch)`` for training, manifest order for eval);
 2. pack them greedily in that order under ``max_instances`` and ``max_bags`` — a bag larger than the
    instance budget becomes a batch of its own;
-3. deal batches to ranks round-robin. For training every rank takes ``ceil(n_batches / world)`` steps;
-   ranks that run out wrap around to the start of the epoch's plan, so a few batches are seen twice
-   in that epoch and none is dropped (the DDP equal-steps rule). For evaluation nothing is repeated:
-   every bag is evaluated exactly once across ranks.
+3. deal batches to ranks round-robin. For training the batches are first halved until their number
+   divides evenly by the world size (:func:`balance_batches`), so every rank takes the same number of
+   real steps; only when no batch can be split (one-bag batches) do ranks that run out wrap around to
+   the start of the epoch's plan, so a few batches are seen twice and none is dropped (the DDP
+   equal-steps rule). For evaluation nothing is repeated: every bag is evaluated exactly once.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from .schema import Bag
+
+T = TypeVar("T", list, tuple)
 
 
 @dataclass
@@ -99,6 +102,25 @@ def plan_batches(sizes: Sequence[int], max_instances: int | None, max_bags: int)
     return batches
 
 
+def balance_batches(batches: list[T], parts: int) -> list[T]:
+    """Split batches in two until their number is a multiple of ``parts`` (or none can be split).
+
+    Each rank then gets the same number of real batches and none has to repeat one to keep DDP's
+    steps equal. The batch with the most bags is halved (the latest among equals), in place, so the
+    order of bags is unchanged; halves respect every packing limit the whole batch did. Only
+    one-bag batches cannot be split: with ``max_bags 1`` the wrap-around repeats remain.
+    """
+    out = list(batches)
+    while parts > 1 and len(out) % parts:
+        i = max(range(len(out)), key=lambda k: (len(out[k]), k))
+        if len(out[i]) < 2:
+            break
+        b = out[i]
+        half = len(b) // 2
+        out[i : i + 1] = [b[:half], b[half:]]
+    return out
+
+
 def epoch_order(n_items: int, seed: int, epoch: int) -> np.ndarray:
     """The training order of epoch ``epoch``: a permutation fixed by ``(seed, epoch)``."""
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n_items)
@@ -128,8 +150,19 @@ def plan_rank(
         return []
     if not train:
         return batches[rank::world_size]
+    batches = balance_batches(batches, world_size)
     steps = math.ceil(len(batches) / world_size)
     return [batches[(rank + world_size * k) % len(batches)] for k in range(steps)]
+
+
+def plan_repeat_fraction(sizes: Sequence[int], *, world_size: int, max_instances: int | None, max_bags: int, train: bool, seed: int = 0, epoch: int = 0) -> float:
+    """Share of the epoch's bag visits (all ranks of :func:`plan_rank`) that are wrap-around repeats."""
+    if not train or not sizes:
+        return 0.0
+    order = epoch_order(len(sizes), seed, epoch)
+    batches = balance_batches(plan_batches([sizes[i] for i in order], max_instances, max_bags), world_size)
+    visits = [len(batches[i % len(batches)]) for i in range(math.ceil(len(batches) / world_size) * world_size)]
+    return sum(visits[len(batches):]) / sum(visits)
 
 
 def subsample(batch: PackedBatch, ratio: float, generator: torch.Generator | None = None) -> PackedBatch:

@@ -328,6 +328,9 @@ class StreamLoader:
     def steps(self, epoch: int) -> int:
         return self.plan(epoch).steps(self.spec.rank)
 
+    def repeat_fraction(self, epoch: int) -> float:
+        return self.plan(epoch).repeat_fraction
+
     def source(self, epoch: int) -> StreamSource:
         return StreamSource(
             root=self.root,

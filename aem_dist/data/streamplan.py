@@ -6,17 +6,23 @@ workers, which batches (lists of planned bags) it produces, in order.
 
 1. **Order.** Training: the shards in a permutation fixed by ``(seed, epoch)``, and inside each shard
    its bags in a permutation fixed by ``(seed, epoch, shard)``. Evaluation: manifest order.
-2. **Split by rank, then by worker.** The ordered bag sequence is cut into ``world_size`` contiguous
-   pieces of (nearly) equal cost, and each rank's piece into ``workers`` contiguous pieces. Contiguous
-   pieces of a shard-ordered sequence mean each rank and worker reads its own few shards (a shard at a
-   boundary is shared, each side reading only its own bags). The cost of a bag approximates the share
-   of a batch it takes (``max(1/max_bags, n/max_instances)``), so pieces pack into similar step counts.
-3. **Pack.** Each worker packs its piece greedily, as :func:`aem_dist.data.packing.plan_batches` does.
+2. **Pack.** The whole ordered sequence is packed greedily, as :func:`aem_dist.data.packing.plan_batches`
+   does, so packing is as tight as one process's. Training: then batches are halved
+   (:func:`aem_dist.data.packing.balance_batches`) until their number divides evenly by the world
+   size, so every rank gets the same number of real batches.
+3. **Deal by rank, then by worker.** The batch list is cut into ``world_size`` contiguous runs whose
+   lengths differ by at most one, and each rank's run into ``workers`` contiguous runs the same way.
+   Contiguous runs of a shard-ordered sequence mean each rank and worker reads its own few shards (a
+   shard at a boundary is shared, each side reading only its own bags). Ranks' step counts therefore
+   differ by at most one before padding. (Cutting bags by cost before packing, as earlier versions
+   did, left ranks several steps apart at 2–8 ranks: 3–21 % of bag visits were repeats.)
 4. **Remainder (training only).** Every rank must run the same number of steps (DDP and Ray's report
-   barrier hang otherwise), so a rank with fewer batches than the busiest rank repeats its own first
-   batches (wrap-around, as the in-memory loader does); a rank with no bag at all repeats the first
-   batches of the epoch. At most ``world_size - 1`` ranks repeat anything, and nothing is dropped: with
+   barrier hang otherwise). Only when no batch can be split (one-bag batches) is a rank one batch
+   short; it repeats its own first batch (wrap-around, as the in-memory loader does); a rank with no
+   batch at all repeats the first batch of the epoch. At most ``world_size - 1`` batches are repeated
+   per epoch and nothing is dropped: with
    ``max_bags_per_batch: 1`` and ``N`` bags, ``ceil(N / world) · world - N`` bags are seen twice.
+   :attr:`EpochPlan.repeat_fraction` reports the share of bag visits that are repeats.
    Evaluation repeats nothing: every bag is evaluated exactly once across ranks.
 
 The DataLoader hands out worker outputs round-robin, so a rank's batch order is fixed by the plan and
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .manifest import SplitEntry
-from .packing import epoch_order, plan_batches
+from .packing import balance_batches, epoch_order, plan_batches
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,13 @@ class EpochPlan:
     """``ranks[r][w]`` = the batches worker ``w`` of rank ``r`` produces, in order."""
 
     ranks: tuple[tuple[tuple[Batch, ...], ...], ...]
+    repeats: int = 0  # bag visits added by padding ranks to equal steps
+
+    @property
+    def repeat_fraction(self) -> float:
+        """Share of this epoch's bag visits (all ranks) that are padding repeats."""
+        visits = sum(len(b) for r in self.ranks for w in r for b in w)
+        return self.repeats / visits if visits else 0.0
 
     def steps(self, rank: int) -> int:
         return sum(len(w) for w in self.ranks[rank])
@@ -74,18 +87,12 @@ class EpochPlan:
         return list(seen)
 
 
-def _cut(costs: np.ndarray, parts: int) -> list[tuple[int, int]]:
-    """Cut positions 0..len(costs) into ``parts`` contiguous ranges of about equal summed cost."""
-    n = len(costs)
-    if parts <= 1 or n == 0:
-        return [(0, n)] + [(n, n)] * max(0, parts - 1)
-    cum = np.concatenate([[0.0], np.cumsum(costs)])
-    total = cum[-1]
+def _deal(n: int, parts: int) -> list[tuple[int, int]]:
+    """Cut positions 0..n into ``parts`` contiguous ranges whose lengths differ by at most one."""
+    base, extra = divmod(n, max(1, parts))
     bounds = [0]
-    for i in range(1, parts):
-        b = int(np.argmin(np.abs(cum - total * i / parts)))
-        bounds.append(max(bounds[-1], b))
-    bounds.append(n)
+    for i in range(max(1, parts)):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
     return list(zip(bounds[:-1], bounds[1:]))
 
 
@@ -115,23 +122,19 @@ def plan_epoch(
     """The whole epoch's plan for every rank and worker (pure; see module docstring)."""
     workers = max(1, workers)
     seq = epoch_sequence(split, train=train, seed=seed, epoch=epoch)
-    sizes = np.array([r.n for r in seq], dtype=np.float64)
-    costs = np.full(len(seq), 1.0 / max_bags)
-    if max_instances:
-        costs = np.maximum(costs, sizes / max_instances)
-    ranks: list[list[list[Batch]]] = []
-    for lo, hi in _cut(costs, world_size):
-        per_worker: list[list[Batch]] = []
-        for wlo, whi in _cut(costs[lo:hi], workers):
-            piece = seq[lo + wlo : lo + whi]
-            per_worker.append([tuple(piece[j] for j in b) for b in plan_batches([r.n for r in piece], max_instances, max_bags)])
-        ranks.append(per_worker)
+    batches = [tuple(seq[j] for j in b) for b in plan_batches([r.n for r in seq], max_instances, max_bags)]
     if train:
-        _pad_to_equal_steps(ranks)
-    return EpochPlan(tuple(tuple(tuple(w) for w in r) for r in ranks))
+        batches = balance_batches(batches, world_size)
+    ranks: list[list[list[Batch]]] = []
+    for lo, hi in _deal(len(batches), world_size):
+        ranks.append([batches[lo + wlo : lo + whi] for wlo, whi in _deal(hi - lo, workers)])
+    repeats = _pad_to_equal_steps(ranks) if train else 0
+    return EpochPlan(tuple(tuple(tuple(w) for w in r) for r in ranks), repeats)
 
 
-def _pad_to_equal_steps(ranks: list[list[list[Batch]]]) -> None:
+def _pad_to_equal_steps(ranks: list[list[list[Batch]]]) -> int:
+    """Pad every rank to the busiest rank's step count; returns the bag visits added."""
+    added = 0
     steps = [sum(len(w) for w in r) for r in ranks]
     target = max(steps)
     everything = [b for r in ranks for b in EpochPlan((tuple(tuple(w) for w in r),)).rank_order(0)]
@@ -145,4 +148,6 @@ def _pad_to_equal_steps(ranks: list[list[list[Batch]]]) -> None:
             # Give each repeat to the worker with the fewest batches, to keep workers balanced.
             w = min(range(len(per_worker)), key=lambda k: len(per_worker[k]))
             per_worker[w].append(source[i % len(source)])
+            added += len(source[i % len(source)])
+    return added
 

@@ -38,6 +38,7 @@ class VerifyReport:
     summary: str = ""
     shards: list[ShardReport] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # dataset-level (manifest) problems
+    readable: bool = True  # False: the manifest could not be read (``verify`` exits 2, not 1)
 
     @property
     def ok(self) -> bool:
@@ -47,15 +48,17 @@ class VerifyReport:
     def n_bags(self) -> int:
         return sum(s.bags for s in self.shards)
 
-    def text(self) -> str:
+    def text(self, limit: int | None = 20) -> str:
+        """The printed report; at most ``limit`` problems per shard (None: every problem)."""
         lines = [f"dataset {self.root}" + (f"  ({self.summary})" if self.summary else "")]
         lines += [f"  problem: {p}" for p in self.problems]
         for s in self.shards:
             status = "OK  " if s.ok else "FAIL"
             lines.append(f"  {status} {s.name:<20} {s.bags:>5}/{s.expected_bags:<5} bags  {human_bytes(s.bytes):>10}  sha256 {'ok' if s.sha256_ok else 'MISMATCH'}")
-            lines += [f"         - {p}" for p in s.problems[:20]]
-            if len(s.problems) > 20:
-                lines.append(f"         … and {len(s.problems) - 20} more")
+            shown = s.problems if limit is None else s.problems[:limit]
+            lines += [f"         - {p}" for p in shown]
+            if len(s.problems) > len(shown):
+                lines.append(f"         … and {len(s.problems) - len(shown)} more (--all shows every one)")
         bad = sum(not s.ok for s in self.shards)
         verdict = "OK" if self.ok else "PROBLEMS FOUND"
         lines.append(f"{verdict}: {len(self.shards)} shards ({bad} with problems), {self.n_bags} bags verified")
@@ -120,6 +123,7 @@ def verify_dataset(root: str, options: StorageOptions | None = None, *, progress
         manifest = load_manifest(root, options)
     except ManifestError as err:
         report.problems.append(str(err))
+        report.readable = False
         return report
     report.summary = f"{manifest.format}, dim {manifest.dim}, classes {', '.join(manifest.class_names)}"
     shards = [(split, s) for split, e in manifest.splits.items() for s in e.shards]

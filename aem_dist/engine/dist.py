@@ -64,6 +64,22 @@ class DistContext:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return int(t.item()) == 0
 
+    def bag_share(self, n_bags: int, like: torch.Tensor | None = None) -> torch.Tensor | float:
+        """Factor that turns this rank's mean-over-bags loss into its share of the global mean.
+
+        DDP averages gradients over ranks, so a rank's bag weighs 1/(world·n_rank); scaling the rank's
+        loss by world·n_rank/Σn makes every bag of the step weigh 1/Σn — the step's gradient is then
+        the mean of all its bags' gradients, whatever each rank holds. One all-reduce of the counts
+        per step. Not distributed: 1.0 (no collective). Distributed: a 0-dim tensor of ``like``'s
+        dtype on the collective's device (nccl: the GPU), so no host sync is needed.
+        """
+        if not self.distributed:
+            return 1.0
+        t = torch.tensor([float(n_bags)], dtype=torch.float64, device=self._coll_device())
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        share = (self.world_size * float(n_bags)) / t[0]  # (,) float64
+        return share.to(like.dtype) if like is not None else share
+
     def _coll_device(self) -> torch.device:
         return self.device if dist.get_backend() == "nccl" else torch.device("cpu")
 

@@ -44,7 +44,7 @@ def predict(model: nn.Module, loader: SplitLoader, ctx: DistContext, *, keep_att
     out_rows: list[BagPrediction] = []
     for batch in loader.epoch(epoch):
         coords = batch.coords
-        batch = batch.to(ctx.device, torch.get_default_dtype())
+        batch = batch.to(ctx.device, next(model.parameters()).dtype)
         out = model(batch.feats, batch.bag_index, batch.n_bags)
         probs = torch.softmax(out.logits.double(), dim=1).cpu().numpy()
         attn = out.instance_attention(batch.bag_index, batch.n_bags)
@@ -58,7 +58,7 @@ def predict_population(pop: nn.Module, loader: SplitLoader, ctx: DistContext, *,
     pop.eval()
     out_rows: list[list[BagPrediction]] = [[] for _ in range(pop.size)]
     for batch in loader.epoch(epoch):
-        batch = batch.to(ctx.device, torch.get_default_dtype())
+        batch = batch.to(ctx.device, pop.flat.dtype)
         logits, attn = pop.predict(batch.feats, batch.bag_index, batch.n_bags)  # (K, B, C), (K, T)
         probs = torch.softmax(logits.double(), dim=2).cpu().numpy()
         attn_np = attn.double().cpu().numpy() if attn is not None else None

@@ -25,11 +25,11 @@ from ..data.loader import LoaderSpec, SplitLoader, open_split
 from ..data.manifest import Manifest, load_manifest
 from ..data.packing import PackedBatch, subsample
 from ..losses import attention_regulariser, total_loss
-from ..models import build_model
+from ..models import MILModel, build_model
 from ..storage import StorageOptions
 from .dist import DistContext, parallelize
 from .evaluate import BagPrediction, gather_predictions, predict, split_metrics
-from .metrics import selection_score
+from .selection import BestTracker, warn_val_split
 
 log = logging.getLogger(__name__)
 
@@ -175,19 +175,26 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> None:
 
 
 class Single:
-    """Today's run: one model (DDP-wrapped under several ranks) and torch's fused AdamW."""
+    """Today's run: one model (DDP-wrapped under several ranks) and torch's fused AdamW (or ``optimizer``)."""
 
     size = 1
 
-    def __init__(self, cfg: Config, manifest: Manifest, ctx: DistContext, model_init: dict[str, torch.Tensor] | None = None):
+    def __init__(self, cfg: Config, core: MILModel, ctx: DistContext, optimizer: torch.optim.Optimizer | None = None):
         self.cfg = cfg
-        torch.manual_seed(cfg.train.seed)  # identical init on every rank
-        self.core = build_model(cfg.model, manifest.dim, manifest.n_classes)
-        if model_init is not None:
-            self.core.load_state_dict(model_init, strict=False)
-        self.module = parallelize(self.core, ctx)
-        self.optimizer = make_optimizer(self.core, cfg, ctx.device)
+        self.core = core
+        self.module = parallelize(core, ctx)
+        self.optimizer = optimizer or make_optimizer(core, cfg, ctx.device)
         self.lam = cfg.loss.lam
+        self.dtype = next(core.parameters()).dtype  # features are cast to the model's dtype per step
+
+    @classmethod
+    def build(cls, cfg: Config, dim: int, n_classes: int, ctx: DistContext, model_init: dict[str, torch.Tensor] | None = None) -> "Single":
+        """``cfg``'s model, initialised under ``train.seed`` (identical on every rank), then ``model_init``."""
+        torch.manual_seed(cfg.train.seed)
+        core = build_model(cfg.model, dim, n_classes)
+        if model_init is not None:
+            core.load_state_dict(model_init, strict=False)
+        return cls(cfg, core, ctx)
 
     def terms(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         out = self.module(batch.feats, batch.bag_index, batch.n_bags)
@@ -242,17 +249,17 @@ def train_epoch(trainee, sched, loader: SplitLoader, cfg: Config, ctx: DistConte
         if batch is None:
             break
         counts["data_wait_s"] += time.perf_counter() - t0
-        batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device, torch.get_default_dtype())
+        batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device, trainee.dtype)
         terms = trainee.terms(batch)
         loss = total_loss(terms, trainee.lam)
         if not ctx.all_true(bool(torch.isfinite(loss).all())):
             raise NonFiniteLossError(f"epoch {epoch}: non-finite loss on some rank; this rank's bags: {batch.keys[:8]}")
         opt.zero_grad(set_to_none=True)
-        loss.sum().backward()
+        (loss * ctx.bag_share(batch.n_bags, loss)).sum().backward()  # every bag of the step weighs 1/Σn under DDP
         if cfg.train.grad_clip:
             trainee.clip_grads_(cfg.train.grad_clip)
         opt.step()
-        trainee.after_step((sched.last_epoch + 1) / sched.lr_lambdas[0].total)  # e.g. MHIM-MIL's EMA teacher
+        trainee.after_step(_run_progress(sched))  # e.g. MHIM-MIL's EMA teacher
         sched.step()
         for name, value in {"loss": loss, **terms}.items():
             value = value.detach().double().reshape(-1)
@@ -307,7 +314,7 @@ def fit_members(
     data = open_data(cfg, ctx, options)
     m = data.manifest
     if len(cfgs) == 1:
-        trainee = Single(cfg, m, ctx, model_init)
+        trainee = Single.build(cfg, m.dim, m.n_classes, ctx, model_init)
     else:
         from .population import Members
 
@@ -315,7 +322,7 @@ def fit_members(
     K = trainee.size
     sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, CosineToZero(sum(data.train.steps(e) for e in range(cfg.train.epochs))))
     histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
-    best: list[tuple[int | None, float]] = [(None, -math.inf)] * K
+    trackers = [BestTracker(c.train.select_metric, c.train.select_tie) for c in cfgs]  # selection per member
     start = 0
     if resume is not None:
         trainee.load_state_dict(resume)
@@ -323,12 +330,16 @@ def fit_members(
         sched.load_state_dict(resume["scheduler"])
         torch.set_rng_state(resume["rng"])
         if K == 1:
-            histories, best = [list(resume["history"])], [(resume["best_epoch"], float(resume["best_score"]))]
+            histories = [list(resume["history"])]
+            trackers[0].load_state_dict(resume.get("selection", resume))
         else:
             histories = [list(h) for h in resume["history"]]
-            best = [(e, float(s)) for e, s in zip(resume["best_epoch"], resume["best_score"])]
+            for tracker, sel in zip(trackers, resume["selection"]):
+                tracker.load_state_dict(sel)
         start = int(resume["epoch"]) + 1
-        log.info("resuming after epoch %d (best so far: %s)", start - 1, [b[0] for b in best] if K > 1 else best[0][0])
+        log.info("resuming after epoch %d (best so far: %s)", start - 1, [t.best_epoch for t in trackers] if K > 1 else trackers[0].best_epoch)
+    if ctx.is_main and data.val is not None and start == 0:
+        warn_val_split(m.splits["val"].n_bags, m.splits["val"].class_counts, m.class_names)
 
     def meta() -> dict[str, Any]:
         return {"name": cfg.model.name, "dim": m.dim, "n_classes": m.n_classes, "class_names": m.class_names, "model": cfg.model.model_dump()}
@@ -341,23 +352,26 @@ def fit_members(
             "scheduler": sched.state_dict(),
             "rng": torch.get_rng_state(),
             "epoch": epoch,
-            "best_epoch": per([b[0] for b in best]),
-            "best_score": per([b[1] for b in best]),
+            "best_epoch": per([t.best_epoch for t in trackers]),
+            "best_score": per([t.best_score for t in trackers]),
+            "selection": per([t.state_dict() for t in trackers]),
             "history": per(histories),
             "model_meta": meta(),
         }
 
     def member_state(k: int, epoch: int) -> dict[str, Any]:
         """Member k as its own run would save it (weights, selection, history), for predict/heatmap."""
-        return {"model": trainee.member_model_state(k), "epoch": epoch, "best_epoch": best[k][0], "best_score": best[k][1], "history": histories[k], "model_meta": meta()}
+        t = trackers[k]
+        return {"model": trainee.member_model_state(k), "epoch": epoch, "best_epoch": t.best_epoch, "best_score": t.best_score, "selection": t.state_dict(), "history": histories[k], "model_meta": meta()}
 
     bar = _progress(cfg, ctx, start)
     for epoch in range(start, cfg.train.epochs):
         trainee.seed_epoch(epoch, ctx.rank)
         t0 = time.perf_counter()
         train_stats, step_times = train_epoch(trainee, sched, data.train, cfg, ctx, epoch)
+        repeat_frac = data.train.repeat_fraction(epoch)  # padding repeats (equal steps per rank)
         lrs = trainee.lrs()
-        rows: list[dict[str, Any]] = [{"epoch": epoch, "train": train_stats[k], "lr": lrs[k]} for k in range(K)]
+        rows: list[dict[str, Any]] = [{"epoch": epoch, "train": train_stats[k] | {"repeat_frac": repeat_frac}, "lr": lrs[k]} for k in range(K)]
         train_s = time.perf_counter() - t0
         last = epoch == cfg.train.epochs - 1
         if (epoch + 1) % cfg.train.eval_every == 0 or last:
@@ -370,16 +384,12 @@ def fit_members(
         for k, row in enumerate(rows):
             row["time"] = dict(timing)
             histories[k].append(row)
-            is_best = False
-            if "val" in row:
-                score = selection_score(row["val"], cfgs[k].train.select_metric)
-                if best[k][0] is None or score > best[k][1]:
-                    best[k], is_best = (epoch, score), True
-            members.append(MemberEpoch(row, is_best, best[k][0], best[k][1]))
+            is_best = "val" in row and trackers[k].update(epoch, row["val"])
+            members.append(MemberEpoch(row, is_best, trackers[k].best_epoch, trackers[k].best_score))
         if on_epoch is not None:
             on_epoch(
                 EpochReport(
-                    epoch, rows[0], members[0].is_best, best[0][0], lambda e=epoch: state(e), best[0][1], step_times, _skipped(data),
+                    epoch, rows[0], members[0].is_best, trackers[0].best_epoch, lambda e=epoch: state(e), trackers[0].best_score, step_times, _skipped(data),
                     members=members if K > 1 else [], member_state=(lambda k, e=epoch: member_state(k, e)) if K > 1 else None,
                 )
             )
@@ -392,13 +402,20 @@ def fit_members(
             raise RuntimeError(f"injected failure after epoch {epoch} (debug.fail_at_epoch)")
     if bar is not None:
         bar.close()
+    if any(t.best_epoch is None for t in trackers) and histories[0] and ctx.is_main:
+        log.warning("no epoch had a finite validation score (train.select_metric=%s); reporting the last epoch", cfg.train.select_metric)
     skipped = _skipped(data)
     results = []
     for k in range(K):
-        h, b = histories[k], best[k][0]
+        h, b = histories[k], trackers[k].best_epoch
         row = h[[r["epoch"] for r in h].index(b)] if b is not None else (h[-1] if h else {})
         results.append(FitResult(b, row.get("val", {}), row.get("test", {}), h, skipped, m, start - 1 if resume is not None else None))
     return results
+
+
+def _run_progress(sched) -> float:
+    """The share of the run's steps done, from the cosine schedule (1 step of 1 for other schedules)."""
+    return (sched.last_epoch + 1) / getattr(sched.lr_lambdas[0], "total", sched.last_epoch + 1)
 
 
 def _skipped(data: Data) -> dict[str, int]:

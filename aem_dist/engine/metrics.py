@@ -7,38 +7,72 @@ Metrics are computed from per-bag predictions gathered from every rank first (se
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
-SPLIT_METRICS = ("auc", "f1", "acc", "balanced_acc", "attn_entropy", "attn_entropy_norm", "attn_top1pct")
+from .selection import BestTracker
+
+SPLIT_METRICS = ("auc", "f1", "acc", "balanced_acc", "loss", "attn_entropy", "attn_entropy_norm", "attn_top1pct")
+
+
+def macro_auc(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> float:
+    """Macro one-vs-rest AUC over the classes whose AUC is defined.
+
+    A class's one-vs-rest AUC needs bags of it and bags of other classes; a class absent from the
+    split (or the only class in it) has none and is left out of the average, as torchmetrics'
+    ``MulticlassAUROC(average="macro")`` — the metric of the official AEM/ACMIL code — leaves out the
+    classes whose AUC comes out NaN. With two classes both present this is the plain binary AUC
+    (class 0's AUC on p0 = 1 − p1 equals class 1's). NaN only when fewer than two classes are present.
+    Note: torchmetrics ≥ 1.0 with ``thresholds=None`` scores an absent class 0 instead of NaN (so it
+    drags the average down); we follow the leave-out rule, which is what its reduction intends.
+    """
+    present = [c for c in range(n_classes) if 0 < int((labels == c).sum()) < len(labels)]
+    if not present:
+        return math.nan
+    return float(np.mean([roc_auc_score((labels == c).astype(np.int64), probs[:, c]) for c in present]))
+
+
+def macro_f1(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Macro F1 of the argmax over the classes that occur in the labels or the predictions.
+
+    torchmetrics' ``MulticlassF1Score(average="macro")`` gives a class with tp + fp + fn = 0 (absent
+    from the split and never predicted) weight 0, i.e. leaves it out; a class absent from the labels
+    but predicted counts with F1 0. sklearn with all class labels would count the first kind as 0 too.
+    """
+    seen = np.union1d(labels, pred)
+    return float(f1_score(labels, pred, average="macro", labels=seen, zero_division=0))
+
+
+def _balanced_accuracy(labels: np.ndarray, pred: np.ndarray) -> float:
+    """sklearn's balanced accuracy (mean recall over the classes present); its warning about predicted
+    classes absent from the labels is already covered by the val-split warning, once per run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(labels, pred))
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Macro one-vs-rest AUC, macro F1 of the argmax, accuracy and balanced accuracy.
+    """Macro one-vs-rest AUC (:func:`macro_auc`), macro F1 of the argmax (:func:`macro_f1`), accuracy,
+    balanced accuracy and ``loss``: the mean negative log-likelihood of the true label under the
+    predicted probabilities (classification only, without AEM or model-specific terms).
 
-    ``probs`` (N, C) rows sum to 1; ``labels`` (N,). AUC is NaN when a split lacks a class.
+    ``probs`` (N, C) rows sum to 1; ``labels`` (N,).
     """
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
-        return {"auc": math.nan, "f1": math.nan, "acc": math.nan, "balanced_acc": math.nan}
+        return {"auc": math.nan, "f1": math.nan, "acc": math.nan, "balanced_acc": math.nan, "loss": math.nan}
     pred = probs.argmax(axis=1)
-    present = np.unique(labels)
-    if len(present) < 2:
-        auc = math.nan
-    elif n_classes == 2:
-        auc = float(roc_auc_score(labels, probs[:, 1]))
-    elif len(present) < n_classes:
-        auc = math.nan
-    else:
-        auc = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(n_classes))))
+    nll = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
     return {
-        "auc": auc,
-        "f1": float(f1_score(labels, pred, average="macro", labels=list(range(n_classes)), zero_division=0)),
+        "auc": macro_auc(probs, labels, n_classes),
+        "f1": macro_f1(pred, labels),
         "acc": float(accuracy_score(labels, pred)),
-        "balanced_acc": float(balanced_accuracy_score(labels, pred)),
+        "balanced_acc": _balanced_accuracy(labels, pred),
+        "loss": float(nll.mean()),
     }
 
 
@@ -63,20 +97,11 @@ def attention_stats(per_bag: Sequence[tuple[float, float, float]]) -> dict[str, 
     return {"attn_entropy": float(m[0]), "attn_entropy_norm": float(m[1]), "attn_top1pct": float(m[2])}
 
 
-def selection_score(val: dict[str, float], metric: str = "auc+f1") -> float:
-    """The validation score used to pick the test epoch (NaN counts as -inf)."""
-    parts = metric.split("+")
-    value = sum(val.get(p, math.nan) for p in parts)
-    return -math.inf if value != value else float(value)
-
-
-def select_best(history: Sequence[dict[str, Any]], metric: str = "auc+f1") -> int | None:
-    """Index into ``history`` of the epoch with the best validation score; ties keep the earlier epoch."""
-    best, best_i = -math.inf, None
+def select_best(history: Sequence[dict[str, Any]], metric: str = "auc+f1", tie: str = "val_loss") -> int | None:
+    """Index into ``history`` of the epoch :class:`~aem_dist.engine.selection.BestTracker` selects."""
+    tracker = BestTracker(metric, tie)
+    best_i = None
     for i, row in enumerate(history):
-        if "val" not in row:
-            continue
-        score = selection_score(row["val"], metric)
-        if best_i is None or score > best:
-            best, best_i = score, i
+        if "val" in row and tracker.update(int(row.get("epoch", i)), row["val"]):
+            best_i = i
     return best_i

@@ -310,6 +310,7 @@ class Members:
             member_wd=torch.tensor([c.train.weight_decay for c in cfgs], dtype=torch.float64, device=ctx.device),
         )
         self.rng = MemberRNG(ctx.device)
+        self.dtype = dtype  # features are cast to the members' dtype per step
 
     def terms(self, batch) -> dict[str, torch.Tensor]:
         return self.module(batch.feats, batch.bag_index, batch.n_bags, batch.labels, rng=None if self.pop.vectorised else self.rng)

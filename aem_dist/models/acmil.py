@@ -59,7 +59,9 @@ class ACMIL(MILModel):
         self.mask_prob = cfg.mask_prob
         self.embed = instance_embedding(in_dim, cfg)
         self.attention = GatedAttention(cfg.hidden, cfg.attn_hidden or cfg.hidden, heads=cfg.n_branches)
-        self.branch_classifiers = nn.ModuleList(nn.Linear(cfg.hidden, n_classes) for _ in range(cfg.n_branches))
+        # With one branch the loss is the slide CE alone (as in the official code), so a branch
+        # classifier would be a parameter no loss reaches — DDP's reducer fails on those.
+        self.branch_classifiers = nn.ModuleList(nn.Linear(cfg.hidden, n_classes) for _ in range(cfg.n_branches if cfg.n_branches > 1 else 0))
         self.slide_classifier = nn.Linear(cfg.hidden, n_classes)
 
     def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> MILOutput:
@@ -75,7 +77,7 @@ class ACMIL(MILModel):
         scores = s[rows, branch].unsqueeze(1)  # (R, 1)
         a = segment_softmax(scores, seg, n_bags * k)  # (R, 1)
         z = segment_sum(a * h[rows], seg, n_bags * k).view(n_bags, k, -1)  # (B, K, hidden)
-        branch_logits = torch.stack([clf(z[:, j]) for j, clf in enumerate(self.branch_classifiers)], dim=1)  # (B, K, C)
+        branch_logits = torch.stack([clf(z[:, j]) for j, clf in enumerate(self.branch_classifiers)], dim=1) if k > 1 else None  # (B, K, C)
         logits = self.slide_classifier(z.mean(dim=1))  # (B, C)
         dense = torch.zeros_like(s).index_put((rows, branch), a.squeeze(1))  # (T, K) attention, 0 where masked
         return MILOutput(

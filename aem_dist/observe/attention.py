@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -65,8 +66,54 @@ def _read_json(url: str, options: StorageOptions | None) -> dict[str, Any] | Non
         return None
 
 
+_EPOCH_CHOICE = re.compile(r"^epoch-(\d+)$")
+
+
+def checkpoint_folders(run: str, options: StorageOptions | None = None) -> dict[int, str]:
+    """Per-epoch checkpoints a run folder still holds: epoch → folder URL.
+
+    Local runs keep ``run/checkpoints/epoch-NNNNNN``; Ray runs with the default storage keep
+    ``run/ray/train/<name>/checkpoint_*`` (their epoch is read from the state itself).
+    """
+    from ..engine.checkpoint import load_dir
+
+    out: dict[int, str] = {}
+    fs, path = storage.open_fs(storage.join(run, "checkpoints"), options)
+    if fs.exists(path):
+        for p in fs.ls(path, detail=False):
+            m = re.match(r"^epoch-(\d{6})$", p.rstrip("/").rsplit("/", 1)[-1])
+            if m and fs.exists(f"{p.rstrip('/')}/state.pt"):
+                out[int(m.group(1))] = storage.join(run, "checkpoints", m.group(0))
+    fs, path = storage.open_fs(storage.join(run, "ray", "train"), options)
+    if not out and fs.exists(path):
+        scheme = run.split("://", 1)[0] + "://" if "://" in run else ""
+        for p in fs.glob(f"{path}/*/checkpoint_*/state.pt"):
+            folder = scheme + p.rsplit("/", 1)[0]
+            out[int(load_dir(folder, options).get("epoch", -1))] = folder
+    return out
+
+
+def resolve_checkpoint(run: str, which: str = BEST_DIR, options: StorageOptions | None = None) -> str:
+    """The checkpoint folder of ``run`` that ``--checkpoint`` names: ``best`` (the selected epoch),
+    ``last`` (the latest epoch checkpointed) or ``epoch-N``. Raises FileNotFoundError listing what
+    the run holds, ValueError for another choice."""
+    if which == BEST_DIR:
+        return storage.join(run, BEST_DIR)
+    m = _EPOCH_CHOICE.match(which)
+    if which != "last" and m is None:
+        raise ValueError(f"--checkpoint {which!r}: choose best, last or epoch-N")
+    folders = checkpoint_folders(run, options)
+    if not folders:
+        raise FileNotFoundError(f"{storage.redact(run, options)}: no per-epoch checkpoints (only --checkpoint best is available)")
+    epoch = max(folders) if which == "last" else int(m.group(1))
+    if epoch not in folders:
+        raise FileNotFoundError(f"{storage.redact(run, options)}: no checkpoint of epoch {epoch} (kept: {', '.join(f'epoch-{e}' for e in sorted(folders))}, and best)")
+    return folders[epoch]
+
+
 def load_run_model(run: str, options: StorageOptions | None = None, checkpoint: str = BEST_DIR) -> RunModel:
-    """Rebuild the model of ``run`` (a train run or trial folder) from ``run/<checkpoint>/state.pt``.
+    """Rebuild the model of ``run`` (a train run or trial folder) from one of its checkpoints:
+    ``best`` (``run/best/state.pt``), ``last`` or ``epoch-N`` (see :func:`resolve_checkpoint`).
 
     Raises FileNotFoundError naming the checkpoint when the run has none, ValueError when the
     checkpoint lacks ``model_meta``.
@@ -74,11 +121,12 @@ def load_run_model(run: str, options: StorageOptions | None = None, checkpoint: 
     from ..engine.checkpoint import load_dir
     from ..engine.inference import model_from_state
 
-    folder = storage.join(run, checkpoint)
+    folder = resolve_checkpoint(run, checkpoint, options)
     try:
         state = load_dir(folder, options)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{storage.redact(storage.join(folder, 'state.pt'), options)}: no checkpoint (is {storage.redact(run, options)} a finished run folder?)") from None
+        hint = "no epoch had a finite validation score, so there is no best: try --checkpoint last; or " if checkpoint == BEST_DIR and checkpoint_folders(run, options) else ""
+        raise FileNotFoundError(f"{storage.redact(storage.join(folder, 'state.pt'), options)}: no checkpoint ({hint}is {storage.redact(run, options)} a finished run folder?)") from None
     meta = state.get("model_meta")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{storage.redact(folder, options)}/state.pt: checkpoint has no model_meta; cannot rebuild the model")

@@ -90,6 +90,7 @@ class TuneMetricsCallback(Callback):
         self._names: dict[str, str] = {}
         self._labels: dict[str, dict[str, str]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # trial id → last result
+        self._best_test: dict[str, float] = {}  # trial id → test AUC at its best epoch so far
         self._last_print = 0.0
         self._started = time.monotonic()
 
@@ -158,6 +159,10 @@ class TuneMetricsCallback(Callback):
                 per_member = result.get("members") or [result]  # a population reports each member
                 for (eid, _, _), member in zip(self._entries(trial), per_member):
                     self._last[eid] = dict(member)
+                    # The table shows the test AUC of the entry's best epoch so far (what results report),
+                    # not the latest epoch's; a report without a selection counts as its own best.
+                    if member.get("best/epoch", member["epoch"]) == member["epoch"] and "test/auc" in member:
+                        self._best_test[eid] = member["test/auc"]
                     if self.exporter is not None:
                         self.exporter.on_report(self._labels[eid], member)
             self._publish(changed)
@@ -199,10 +204,10 @@ class TuneMetricsCallback(Callback):
         head += f"  ({elapsed // 3600:d}:{elapsed // 60 % 60:02d}:{elapsed % 60:02d})"
         order = {"running": 0, "error": 1, "pending": 2, "terminated": 3}
         tids = sorted(self._states, key=lambda t: (order[self._states[t]], self._names[t]))
-        rows = [("trial", "lam", "seed", "state", "epoch", "loss", "val_auc", "test_auc")]
+        rows = [("trial", "lam", "seed", "state", "epoch", "loss", "val_auc", "test_auc@best")]
         for tid in tids[: self.max_rows]:
             last, lab = self._last.get(tid, {}), self._labels[tid]
-            rows.append((self._names[tid], lab["lam"], lab["seed"], self._states[tid], _cell(last.get("epoch"), "d"), _cell(last.get("train/loss")), _cell(last.get("val/auc")), _cell(last.get("test/auc"))))
+            rows.append((self._names[tid], lab["lam"], lab["seed"], self._states[tid], _cell(last.get("epoch"), "d"), _cell(last.get("train/loss")), _cell(last.get("val/auc")), _cell(self._best_test.get(tid))))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         if len(tids) > self.max_rows:

@@ -69,7 +69,9 @@ def render(bag: BagResult, class_names: Sequence[str] = (), scale: str = "rank")
     aspect = shape[1] / max(shape[0], 1)
     fig = new_figure(min(max(4.2 * aspect * panels + 1.5, 5.2 * panels), 16), 4.8)
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    extent = (0, shape[1] * patch, shape[0] * patch, 0)  # pixels, origin top-left as in the slide
+    x0, y0 = (int(v) for v in np.asarray(bag.coords, dtype=np.int64).reshape(-1, 2).min(axis=0))
+    # Slide pixel coordinates (patch top-left corners as stored), origin top-left as in the slide.
+    extent = (x0, x0 + shape[1] * patch, y0 + shape[0] * patch, y0)
     im = axes[0].imshow(heat, cmap="inferno", vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
     axes[0].set_title("attention")
     fig.colorbar(im, ax=axes[0], shrink=0.85, label=cbar_label)
@@ -96,9 +98,10 @@ def render(bag: BagResult, class_names: Sequence[str] = (), scale: str = "rank")
 
 
 def safe_name(slide_id: str) -> str:
-    from ..data.schema import safe_key
-
-    return safe_key(slide_id)
+    """The slide id as a file name: only path separators, control characters and a leading dot are
+    replaced (dots and the rest stay, so 'TCGA-A1.01' stays recognisable)."""
+    name = "".join("_" if (c in "/\\" or ord(c) < 32) else c for c in slide_id)
+    return "_" + name[1:] if name.startswith(".") else (name or "_")
 
 
 def render_store(
@@ -122,10 +125,15 @@ def render_store(
         indices = indices[: max(0, limit)]
     storage.makedirs(out, options)
     written: list[str] = []
+    used: set[str] = set()
     with progress_bar(len(indices), "heatmaps", "slide", disable=not progress) as bar:
         for i in indices:
             bag = store.bag(i)
-            written.append(save_png(render(bag, store.attrs.get("class_names", ()), scale), storage.join(out, f"{safe_name(bag.slide_id)}.png"), options))
+            name = safe_name(bag.slide_id)
+            if name in used:  # two ids that differ only in replaced characters: the unique key decides
+                name = f"{name}-{bag.key}"
+            used.add(name)
+            written.append(save_png(render(bag, store.attrs.get("class_names", ()), scale), storage.join(out, f"{name}.png"), options))
             bar.update(1)
     return written
 

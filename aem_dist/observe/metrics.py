@@ -257,15 +257,24 @@ class MetricsExporter:
         log.info("pushed final metrics to pushgateway %s (job %s, run %s)", gateway, self.job, run)
         return True
 
+    def grace_period(self, grace_s: float | None = None) -> float:
+        """Seconds :meth:`finish` keeps serving: ``grace_s`` (default ``metrics.grace_s``) if the
+        endpoint has been scraped so far or ``metrics.grace_always`` is set, else 0 — nobody is
+        watching, and waiting would only delay the exit."""
+        grace = self.section.grace_s if grace_s is None else grace_s
+        return grace if (self.scrapes > 0 or self.section.grace_always) else 0.0
+
     def finish(self, grace_s: float | None = None, *, stop_after_scrape: bool = False) -> None:
         """End of the run: push to the Pushgateway (if configured), keep serving ``grace_s`` seconds
-        (default ``metrics.grace_s``) so the last values get scraped, then stop.
+        (default ``metrics.grace_s``) so the last values get scraped, then stop. The grace period
+        applies only when the endpoint was scraped during the run (a scraper is watching) or
+        ``metrics.grace_always`` is set; otherwise the run exits at once.
 
         ``stop_after_scrape`` ends the grace period early once a scrape has happened after this call.
         Ctrl-C during the grace period stops at once.
         """
+        grace = self.grace_period(grace_s)  # decided before the push, which counts as a collection
         self.push()
-        grace = self.section.grace_s if grace_s is None else grace_s
         if self._server is not None and grace > 0:
             log.info("run finished; serving final metrics at %s for %.0f s more", self.url, grace)
             deadline = time.monotonic() + grace

@@ -27,6 +27,7 @@ from ..config import Config, apply_overrides, build_config
 from ..engine.local import run_local_members
 from ..engine.loop import EpochReport
 from ..engine.results import results_dict, stored_config
+from ..engine.runrecord import result_relevant_diff
 from ..storage import StorageOptions
 
 log = logging.getLogger(__name__)
@@ -55,13 +56,8 @@ def finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict
         return None
     if not isinstance(results, dict) or not isinstance(results.get("config"), dict):
         return None
-    return results if _run_defining(results["config"]) == _run_defining(stored_config(cfg)) else None
-
-
-def _run_defining(config: dict[str, Any]) -> dict[str, Any]:
-    """A stored config without what does not change a run's results (Ray workers record progress off)."""
-    train = {k: v for k, v in (config.get("train") or {}).items() if k != "progress"}
-    return {**config, "train": train}
+    # keys that do not change results may differ (Ray workers record progress off, ...): runrecord
+    return results if not result_relevant_diff(results["config"], stored_config(cfg)) else None
 
 
 def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: str, options: StorageOptions) -> list[dict[str, Any]]:

@@ -26,6 +26,7 @@ from .. import storage
 from ..config import Config, build_config, config_with
 from ..data.manifest import load_manifest
 from ..engine.results import run_record, write_json
+from ..engine.runrecord import check_same_run, recorded_config
 from ..observe.metrics import serve_run_metrics
 from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
@@ -228,6 +229,8 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
     if not grid:
         raise SweepError("sweep.grid is empty: set e.g. --set 'sweep.grid={train.seed: [0, 1], loss.lam: [0, 0.1]}'")
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
+    if resume:  # the sweep's trials resume their checkpoints: only under the base config they were trained with
+        check_same_run(recorded_config(out, options), cfg.to_dict(), storage.redact(out, options), "choose another --out (or run.name) for a new sweep")
     specs = plan(cfg, grid, announce)
     populations = [[m.name for m in s.members] for s in specs]
     record = run_record(cfg, "sweep", options, grid=grid, cluster=ray.cluster_resources(), trial_resources=trial_resources(cfg), populations=populations)

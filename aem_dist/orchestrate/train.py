@@ -13,8 +13,9 @@ from typing import Any, Callable
 
 from .. import storage
 from ..config import Config
-from ..engine.local import run_local
+from ..engine.local import clear_run, run_local
 from ..engine.results import results_dict, run_record, write_json
+from ..engine.runrecord import check_same_run, recorded_config
 from ..observe.metrics import epoch_hook, run_labels, serve_run_metrics
 from ..storage import StorageOptions
 from .errors import TrainingFailed
@@ -22,10 +23,21 @@ from .errors import TrainingFailed
 log = logging.getLogger(__name__)
 
 
-def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Train ``cfg``; write ``out/run.json`` and ``out/results.json``; return the results dict."""
+def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Callable[[str], None] = log.info, force_new: bool = False) -> dict[str, Any]:
+    """Train ``cfg``; write ``out/run.json`` and ``out/results.json``; return the results dict.
+
+    ``out`` belongs to one config: if it already holds a run (its ``run.json``) whose config differs
+    in a result-relevant key, this raises :class:`~aem_dist.engine.runrecord.RunConfigMismatch`
+    naming the keys, before anything is written; ``force_new`` removes the old run's checkpoints
+    (local and Ray's), best state and results and starts over."""
     out = storage.absolute(out)
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
+    if force_new:
+        from .sweep import ray_storage
+
+        clear_run(out, options, extra=(ray_storage(cfg, out, "train", "run"), ray_storage(cfg, out, cfg.run.name)))
+    else:
+        check_same_run(recorded_config(out, options), cfg.to_dict(), storage.redact(out, options))
     write_json(storage.join(out, "run.json"), run_record(cfg, "train", options), options)
     with serve_run_metrics(cfg, announce) as exporter:
         if cfg.scaling.num_workers == 0 and address is None:

@@ -42,6 +42,28 @@ def test_auc_undefined_when_a_class_is_missing():
     assert math.isnan(classification_metrics(np.array([[0.3, 0.7], [0.6, 0.4]]), np.array([1, 1]), 2)["auc"])
 
 
+def test_absent_class_is_left_out_of_macro_auc_and_f1():
+    """The official metric's semantics (torchmetrics macro): a class with no bags is left out."""
+    rng = np.random.default_rng(1)
+    probs = rng.dirichlet(np.ones(3), size=20)
+    labels = np.arange(20) % 2  # class 2 absent
+    pred = probs.argmax(1)
+    m = classification_metrics(probs, labels, 3)
+    assert m["auc"] == pytest.approx(np.mean([_auc_pairs(probs[:, c], (labels == c).astype(int)) for c in (0, 1)]))
+    seen = sorted(set(labels) | set(pred))
+    f1 = []
+    for c in seen:
+        tp = np.sum((pred == c) & (labels == c))
+        fp = np.sum((pred == c) & (labels != c))
+        fn = np.sum((pred != c) & (labels == c))
+        f1.append(2 * tp / (2 * tp + fp + fn))
+    assert m["f1"] == pytest.approx(np.mean(f1))
+    # a class neither present nor predicted does not pull macro F1 down
+    two = classification_metrics(np.array([[0.9, 0.1, 0.0], [0.2, 0.8, 0.0]]), np.array([0, 1]), 3)
+    assert two["f1"] == 1.0 and two["auc"] == 1.0
+    assert two["loss"] == pytest.approx(-(np.log(0.9) + np.log(0.8)) / 2)
+
+
 def test_attention_stats():
     h, norm, top = bag_attention_stats(np.full(200, 1 / 200))
     assert h == pytest.approx(math.log(200)) and norm == pytest.approx(1.0) and top == pytest.approx(2 / 200)
@@ -52,15 +74,18 @@ def test_attention_stats():
     assert s == {"attn_entropy": 2.0, "attn_entropy_norm": 0.75, "attn_top1pct": pytest.approx(0.3)}
 
 
-def test_best_val_selection_is_strict_and_uses_auc_plus_f1():
+def test_best_val_selection_uses_auc_plus_f1_and_documented_ties():
     history = [
         {"epoch": 0, "val": {"auc": 0.70, "f1": 0.60}},
-        {"epoch": 1, "val": {"auc": 0.80, "f1": 0.60}},
-        {"epoch": 2, "val": {"auc": 0.60, "f1": 0.80}},  # ties epoch 1: the earlier epoch stays
+        {"epoch": 1, "val": {"auc": 0.80, "f1": 0.60, "loss": 0.5}},
+        {"epoch": 2, "val": {"auc": 0.60, "f1": 0.80, "loss": 0.6}},  # ties epoch 1 with a higher val loss
         {"epoch": 3},  # not evaluated
-        {"epoch": 4, "val": {"auc": float("nan"), "f1": 0.99}},
+        {"epoch": 4, "val": {"auc": float("nan"), "f1": 0.99}},  # NaN is never best
         {"epoch": 5, "val": {"auc": 0.79, "f1": 0.62}},  # 1.41 > 1.40
     ]
     assert select_best(history) == 5
-    assert select_best(history[:5]) == 1
+    assert select_best(history[:5]) == 1  # tie: the lower val loss
+    assert select_best(history[:5], tie="later") == 2
+    assert select_best(history[:5], tie="earlier") == 1
     assert select_best(history, "auc") == 1
+    assert select_best(history, "last") == 5

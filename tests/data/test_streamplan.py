@@ -81,3 +81,26 @@ def test_ranks_read_their_own_shards():
     touched = [set(plan.shards_of(r, w)) for r in range(2) for w in range(2)]
     assert all(len(t) == 2 for t in touched)  # 8 shards / 4 streams, no sharing at these sizes
     assert len(set().union(*touched)) == 8
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_repeat_fraction_stays_within_the_one_batch_per_rank_bound(world):
+    """Ranks' step counts differ by at most one before padding, so at most world − 1 batches repeat —
+    and with several bags per batch none does (batches are halved until ranks' counts are equal).
+    The previous plan repeated 4.4 % of bag visits on average, up to 22 %, on data like this."""
+    import numpy as np
+
+    rng = np.random.default_rng(world)
+    for trial in range(3):  # WSI-like bags (log-normal, median ~2 000) in shards of 20, packed 8 per step
+        sizes = np.clip(rng.lognormal(np.log(2000), 1.0, size=270), 100, 50_000).astype(int).tolist()
+        split = split_of([sizes[i : i + 20] for i in range(0, len(sizes), 20)])
+        for workers, max_inst in ((1, None), (2, None), (2, 16_384)):
+            plan = plan_epoch(split, world_size=world, workers=workers, train=True, seed=trial, epoch=trial, max_instances=max_inst, max_bags=8)
+            assert len({plan.steps(r) for r in range(world)}) == 1
+            visits = Counter(k for r in range(world) for k in keys(plan, r))
+            repeats = sum(visits.values()) - len(sizes)
+            assert set(visits) == {f"b{i:03d}" for i in range(len(sizes))}  # nothing dropped
+            batches = [b for r in range(world) for b in plan.rank_order(r)]
+            assert len(batches) - len(set(batches)) <= world - 1, (world, workers, max_inst)  # steps differed by ≤ 1 before padding
+            assert repeats == 0  # batches of several bags can always be halved into equal real steps
+            assert plan.repeats == repeats and plan.repeat_fraction == repeats / sum(visits.values())

@@ -99,3 +99,13 @@ def test_tune_callback_survives_tuner_pickling():
         clone.on_trial_result(iteration=1, trials=ts, trial=ts[0], result=result(0))  # still works, feeds nothing
     finally:
         exporter.stop()
+
+
+def test_live_table_shows_the_best_epochs_test_auc():
+    cb = TuneMetricsCallback(load_config("demo"), None, print_table=False)
+    ts = trials([{"loss.lam": 0.1}])
+    cb.on_trial_start(iteration=0, trials=ts, trial=ts[0])
+    cb.on_trial_result(iteration=1, trials=ts, trial=ts[0], result={**result(0), "best/epoch": 0, "test/auc": 0.9})
+    cb.on_trial_result(iteration=2, trials=ts, trial=ts[0], result={**result(1), "best/epoch": 0, "test/auc": 0.6})
+    row = cb.table().splitlines()[2]
+    assert "test_auc@best" in cb.table() and row.endswith("0.9000"), row

@@ -264,3 +264,15 @@ def test_serve_run_metrics_for_an_in_process_run(demo_data, tmp_path):
         taken = load_config("demo", [f"metrics.port={busy.getsockname()[1]}"])
         with serve_run_metrics(taken) as exporter:
             assert exporter is None
+
+
+def test_grace_period_only_when_scraped_or_opted_in():
+    e = MetricsExporter(MetricsSection(port=0, grace_s=30))
+    url = e.start()
+    try:
+        assert e.grace_period() == 0.0  # nothing scraped the endpoint: no reason to wait at the end
+        assert MetricsExporter(MetricsSection(port=0, grace_s=30, grace_always=True)).grace_period() == 30
+        urllib.request.urlopen(url, timeout=5).read()
+        assert e.grace_period() == 30
+    finally:
+        e.stop()

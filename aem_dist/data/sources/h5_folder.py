@@ -18,6 +18,18 @@ class H5FolderSource(FolderSource):
         self.fmt = fmt
         super().__init__(folder)
 
+    def dim_of(self, slide_id: str) -> int:
+        """The feature dim from the file's header (no features read)."""
+        path = self._files[slide_id]
+        try:
+            with h5py.File(path, "r") as f:
+                key = next((k for k in FEATURE_KEYS if k in f), None)
+                if key is None:
+                    raise SourceError(f"{path}: no 'features' dataset (has {sorted(f.keys())})")
+                return int(f[key].shape[-1])
+        except OSError as err:
+            raise SourceError(f"{path}: not a readable HDF5 file: {err}") from None
+
     def load(self, slide_id: str) -> RawBag:
         path = self._files[slide_id]
         try:
