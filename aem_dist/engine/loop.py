@@ -16,15 +16,18 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config
+from ..data.devicecache import place_on_device
 from ..data.loader import LoaderSpec, SplitLoader, open_split
 from ..data.manifest import Manifest, load_manifest
 from ..data.packing import subsample
-from ..losses import attention_regulariser, total_loss
 from ..models import build_model
 from ..storage import StorageOptions
+from . import precision
+from .compile import loss_step
 from .dist import DistContext, parallelize
 from .evaluate import evaluate
 from .metrics import selection_score
+from .stepstats import NonFiniteLossError, StepStats  # noqa: F401  (NonFiniteLossError: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,6 @@ class CosineToZero:
 
     def __call__(self, step: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss of a step was NaN or Inf on some rank; every rank stops together."""
 
 
 @dataclass
@@ -108,7 +107,7 @@ def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = No
         if split not in manifest.splits:
             return None
         spec = LoaderSpec(split, ctx.rank, ctx.world_size, train, t.seed, t.max_instances_per_batch, t.max_bags_per_batch, cfg.data.on_bad_sample)
-        return open_split(cfg.data, manifest, spec, options)
+        return place_on_device(open_split(cfg.data, manifest, spec, options), cfg.data.device_cache, ctx.device)
 
     train = loader("train", True)
     if train is None:
@@ -134,11 +133,14 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
 
     Stats: ``loss`` and every named loss term (``ce``, ``aem``, and model terms such as ``diversity``)
     as means per step, the unweighted term values (``aem`` is Σ a log a before λ); counts of steps,
-    bags and instances summed over ranks; mean data-loading wait per rank.
+    bags and instances summed over ranks; mean data-loading wait per rank. Losses stay on the device
+    (:class:`StepStats`: read every ``train.log_every`` steps and at the end); step times are host
+    times, so on a GPU they measure dispatch, not kernels.
     """
     model.train()
-    counts = {"steps": 0.0, "bags": 0.0, "instances": 0.0, "data_wait_s": 0.0}
-    terms_sum: dict[str, float] = {"loss": 0.0}
+    stats = StepStats(ctx.device, cfg.train.log_every)
+    step_loss = loss_step(model, core, cfg)  # forward + loss at train.precision, compiled if train.compile
+    data_wait = 0.0
     step_times: list[float] = []
     gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + epoch * 131 + ctx.rank)
     it = iter(loader.epoch(epoch))
@@ -147,33 +149,22 @@ def train_epoch(model, core, opt, sched, loader: SplitLoader, cfg: Config, ctx: 
         batch = next(it, None)
         if batch is None:
             break
-        counts["data_wait_s"] += time.perf_counter() - t0
+        data_wait += time.perf_counter() - t0
         batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device)
-        out = model(batch.feats, batch.bag_index, batch.n_bags)
-        terms = core.loss_terms(out, batch.labels)
-        terms["aem"] = attention_regulariser(out, batch.n_bags, cfg.loss.kind)
-        loss = total_loss(terms, cfg.loss.lam)
-        if not ctx.all_true(bool(torch.isfinite(loss))):
-            raise NonFiniteLossError(f"epoch {epoch}: non-finite loss on some rank; this rank's bags: {batch.keys[:8]}")
+        loss, terms = step_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
-        for name, value in {"loss": loss, **terms}.items():
-            terms_sum[name] = terms_sum.get(name, 0.0) + float(value.detach())
-        counts["steps"] += 1
-        counts["bags"] += batch.n_bags
-        counts["instances"] += batch.n_instances
+        stats.add(loss, terms, batch.n_bags, batch.n_instances, batch.keys)  # no host sync
+        if stats.due():
+            stats.check(ctx, epoch)  # NonFiniteLossError on every rank, naming the step's bags
         step_times.append(time.perf_counter() - t0)
-    # Every rank runs the same number of steps with the same model, so the term names agree.
-    keys = list(terms_sum) + list(counts)
-    total = dict(zip(keys, ctx.sum([{**terms_sum, **counts}[k] for k in keys])))
-    steps = max(total["steps"], 1.0)
-    stats = {name: total[name] / steps for name in terms_sum}
-    stats |= {k: total[k] for k in ("bags", "instances", "steps")} | {"data_wait_s": total["data_wait_s"] / ctx.world_size}
-    return stats, step_times
+    out = stats.finish(ctx, epoch, extra={"data_wait_s": data_wait})  # checks, then sums over ranks
+    out["data_wait_s"] /= ctx.world_size
+    return out, step_times
 
 
 def fit(
@@ -186,6 +177,7 @@ def fit(
 ) -> FitResult:
     """Train ``cfg`` to the end (from ``resume`` if given); evaluate val/test; pick the best epoch."""
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
+    log.info("numerics: %s", precision.configure(cfg.train.precision, cfg.train.deterministic, ctx.device))
     data = open_data(cfg, ctx, options)
     m = data.manifest
     torch.manual_seed(cfg.train.seed)  # identical init on every rank
