@@ -65,6 +65,10 @@ def loss_step(model: torch.nn.Module, core: torch.nn.Module, cfg: Any) -> StepFn
         def step(batch):
             return eager(batch.feats, batch.bag_index, batch.n_bags, batch.labels)
     else:
+        # Dynamo caches graphs per code object, and every step function shares ``eager``'s code: a
+        # new model (a new fit in this process) would count against the recompile cap of the last
+        # one. One training runs per process at a time, so start its cache afresh.
+        torch._dynamo.reset()
         compiled = compiled_fn(eager)
         graphs = GraphCounter()
 
