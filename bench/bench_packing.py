@@ -2,6 +2,7 @@
 
     python bench/bench_packing.py              # both datasets, prints a table (takes a few minutes)
     python bench/bench_packing.py --quick      # fewer epochs
+    python bench/bench_packing.py --presets mil-small --modes paper,ours-32,ours-32c   # + torch.compile
 
 For each dataset (``mil-small``: ~10 instances a bag, like classic MIL sets; ``wsi-small``: median
 ~1 000 instances, D = 384) the same model is trained on the same in-RAM bags:
@@ -11,7 +12,9 @@ For each dataset (``mil-small``: ~10 instances a bag, like classic MIL sets; ``w
 * ``ours-1`` / ``ours-32`` — aem-dist's engine (``aem_dist.engine.loop.train_epoch`` over the in-memory
   loader, its AdamW from ``make_optimizer``) at ``max_bags_per_batch`` 1 and 32; ``ours-32`` also
   has the instance budget ``max_instances_per_batch`` = 8192 (as in configs/demo.yaml: a step's
-  activations stay cache-sized when bags are large).
+  activations stay cache-sized when bags are large);
+* ``ours-32c`` (only with ``--modes``) — ``ours-32`` with ``train.compile=on`` (the forward + loss
+  through ``torch.compile``; compile time is spent in the warm-up epoch and not timed).
 
 Each configuration runs in its own process (so peak RSS is its own) and reports bags/s, instances/s,
 peak RSS, and the achieved FLOP rate of its training steps as a fraction of a plain fp32 matmul chain
@@ -107,7 +110,7 @@ def run_paper(bags, spec, epochs: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "steps": epochs * len(bags)}
 
 
-def run_ours(bags, spec, epochs: int, max_bags: int) -> dict:
+def run_ours(bags, spec, epochs: int, max_bags: int, compile_: bool = False) -> dict:
     budget = None if max_bags == 1 else 8192
     from aem_dist.config import load_config
     from aem_dist.data.loader import InMemoryLoader, LoaderSpec
@@ -115,7 +118,7 @@ def run_ours(bags, spec, epochs: int, max_bags: int) -> dict:
     from aem_dist.engine.loop import CosineToZero, make_optimizer, train_epoch
     from aem_dist.models import build_model
 
-    cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false"])
+    cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false", f"train.compile={'on' if compile_ else 'off'}"])
     loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=max_bags, max_instances=budget))
     torch.manual_seed(0)
     model = build_model(cfg.model, spec.dim, spec.n_classes)
@@ -135,7 +138,7 @@ def child(preset: str, mode: str, epochs: int) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     spec, bags = load_bags(preset)
     instances = sum(b.n for b in bags)
-    out = run_paper(bags, spec, epochs) if mode == "paper" else run_ours(bags, spec, epochs, int(mode.split("-")[1]))
+    out = run_paper(bags, spec, epochs) if mode == "paper" else run_ours(bags, spec, epochs, int(mode.split("-")[1].rstrip("c")), mode.endswith("c"))
     n_bags = epochs * len(bags)
     n_inst = epochs * instances
     rate = model_flops(n_inst, spec.dim, spec.n_classes, n_bags) / out["seconds"]
@@ -157,6 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 timed epoch instead of 3")
     ap.add_argument("--presets", default="mil-small,wsi-small")
+    ap.add_argument("--modes", default="paper,ours-1,ours-32", help="comma-separated: paper, ours-1, ours-32, ours-32c (compiled)")
     ap.add_argument("--child", nargs=3, metavar=("PRESET", "MODE", "EPOCHS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -165,7 +169,7 @@ def main() -> None:
     epochs = 1 if args.quick else 3
     rows = []
     for preset in args.presets.split(","):
-        for mode in ("paper", "ours-1", "ours-32"):
+        for mode in args.modes.split(","):
             proc = subprocess.run([sys.executable, __file__, "--child", preset, mode, str(epochs)], capture_output=True, text=True, check=True)
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"  done {preset} {mode}", file=sys.stderr)
