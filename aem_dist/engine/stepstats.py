@@ -123,6 +123,7 @@ class StepStats:
             vals = [v / steps for v in total[pos : pos + n]]
             out[name] = vals[0] if self.shape == torch.Size([]) else vals
             pos += n
+        out.setdefault("loss", 0.0)  # an epoch of no steps still reports a loss, as before
         out |= dict(zip(tail, total[len(flat) :]))
         return out
 
