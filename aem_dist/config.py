@@ -39,6 +39,13 @@ def _absolute_local(value: str | None) -> str | None:
     return absolute(value)
 
 
+def _yaml_on_off(value: Any) -> Any:
+    """YAML 1.1 reads a bare on/off as true/false; an on|off|auto field takes them back as words."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return value
+
+
 class DataConfig(_Section):
     root: str = Field("data/demo", description="Dataset folder or URL (path, file://, s3://bucket/prefix) holding manifest.json and shards.")
     loader: Literal["memory", "stream"] = Field("memory", description="'memory' loads every bag into RAM; 'stream' reads WebDataset shards from storage with a node-local cache.")
@@ -51,8 +58,10 @@ class DataConfig(_Section):
     retries: int = Field(5, ge=0, description="Bounded retries for object-storage reads before a shard read fails.")
     max_instances_per_bag: int = Field(1_000_000, ge=1, description="Largest bag accepted (instances); a manifest, shard or source declaring more is refused before anything is allocated.")
     max_dim: int = Field(16_384, ge=1, description="Largest feature dim accepted; a manifest or file declaring more is refused before the model or any array is built.")
+    device_cache: Literal["auto", "on", "off"] = Field("auto", description="Keep the decoded split on the GPU for the whole run and pack batches there (memory loader): auto = when it fits in half the free device memory; on = always; off = never. A no-op on CPU (logged).")
 
     _absolute = field_validator("root", "cache_dir")(_absolute_local)
+    _on_off = field_validator("device_cache", mode="before")(_yaml_on_off)
 
 
 class ModelConfig(_Section):
@@ -116,6 +125,13 @@ class TrainConfig(_Section):
     select_tie: Literal["val_loss", "later", "earlier"] = Field("val_loss", description="Equal selection scores: val_loss (lower val loss wins, then the later epoch), later, or earlier (the official strict '>').")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value (None = off).")
     progress: bool = Field(True, description="Show progress bars.")
+
+    log_every: int = Field(0, ge=0, description="Read the device-side step statistics (loss terms, NaN/Inf check) every this many steps; 0 = once per epoch (and every 256 steps). A non-finite loss stops the run at most this many steps late, before any checkpoint of the poisoned weights.")
+    precision: Literal["fp32", "tf32", "bf16"] = Field("fp32", description="Matmul precision: fp32; tf32 (CUDA tensor cores, float32 tensors); bf16 (autocast for the linear layers; softmax, entropy, AEM and loss stay float32).")
+    compile: Literal["off", "on"] = Field("off", description="torch.compile the model forward + loss with dynamic shapes (recompiles capped and logged); same numbers as eager within 1e-4 relative.")
+    deterministic: bool = Field(False, description="Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, no atomics in segment sums on CUDA) so a GPU run repeats bit for bit; off by default for speed. CPU runs repeat either way.")
+
+    _on_off = field_validator("compile", mode="before")(_yaml_on_off)
 
 
 class ScalingSection(_Section):

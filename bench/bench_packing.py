@@ -2,6 +2,13 @@
 
     python bench/bench_packing.py              # both datasets, prints a table (takes a few minutes)
     python bench/bench_packing.py --quick      # fewer epochs
+    python bench/bench_packing.py --presets mil-small --modes paper,ours-32,ours-32c   # + torch.compile
+    python bench/bench_packing.py --presets mil-small --interleave 7   # paper / ours-32 / ours-32c in one process
+
+``--interleave R`` builds the paper loop and the engine (eager and compiled, 32 bags per step) in one
+process and times one epoch of each in turn, R rounds (the order rotates each round), then reports the
+median bags/s of each mode and the ratio of medians: on a shared machine whose load drifts over
+minutes this compares the modes under the same conditions, which separate processes cannot.
 
 For each dataset (``mil-small``: ~10 instances a bag, like classic MIL sets; ``wsi-small``: median
 ~1 000 instances, D = 384) the same model is trained on the same in-RAM bags:
@@ -11,7 +18,9 @@ For each dataset (``mil-small``: ~10 instances a bag, like classic MIL sets; ``w
 * ``ours-1`` / ``ours-32`` — aem-dist's engine (``aem_dist.engine.loop.train_epoch`` over the in-memory
   loader, its AdamW from ``make_optimizer``) at ``max_bags_per_batch`` 1 and 32; ``ours-32`` also
   has the instance budget ``max_instances_per_batch`` = 8192 (as in configs/demo.yaml: a step's
-  activations stay cache-sized when bags are large).
+  activations stay cache-sized when bags are large);
+* ``ours-32c`` (only with ``--modes``) — ``ours-32`` with ``train.compile=on`` (the forward + loss
+  through ``torch.compile``; compile time is spent in the warm-up epoch and not timed).
 
 Each configuration runs in its own process (so peak RSS is its own) and reports bags/s, instances/s,
 peak RSS, and the achieved FLOP rate of its training steps as a fraction of a plain fp32 matmul chain
@@ -107,14 +116,14 @@ def run_paper(bags, spec, epochs: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "steps": epochs * len(bags)}
 
 
-def run_ours(bags, spec, epochs: int, max_bags: int) -> dict:
+def run_ours(bags, spec, epochs: int, max_bags: int, compile_: bool = False) -> dict:
     budget = None if max_bags == 1 else 8192
     from aem_dist.config import load_config
     from aem_dist.data.loader import InMemoryLoader, LoaderSpec
     from aem_dist.engine.dist import DistContext
     from aem_dist.engine.loop import CosineToZero, Single, train_epoch
 
-    cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false"])
+    cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false", f"train.compile={'on' if compile_ else 'off'}"])
     loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=max_bags, max_instances=budget))
     ctx = DistContext()
     trainee = Single.build(cfg, spec.dim, spec.n_classes, ctx)  # the engine's model and fused AdamW
@@ -128,11 +137,78 @@ def run_ours(bags, spec, epochs: int, max_bags: int) -> dict:
     return {"seconds": time.perf_counter() - t0, "steps": steps}
 
 
+def epoch_runners(bags, spec) -> dict:
+    """One-epoch closures for paper, ours-32 and ours-32c on the same bags (warm-up done)."""
+    from aem_dist.config import load_config
+    from aem_dist.data.loader import InMemoryLoader, LoaderSpec
+    from aem_dist.engine.dist import DistContext
+    from aem_dist.engine.loop import CosineToZero, make_optimizer, train_epoch
+    from aem_dist.models import build_model
+
+    torch.manual_seed(0)
+    paper = PaperABMIL(spec.dim, spec.n_classes)
+    popt = torch.optim.AdamW(paper.parameters(), lr=1e-4, weight_decay=1e-4)
+    psched = torch.optim.lr_scheduler.CosineAnnealingLR(popt, T_max=1000 * len(bags))
+    xs = [torch.from_numpy(b.feats.astype(np.float32)) for b in bags]
+    ys = [torch.tensor([b.label]) for b in bags]
+
+    def paper_epoch() -> int:
+        for i in np.random.default_rng(0).permutation(len(bags)):
+            logits, log_a = paper(xs[i])
+            loss = F.cross_entropy(logits, ys[i]) + LAM * (torch.exp(log_a) * log_a).sum()
+            popt.zero_grad()
+            loss.backward()
+            popt.step()
+            psched.step()
+        return len(bags)
+
+    runners = {"paper": paper_epoch}
+    for mode, compile_ in (("ours-32", "off"), ("ours-32c", "on")):
+        cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", "train.max_bags_per_batch=32", "train.progress=false", f"train.compile={compile_}"])
+        loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=32, max_instances=8192))
+        torch.manual_seed(0)
+        model = build_model(cfg.model, spec.dim, spec.n_classes)
+        opt = make_optimizer(model, cfg, torch.device("cpu"))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero(1000 * loader.steps(0)))
+        state = {"epoch": 0}
+
+        def ours_epoch(model=model, opt=opt, sched=sched, loader=loader, cfg=cfg, state=state) -> int:
+            state["epoch"] += 1
+            stats, _ = train_epoch(model, model, opt, sched, loader, cfg, DistContext(), state["epoch"])
+            return int(stats["bags"])
+
+        runners[mode] = ours_epoch
+    for run in runners.values():
+        run()  # warm-up (compiles the compiled step)
+    return runners
+
+
+def interleaved(preset: str, rounds: int) -> None:
+    """Median bags/s of paper, ours-32, ours-32c timed in turn in one process."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    spec, bags = load_bags(preset)
+    runners = epoch_runners(bags, spec)
+    names = list(runners)
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for n in names[r % len(names) :] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            done = runners[n]()
+            rates[n].append(done / (time.perf_counter() - t0))
+    med = {n: float(np.median(v)) for n, v in rates.items()}
+    print(f"\n{preset}: {rounds} interleaved rounds, torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'mode':<9} {'median bags/s':>13} {'vs paper':>8}   per round")
+    for n in names:
+        print(f"{n:<9} {med[n]:>13.0f} {med[n] / med['paper']:>7.2f}x   " + " ".join(f"{v:.0f}" for v in rates[n]))
+    ratios = [c / p for c, p in zip(rates["ours-32c"], rates["paper"])]
+    print(f"per-round ratio ours-32c / paper: {' '.join(f'{x:.1f}' for x in ratios)}")
+
+
 def child(preset: str, mode: str, epochs: int) -> None:
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     spec, bags = load_bags(preset)
     instances = sum(b.n for b in bags)
-    out = run_paper(bags, spec, epochs) if mode == "paper" else run_ours(bags, spec, epochs, int(mode.split("-")[1]))
+    out = run_paper(bags, spec, epochs) if mode == "paper" else run_ours(bags, spec, epochs, int(mode.split("-")[1].rstrip("c")), mode.endswith("c"))
     n_bags = epochs * len(bags)
     n_inst = epochs * instances
     rate = model_flops(n_inst, spec.dim, spec.n_classes, n_bags) / out["seconds"]
@@ -154,15 +230,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 timed epoch instead of 3")
     ap.add_argument("--presets", default="mil-small,wsi-small")
+    ap.add_argument("--modes", default="paper,ours-1,ours-32", help="comma-separated: paper, ours-1, ours-32, ours-32c (compiled)")
+    ap.add_argument("--interleave", type=int, metavar="ROUNDS", help="time paper / ours-32 / ours-32c in turn in one process (see above)")
     ap.add_argument("--child", nargs=3, metavar=("PRESET", "MODE", "EPOCHS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]))
         return
+    if args.interleave:
+        for preset in args.presets.split(","):
+            interleaved(preset, args.interleave)
+        return
     epochs = 1 if args.quick else 3
     rows = []
     for preset in args.presets.split(","):
-        for mode in ("paper", "ours-1", "ours-32"):
+        for mode in args.modes.split(","):
             proc = subprocess.run([sys.executable, __file__, "--child", preset, mode, str(epochs)], capture_output=True, text=True, check=True)
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"  done {preset} {mode}", file=sys.stderr)

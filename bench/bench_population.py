@@ -124,7 +124,6 @@ def step_times(preset: str, ks: list[int], steps: int) -> list[dict]:
     from aem_dist.engine.dist import DistContext
     from aem_dist.engine.loop import Single
     from aem_dist.engine.population import Members
-    from aem_dist.losses import total_loss
 
     spec, bags = load_bags(preset)
     loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=1))
@@ -141,7 +140,7 @@ def step_times(preset: str, ks: list[int], steps: int) -> list[dict]:
 
         def run():
             for b in batches:
-                loss = total_loss(trainee.terms(b), trainee.lam)
+                loss, _ = trainee.loss(b)
                 trainee.optimizer.zero_grad()
                 loss.sum().backward()
                 trainee.optimizer.step()

@@ -173,13 +173,16 @@ def subsample(batch: PackedBatch, ratio: float, generator: torch.Generator | Non
     if ratio >= 1.0:
         return batch
     sizes = batch.sizes()
+    n, dev = batch.n_instances, batch.feats.device
     keep_n = torch.clamp(torch.ceil(sizes.double() * ratio).long(), min=1)
     # Rank instances within their bag by a random key; keep those ranked below keep_n.
-    rand = torch.rand(batch.n_instances, generator=generator, dtype=torch.float64)
+    # The random numbers come from the (CPU) generator whatever the device, so a batch packed on a
+    # GPU (data.device_cache) keeps the same instances as on CPU.
+    rand = torch.rand(n, generator=generator, dtype=torch.float64).to(dev)
     key = batch.bag_index.double() * 2.0 + rand  # sorts by bag, then randomly inside the bag
     order = torch.argsort(key)
-    pos_in_bag = torch.arange(batch.n_instances) - batch.offsets[:-1].repeat_interleave(sizes)
-    chosen = order[pos_in_bag < keep_n.repeat_interleave(sizes)]
+    pos_in_bag = torch.arange(n, device=dev) - batch.offsets[:-1].repeat_interleave(sizes, output_size=n)
+    chosen = order[pos_in_bag < keep_n.repeat_interleave(sizes, output_size=n)]
     keep = torch.sort(chosen).values
     offsets = torch.zeros_like(batch.offsets)
     torch.cumsum(keep_n, 0, out=offsets[1:])

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from .. import storage
 from ..config import Config
 from ..storage import StorageOptions
+from .dist import DistContext
 from .checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best_states
 from .loop import EpochReport, FitResult, fit, fit_members
 from .runrecord import check_same_run
@@ -96,6 +97,7 @@ def run_local_members(
     options: StorageOptions | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     model_init: dict | None = None,
+    ctx: DistContext | None = None,
 ) -> list[FitResult]:
     """Train one run or a population in this process: a checkpoint per epoch in ``checkpoints`` (resumed
     from if present, after checking it was trained with the same configs), member k's best state in
@@ -119,7 +121,7 @@ def run_local_members(
         if on_epoch is not None:
             on_epoch(report)
 
-    return fit_members(cfgs, resume=resume, options=options, on_epoch=both, model_init=model_init)
+    return fit_members(cfgs, ctx=ctx, resume=resume, options=options, on_epoch=both, model_init=model_init)
 
 
 RUN_ARTEFACTS = ("checkpoints", "best", "results.json")

@@ -20,16 +20,19 @@ from typing import Any, Callable
 import torch
 
 from ..config import Config
+from ..data.devicecache import place_on_device
 from ..data.limits import Limits
 from ..data.loader import LoaderSpec, SplitLoader, open_split
 from ..data.manifest import Manifest, load_manifest
 from ..data.packing import PackedBatch, subsample
-from ..losses import attention_regulariser, total_loss
 from ..models import MILModel, build_model
 from ..storage import StorageOptions
+from . import precision
+from .compile import loss_step
 from .dist import DistContext, parallelize
 from .evaluate import BagPrediction, gather_predictions, predict, split_metrics
 from .selection import BestTracker, warn_val_split
+from .stepstats import NonFiniteLossError, StepStats  # noqa: F401  (NonFiniteLossError: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,6 @@ class CosineToZero:
 
     def __call__(self, step: int) -> float:
         return 0.5 * (1.0 + math.cos(math.pi * min(step, self.total) / self.total))
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss of a step was NaN or Inf on some rank; every rank stops together."""
 
 
 @dataclass
@@ -149,7 +148,7 @@ def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = No
         if split not in manifest.splits:
             return None
         spec = LoaderSpec(split, ctx.rank, ctx.world_size, train, data_seed(cfg), t.max_instances_per_batch, t.max_bags_per_batch, cfg.data.on_bad_sample)
-        return open_split(cfg.data, manifest, spec, options)
+        return place_on_device(open_split(cfg.data, manifest, spec, options), cfg.data.device_cache, ctx.device)
 
     train = loader("train", True)
     if train is None:
@@ -186,6 +185,7 @@ class Single:
         self.optimizer = optimizer or make_optimizer(core, cfg, ctx.device)
         self.lam = cfg.loss.lam
         self.dtype = next(core.parameters()).dtype  # features are cast to the model's dtype per step
+        self._step = None
 
     @classmethod
     def build(cls, cfg: Config, dim: int, n_classes: int, ctx: DistContext, model_init: dict[str, torch.Tensor] | None = None) -> "Single":
@@ -196,11 +196,11 @@ class Single:
             core.load_state_dict(model_init, strict=False)
         return cls(cfg, core, ctx)
 
-    def terms(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        out = self.module(batch.feats, batch.bag_index, batch.n_bags)
-        terms = self.core.loss_terms(out, batch.labels)
-        terms["aem"] = attention_regulariser(out, batch.n_bags, self.cfg.loss.kind)
-        return terms
+    def loss(self, batch: PackedBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, named terms)`` of one step, at ``train.precision``, compiled if ``train.compile``."""
+        if self._step is None:  # built once per run: a compiled step keeps its graphs across epochs
+            self._step = loss_step(self.module, self.core, self.cfg)
+        return self._step(batch)
 
     def clip_grads_(self, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(self.core.parameters(), max_norm)
@@ -234,12 +234,14 @@ def train_epoch(trainee, sched, loader: SplitLoader, cfg: Config, ctx: DistConte
     as means per step, the unweighted term values (``aem`` is Σ a log a before λ); counts of steps,
     bags and instances summed over ranks; mean data-loading wait per rank. A term is a scalar for a
     single run and a (K,) vector for a population of K; the loss backpropagated is its sum over
-    members (each member's gradient is its own, see :mod:`aem_dist.engine.population`).
+    members (each member's gradient is its own, see :mod:`aem_dist.engine.population`). Losses stay
+    on the device (:class:`StepStats`: read every ``train.log_every`` steps and at the end); step
+    times are host times, so on a GPU they measure dispatch, not kernels.
     """
     trainee.module.train()
     opt = trainee.optimizer
-    counts = {"steps": 0.0, "bags": 0.0, "instances": 0.0, "data_wait_s": 0.0}
-    terms_sum: dict[str, torch.Tensor] = {}
+    stats = StepStats(ctx.device, cfg.train.log_every)
+    data_wait = 0.0
     step_times: list[float] = []
     gen = torch.Generator().manual_seed(data_seed(cfg) * 7919 + epoch * 131 + ctx.rank)
     it = iter(loader.epoch(epoch))
@@ -248,12 +250,9 @@ def train_epoch(trainee, sched, loader: SplitLoader, cfg: Config, ctx: DistConte
         batch = next(it, None)
         if batch is None:
             break
-        counts["data_wait_s"] += time.perf_counter() - t0
+        data_wait += time.perf_counter() - t0
         batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device, trainee.dtype)
-        terms = trainee.terms(batch)
-        loss = total_loss(terms, trainee.lam)
-        if not ctx.all_true(bool(torch.isfinite(loss).all())):
-            raise NonFiniteLossError(f"epoch {epoch}: non-finite loss on some rank; this rank's bags: {batch.keys[:8]}")
+        loss, terms = trainee.loss(batch)  # forward + loss at train.precision (compiled if train.compile)
         opt.zero_grad(set_to_none=True)
         (loss * ctx.bag_share(batch.n_bags, loss)).sum().backward()  # every bag of the step weighs 1/Σn under DDP
         if cfg.train.grad_clip:
@@ -261,25 +260,14 @@ def train_epoch(trainee, sched, loader: SplitLoader, cfg: Config, ctx: DistConte
         opt.step()
         trainee.after_step(_run_progress(sched))  # e.g. MHIM-MIL's EMA teacher
         sched.step()
-        for name, value in {"loss": loss, **terms}.items():
-            value = value.detach().double().reshape(-1)
-            terms_sum[name] = terms_sum[name] + value if name in terms_sum else value
-        counts["steps"] += 1
-        counts["bags"] += batch.n_bags
-        counts["instances"] += batch.n_instances
+        stats.add(loss, terms, batch.n_bags, batch.n_instances, batch.keys)  # no host sync
+        if stats.due():
+            stats.check(ctx, epoch)  # NonFiniteLossError on every rank, naming the step's bags
         step_times.append(time.perf_counter() - t0)
-    # Every rank runs the same number of steps with the same model, so the term names agree.
-    names = list(terms_sum)
-    local = [v for name in names for v in terms_sum[name].tolist()] + [counts[k] for k in counts]
-    total = ctx.sum(local)
-    steps = max(total[len(local) - len(counts)], 1.0)
-    shared = dict(zip(counts, total[len(local) - len(counts):]))
-    stats = []
-    for k in range(trainee.size):
-        member = {name: total[i * trainee.size + k] / steps for i, name in enumerate(names)}
-        member |= {c: shared[c] for c in ("bags", "instances", "steps")} | {"data_wait_s": shared["data_wait_s"] / ctx.world_size}
-        stats.append(member)
-    return stats, step_times
+    out = stats.finish(ctx, epoch, extra={"data_wait_s": data_wait})  # checks, then sums over ranks
+    out["data_wait_s"] /= ctx.world_size
+    # per member: a population's terms come back as lists of K values, a single run's as floats
+    return [{k: (v[m] if isinstance(v, list) else v) for k, v in out.items()} for m in range(trainee.size)], step_times
 
 
 def fit(
@@ -311,6 +299,7 @@ def fit_members(
     (``model_init``: single runs only, see :func:`fit`)."""
     cfg = cfgs[0]  # data, model, epochs and budgets are the same for every member
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
+    log.info("numerics: %s", precision.configure(cfg.train.precision, cfg.train.deterministic, ctx.device))
     data = open_data(cfg, ctx, options)
     m = data.manifest
     if len(cfgs) == 1:

@@ -35,8 +35,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ..losses import attention_regulariser
+from ..losses import attention_regulariser, total_loss
 from ..models import MILModel
+from . import precision as prec
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ class Population(nn.Module):
         lams: (K,) AEM weights; ``kl_uniform``: (K,) bools, True where a member uses the KL ablation.
     """
 
-    def __init__(self, members: list[MILModel], lams: list[float], kl_uniform: list[bool]):
+    def __init__(self, members: list[MILModel], lams: list[float], kl_uniform: list[bool], precision: str = "fp32"):
         super().__init__()
+        self.precision = precision
         if not members:
             raise ValueError("a population needs at least one member")
         first = members[0]
@@ -103,7 +105,9 @@ class Population(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def _member(self, params, buffers, feats, bag_index, n_bags, labels, kl: bool | None):
-        out = functional_call(self.base, (params, buffers), (feats, bag_index, n_bags))
+        with prec.autocast(self.precision, feats.device):
+            out = functional_call(self.base, (params, buffers), (feats, bag_index, n_bags))
+        out = prec.float32_output(out)  # loss, softmax and entropy in float32 whatever the precision
         terms = self.base.loss_terms(out, labels)
         if kl is None:  # vectorised: both kinds, picked per member outside (a per-batch constant apart)
             return terms, attention_regulariser(out, n_bags, "neg_entropy"), attention_regulariser(out, n_bags, "kl_uniform")
@@ -299,7 +303,9 @@ class Members:
         for c in cfgs:
             torch.manual_seed(c.train.seed)  # each member initialised exactly as its standalone run
             cores.append(build_model(c.model, manifest.dim, manifest.n_classes))
-        self.pop = Population(cores, [c.loss.lam for c in cfgs], [c.loss.kind == "kl_uniform" for c in cfgs]).to(ctx.device)
+        self.pop = Population(cores, [c.loss.lam for c in cfgs], [c.loss.kind == "kl_uniform" for c in cfgs], cfgs[0].train.precision).to(ctx.device)
+        if cfgs[0].train.compile == "on":
+            log.info("train.compile=on: a population's step runs eagerly (vmap over members); compile applies to single runs")
         self.pop.probe(manifest.dim, ctx.device)
         self.module = parallelize(self.pop, ctx)
         dtype = self.pop.flat.dtype
@@ -312,8 +318,10 @@ class Members:
         self.rng = MemberRNG(ctx.device)
         self.dtype = dtype  # features are cast to the members' dtype per step
 
-    def terms(self, batch) -> dict[str, torch.Tensor]:
-        return self.module(batch.feats, batch.bag_index, batch.n_bags, batch.labels, rng=None if self.pop.vectorised else self.rng)
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``((K,) totals, named (K,) terms)`` of one step over the shared batch."""
+        terms = self.module(batch.feats, batch.bag_index, batch.n_bags, batch.labels, rng=None if self.pop.vectorised else self.rng)
+        return total_loss(terms, self.lam), terms
 
     def clip_grads_(self, max_norm: float) -> None:
         clip_member_grads_(self.pop.flat, max_norm)

@@ -101,6 +101,18 @@ def resources() -> dict[str, Any]:
     }
 
 
+def numerics(cfg: Config) -> dict[str, Any]:
+    """What decides whether a GPU run repeats bit for bit (docs/gpu.md), for run.json."""
+    t = cfg.train
+    return {
+        "precision": t.precision,
+        "compile": t.compile,
+        "deterministic": t.deterministic,
+        "device_cache": cfg.data.device_cache,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+
+
 def command_line(options: StorageOptions | None = None) -> str:
     """The command that started this process, with credentials given as overrides masked."""
     text = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
@@ -118,5 +130,6 @@ def run_record(cfg: Config, kind: str, options: StorageOptions | None = None, **
         "git_commit": git_commit(),
         "dataset": {"root": storage.redact(cfg.data.root, options), "manifest_sha256": manifest_sha256(cfg.data.root, options)},
         "resources": resources(),
+        "numerics": numerics(cfg),
         **extra,
     }

@@ -44,6 +44,8 @@ def segment_log_softmax(scores: torch.Tensor, index: torch.Tensor, n_segments: i
     The per-segment max is subtracted as a constant (detached): softmax is shift-invariant, so this
     changes no value or gradient, only keeps exp() from overflowing.
     """
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()  # softmax and entropy in float32 even under bf16 autocast (train.precision)
     if n_segments == 1:  # one bag per step (the paper's setting): the plain op, same math, fewer kernels
         return torch.log_softmax(scores, dim=0)
     shift = segment_max(scores.detach(), index, n_segments)  # (S, *H)

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from typing import Any
 
 from .. import storage
 from ..config import Config, apply_overrides, build_config
+from ..engine.dist import DistContext
 from ..engine.local import run_local_members
 from ..engine.loop import EpochReport
 from ..engine.results import results_dict, stored_config
@@ -65,7 +67,10 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
     this process, with a checkpoint per epoch under ``checkpoints`` (resumed from when present) and each
     member's best state in ``run_dirs[k]/best``, reporting each epoch's metrics (no checkpoint) to Tune.
     Returns each member's results.json dict."""
+    import ray
     import ray.tune
+
+    from .worker import trial_device
 
     # Progress is the driver's live trial table and metrics; a bar per trial would interleave.
     quiet = [build_config(apply_overrides(c.to_dict(redact=False), {"train.progress": False}), "trial config") for c in cfgs]
@@ -74,5 +79,7 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
         ray.tune.report(epoch.flat())
 
     best_dirs = [storage.join(d, "best") for d in run_dirs]
-    results = run_local_members(quiet, checkpoints, best_dirs, options=options, on_epoch=report)
+    # the GPU Ray assigned to this trial (sweep.trial_gpus), never just any visible one
+    device = trial_device(cfgs[0].train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
+    results = run_local_members(quiet, checkpoints, best_dirs, options=options, on_epoch=report, ctx=DistContext.current(device))
     return [results_dict(r, c) for r, c in zip(results, cfgs)]

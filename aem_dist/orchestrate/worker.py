@@ -23,7 +23,7 @@ from .. import storage
 from ..config import Config, apply_overrides, build_config
 from ..engine.checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best_states
 from ..engine.dist import DistContext
-from ..engine.loop import EpochReport, fit_members, resolve_device
+from ..engine.loop import EpochReport, fit_members
 from ..engine.results import results_dict
 from ..engine.stages import model_init
 from ..storage import StorageOptions
@@ -91,7 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
         if ctx.device.type == "cuda":
             torch.cuda.set_device(ctx.device)  # nccl collectives (all_gather_object) use the current device
     else:
-        ctx = DistContext.current(resolve_device(cfg.train.device))
+        ctx = DistContext.current(trial_device(cfg.train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")))
     resume = None
     checkpoint = api.get_checkpoint()
     if checkpoint is not None:
@@ -110,6 +110,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     return [results_dict(r, c) | {"timing": timing} for r, c in zip(results, cfgs)] if ctx.is_main else None
 
 
+def trial_device(requested: str, gpu_ids: list, visible: str | None) -> torch.device:
+    """The device of a Tune trial that trains in its own process (``scaling.num_workers: 0``).
+
+    The GPU Ray assigned to the trial (``sweep.trial_gpus``, fractions included) as numbered inside
+    ``CUDA_VISIBLE_DEVICES`` (which Ray sets to the assigned ids), else the CPU. Ray ≥ 2.5x no longer
+    hides GPUs from a task that reserved none, so ``auto`` must not mean "CUDA if visible" here:
+    every GPU-less trial on a GPU node would land on GPU 0 without Ray counting it.
+    Raises ValueError for ``train.device: cuda`` in a trial that reserved no GPU.
+    """
+    if requested == "cpu" or (requested == "auto" and not gpu_ids):
+        return torch.device("cpu")
+    if not gpu_ids:
+        raise ValueError("train.device=cuda but this trial reserved no GPU: set sweep.trial_gpus (e.g. 0.25 to share a GPU four ways)")
+    order = [v.strip() for v in visible.split(",")] if visible else []
+    first = str(gpu_ids[0])
+    return torch.device("cuda", order.index(first) if first in order else 0)
+
+
 def worker_resources(cfg: Config) -> dict[str, float]:
     """Ray resources of one training worker: scaling.resources_per_worker, else sweep.trial_cpus/gpus."""
     if cfg.scaling.resources_per_worker:
@@ -117,6 +135,9 @@ def worker_resources(cfg: Config) -> dict[str, float]:
     res = {"CPU": cfg.sweep.trial_cpus}
     if cfg.scaling.use_gpu:
         res["GPU"] = cfg.sweep.trial_gpus or 1.0
+    if cfg.scaling.use_gpu and cfg.scaling.num_workers > 1 and 0 < res.get("GPU", 1.0) < 1.0:
+        # Ray may place two ranks of one trial on the same GPU, and nccl refuses duplicate GPUs.
+        raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} DDP ranks with {res['GPU']} GPU each: nccl needs a whole GPU per rank (fractional GPUs are for 1-worker trials)")
     return res
 
 
