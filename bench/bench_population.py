@@ -61,7 +61,7 @@ def sweep(data: str, out: Path, seeds: int, lams: list[float], epochs: int, *ext
     sets = [f"data.root={data}", f"train.epochs={epochs}", "scaling.num_workers=1", "train.progress=false", "metrics.port=0", "metrics.grace_s=0", grid, *extra]
     wall = cli("sweep", "--config", "camelyon16", "--out", str(out), *[a for s in sets for a in ("--set", s)], log=out.with_suffix(".log"))
     timings = [json.loads(p.read_text())["timing"] for p in sorted(out.glob("trials/*/results.json"))]
-    trials = {json.dumps({k: v for k, v in t.items()}, sort_keys=True): t for t in timings}.values()  # a population's members share one
+    trials = list({json.dumps(t, sort_keys=True): t for t in timings}.values())  # a population's members share one record
     keys = ("trial_s", "start_s", "setup_s", "epochs_s", "reports_s", "teardown_s")
     return {"wall_s": wall, "trials": len(trials), "per_trial": {k: float(np.mean([t.get(k, np.nan) for t in trials])) for k in keys}}
 

@@ -27,6 +27,7 @@ from .. import storage
 from ..config import Config, apply_overrides, build_config
 from ..engine.dist import DistContext
 from ..engine.local import run_local_members
+from ..engine.stages import model_init
 from ..engine.loop import EpochReport
 from ..engine.results import results_dict, stored_config
 from ..engine.runrecord import result_relevant_diff
@@ -80,6 +81,8 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
 
     best_dirs = [storage.join(d, "best") for d in run_dirs]
     # the GPU Ray assigned to this trial (sweep.trial_gpus), never just any visible one
-    device = trial_device(cfgs[0].train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES"))
-    results = run_local_members(quiet, checkpoints, best_dirs, options=options, on_epoch=report, ctx=DistContext.current(device))
+    ctx = DistContext.current(trial_device(cfgs[0].train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+    # IBMIL stage 1, MHIM-MIL teacher init (models with stages never fuse into populations)
+    init = model_init(quiet[0], run_dirs[0], options, ctx) if len(cfgs) == 1 else None
+    results = run_local_members(quiet, checkpoints, best_dirs, options=options, on_epoch=report, model_init=init, ctx=ctx)
     return [results_dict(r, c) for r, c in zip(results, cfgs)]

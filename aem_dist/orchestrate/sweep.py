@@ -80,8 +80,9 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
         else:
             trainer = make_trainer(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
             results = trainer.fit().return_value
+        ended = time.time()
         for run_dir, res in zip(run_dirs, results):
-            res["timing"] = trial_timing(res.pop("timing", {}), started, time.time())
+            res["timing"] = trial_timing(res.pop("timing", {}), started, ended)
             write_json(storage.join(run_dir, "results.json"), res, options)
     # A final report, so Tune holds completion metrics even for trials that had nothing left to train.
     ray.tune.report({"done/best_epoch": [-1 if r["best_epoch"] is None else r["best_epoch"] for r in results], "done/test_auc": [r["test"].get("auc") for r in results]})
