@@ -36,8 +36,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..losses import attention_regulariser, total_loss
-from ..models import MILModel
+from ..models import MODELS, MILModel, build_model
 from . import precision as prec
+from .dist import parallelize
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +294,10 @@ class Members:
     """
 
     def __init__(self, cfgs: list, manifest, ctx):
-        from ..models import build_model
-        from .dist import parallelize
-
         check_fusable(cfgs)
+        note = getattr(MODELS.get(cfgs[0].model.name), "population_note", None)
+        if note:
+            raise ValueError(f"model.name={cfgs[0].model.name} cannot train as a population: {note}")
         self.cfgs = cfgs
         self.size = len(cfgs)
         cores = []

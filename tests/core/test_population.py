@@ -10,7 +10,7 @@ import torch
 from aem_dist.config import ConfigError, load_config
 from aem_dist.engine.checkpoint import state_from_bytes, state_to_bytes
 from aem_dist.engine.loop import fit, fit_members
-from aem_dist.engine.population import Population, StackedAdamW, check_fusable, clip_member_grads_
+from aem_dist.engine.population import Members, Population, StackedAdamW, check_fusable, clip_member_grads_
 from aem_dist.models import MODELS, build_model
 from aem_dist.orchestrate.populations import plan_populations
 from aem_dist.orchestrate.sweep import grid_points, trial_name
@@ -64,6 +64,9 @@ def test_which_models_fuse():
     # the rest say why in one line, and sweeps run them one trial per grid point
     assert sorted(set(MODELS) - set(FUSING)) == ["c2c", "ibmil", "mhim"]
     assert all(MODELS[n].population_note for n in ("c2c", "ibmil", "mhim"))
+    cfgs = [load_config("demo", ["model.name=mhim", "train.data_seed=0", f"train.seed={s}"]) for s in (0, 1)]
+    with pytest.raises(ValueError, match="cannot train as a population: its EMA teacher"):
+        Members(cfgs, None, None)
 
 
 @pytest.mark.parametrize("model", FUSING)
