@@ -109,3 +109,24 @@ def test_live_table_shows_the_best_epochs_test_auc():
     cb.on_trial_result(iteration=2, trials=ts, trial=ts[0], result={**result(1), "best/epoch": 0, "test/auc": 0.6})
     row = cb.table().splitlines()[2]
     assert "test_auc@best" in cb.table() and row.endswith("0.9000"), row
+
+
+def test_a_population_trial_is_one_row_and_one_series_per_member():
+    """A fused trial reports every member (``members`` in its result): the live table and the
+    Prometheus series stay per grid point, labelled like unfused trials."""
+    base = load_config("demo", ["run.name=fused"])
+    exporter = MetricsExporter(MetricsSection(port=0))
+    out = io.StringIO()
+    cb = TuneMetricsCallback(base, exporter, stream=out, interval_s=3600)
+    members = [{"name": f"lam={lam}_seed=0", "values": {"loss.lam": lam, "train.seed": 0}} for lam in (0.0, 0.1, 0.5)]
+    (trial,) = trials([{"_population": {"name": "pop_lam=0.0_seed=0+2", "members": members}}])
+    trial.set_status(Trial.RUNNING)
+    cb.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    per_member = [result(0) | {"test/auc": 0.6 + 0.1 * k, "best/epoch": 0} for k in range(3)]
+    cb.on_trial_result(iteration=1, trials=[trial], trial=trial, result=result(0) | {"members": per_member})
+    assert cb.counts()["running"] == 3
+    for k, m in enumerate(members):
+        labels = {"run": "fused", "trial": m["name"], "lam": format(m["values"]["loss.lam"], "g"), "seed": "0", "model": "abmil"}
+        assert sample(exporter, "aem_eval_auc", **labels, split="test") == pytest.approx(0.6 + 0.1 * k)
+    table = cb.table()
+    assert all(m["name"] in table for m in members) and "3 trials" in table
