@@ -6,10 +6,10 @@ labels CSV.
 
 from __future__ import annotations
 
-
 import h5py
 
 from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, read_matrix
+
 
 class H5FolderSource(FolderSource):
     suffix = ".h5"
@@ -23,10 +23,7 @@ class H5FolderSource(FolderSource):
         path = self._files[slide_id]
         try:
             with h5py.File(path, "r") as f:
-                key = next((k for k in FEATURE_KEYS if k in f), None)
-                if key is None:
-                    raise SourceError(f"{path}: no 'features' dataset (has {sorted(f.keys())})")
-                return int(f[key].shape[-1])
+                return int(f[_features_key(f, path)].shape[-1])
         except OSError as err:
             raise SourceError(f"{path}: not a readable HDF5 file: {err}") from None
 
@@ -34,11 +31,17 @@ class H5FolderSource(FolderSource):
         path = self._files[slide_id]
         try:
             with h5py.File(path, "r") as f:
-                key = next((k for k in FEATURE_KEYS if k in f), None)
-                if key is None:
-                    raise SourceError(f"{path}: no 'features' dataset (has {sorted(f.keys())})")
+                key = _features_key(f, path)
                 feats = read_matrix(f[key], str(path), key, self.limits)
                 coords = read_matrix(f["coords"], str(path), "coords", self.limits) if "coords" in f else None
         except OSError as err:
             raise SourceError(f"{path}: not a readable HDF5 file: {err}") from None
         return RawBag(slide_id, feats, coords, None, str(path))
+
+
+def _features_key(f: h5py.File, path) -> str:
+    """The features dataset's name in an open file; SourceError naming the file when there is none."""
+    key = next((k for k in FEATURE_KEYS if k in f), None)
+    if key is None:
+        raise SourceError(f"{path}: no 'features' dataset (has {sorted(f.keys())})")
+    return key
