@@ -112,9 +112,12 @@ class TuneMetricsCallback(Callback):
         """(entry id, name, config) of each grid point a trial trains: its population's members (the
         sweep puts them in ``config["_population"]``), or the trial itself."""
         pop = (trial.config or {}).get("_population")
-        if pop and pop.get("members"):
-            return [(f"{trial.trial_id}#{k}", m["name"], m["values"]) for k, m in enumerate(pop["members"])]
-        return [(trial.trial_id, self._name(trial), trial.config or {})]
+        if not pop:
+            return [(trial.trial_id, self._name(trial), trial.config or {})]
+        members = pop["members"]
+        if len(members) == 1:  # one grid point (or a single run, named by ``trial_name`` if given)
+            return [(trial.trial_id, self._name(trial) if self.trial_name else members[0]["name"], members[0]["values"])]
+        return [(f"{trial.trial_id}#{k}", m["name"], m["values"]) for k, m in enumerate(members)]
 
     def _see(self, trial: Any, state: str | None = None) -> bool:
         """Record a trial's grid points (their state from ``state`` or the trial's Tune status); True
