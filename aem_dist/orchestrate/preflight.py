@@ -15,15 +15,12 @@ which the CLI prints and exits 2 on) within seconds:
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Iterable
 
 from .. import storage
 from ..config import Config, check_sweep_grid, config_with
 from ..storage import StorageOptions
 from .errors import PreflightError
-
-log = logging.getLogger(__name__)
 
 
 def point_configs(cfg: Config, sweep: bool) -> list[Config]:

@@ -2,6 +2,7 @@
 before Ray starts (aem_dist.orchestrate.preflight). The cluster checks take ray.nodes()'s plain list."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,8 +43,6 @@ def test_issue_example_fails_in_seconds_without_ray(tmp_path):
         assert not list(private_tmp.glob("aem-ray-*")), "a private Ray was started"
         assert not (tmp_path / "run").exists()  # nothing was written either
     finally:
-        import shutil
-
         shutil.rmtree(private_tmp, ignore_errors=True)
 
 
