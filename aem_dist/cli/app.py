@@ -29,10 +29,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..data.manifest import ManifestError
     from ..data.schema import BadSampleError
     from ..engine.runrecord import RunConfigMismatch
-    from ..orchestrate.errors import SweepError, TrainingFailed
+    from ..orchestrate.errors import PreflightError, SweepError, TrainingFailed
     from ..storage import StorageError
 
-    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError, SweepError, TrainingFailed, RunConfigMismatch)
+    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError, SweepError, TrainingFailed, RunConfigMismatch, PreflightError)
 
 
 def setup_logging(verbose: bool = False) -> None:

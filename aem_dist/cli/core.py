@@ -55,7 +55,10 @@ def train(
         from ..config import load_config
         from ..orchestrate.train import train_run
 
+        from ..orchestrate.preflight import check_config
+
         cfg = load_config(config, set_)
+        check_config(cfg, out, sweep=False)  # a wrong dataset, model or output fails here, before Ray starts
         result = train_run(cfg, out, address=address, announce=typer.echo, force_new=force_new)
         _print_result(result)
 
@@ -103,8 +106,9 @@ def demo(
 
     def body() -> None:
         from .. import storage
-        from ..config import check_sweep_grid, load_config
+        from ..config import load_config
         from ..data.synthetic import get_spec, write_synthetic
+        from ..orchestrate.preflight import check_config
         from ..orchestrate.ray_env import ray_session
         from ..orchestrate.sweep import run_sweep
 
@@ -112,7 +116,7 @@ def demo(
         if not storage.exists(storage.join(data, "manifest.json")):
             write_synthetic(get_spec("demo"), data, seed)
         cfg = load_config("demo", [f"data.root={data}", *(set_ or [])])
-        check_sweep_grid(cfg)
+        check_config(cfg, sweep_out, sweep=True)
         typer.echo(f"demo data: {data}; sweeping {cfg.sweep.grid} with {cfg.scaling.num_workers} Ray Train worker(s) per trial")
         with ray_session(None, cfg):
             run_sweep(cfg, sweep_out, resume=True, announce=typer.echo)

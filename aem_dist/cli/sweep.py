@@ -24,13 +24,14 @@ def sweep(
     """
 
     def body() -> None:
-        from ..config import check_sweep_grid, load_config
+        from ..config import load_config
+        from ..orchestrate.preflight import check_config
         from ..orchestrate.ray_env import ray_session
         from ..orchestrate.sweep import run_sweep
         from ..storage import StorageOptions, join, read_bytes
 
         cfg = load_config(config, set_)
-        check_sweep_grid(cfg)  # a bad grid value fails here, not inside a trial after Ray started
+        check_config(cfg, out, sweep=True)  # bad grid, model, dataset or output: fails here, before Ray starts
         with ray_session(address, cfg):
             run_sweep(cfg, out, resume=resume, announce=typer.echo)
         typer.echo(read_bytes(join(out, "summary.md"), StorageOptions.from_config(cfg.storage)).decode())

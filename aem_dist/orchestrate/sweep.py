@@ -32,6 +32,7 @@ from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
 from .populations import Member, PopulationSpec, plan_populations
+from .preflight import check_cluster
 from .resume import experiment_exists, finished_results, run_inprocess_trial
 from .worker import make_trainer, quiet_ray_logs, worker_resources
 
@@ -81,8 +82,10 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
             trainer = make_trainer(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
             results = trainer.fit().return_value
         ended = time.time()
+        node_id = ray.get_runtime_context().get_node_id()  # where the trial function ran: on a multi-node cluster, which node trained it
         for run_dir, res in zip(run_dirs, results):
             res["timing"] = trial_timing(res.pop("timing", {}), started, ended)
+            res["trial_node_id"] = node_id
             write_json(storage.join(run_dir, "results.json"), res, options)
     # A final report, so Tune holds completion metrics even for trials that had nothing left to train.
     ray.tune.report({"done/best_epoch": [-1 if r["best_epoch"] is None else r["best_epoch"] for r in results], "done/test_auc": [r["test"].get("auc") for r in results]})
@@ -146,6 +149,8 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
     exp_path = f"{exp_root.rstrip('/')}/{cfg.run.name}"
     if specs is None:
         specs = plan(cfg, grid) if grid else [PopulationSpec("run", [Member("run", {})])]
+    # Before any trial: local paths on a multi-node cluster, a bundle no node can hold (see .preflight).
+    check_cluster(cfg, out, ray.nodes(), sweep=bool(grid))
     concurrency = max_concurrent(cfg, ray.cluster_resources(), len(specs))
     # A trial that starts a TorchTrainer only supervises it: it reserves memory, not CPU, so that
     # its workers can use every CPU (a 2-CPU laptop runs two 1-worker trials, or one 2-worker trial).

@@ -1,0 +1,133 @@
+"""Checks that run before Ray starts, and once Ray is up before any trial is scheduled.
+
+A wrong ``data.root``, an unknown ``model.name`` or a GPU request on a CPU-only cluster used to surface a
+minute into a run, as a worker traceback. These checks turn them into one line (a :class:`PreflightError`,
+which the CLI prints and exits 2 on) within seconds:
+
+* :func:`check_config` — Ray-free, before Ray is started or joined: every grid key and value, every
+  point's ``model.name`` (against the registry) and ``data.root`` (its manifest is read and validated),
+  and that ``--out`` / ``run.storage_path`` are reachable and writable when they are object storage.
+* :func:`check_cluster` — once Ray is up, from ``ray.nodes()`` (a plain list, so it is testable without
+  Ray): on a cluster of more than one node, no local path for ``data.root``, ``--out`` or
+  ``run.storage_path`` (nodes share no disk); and every bundle a trial asks for (the trial itself with
+  ``scaling.num_workers: 0``, else each Ray Train worker) fits on at least one alive node.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from .. import storage
+from ..config import Config, check_sweep_grid, config_with
+from ..storage import StorageOptions
+from .errors import PreflightError
+
+
+def point_configs(cfg: Config, sweep: bool) -> list[Config]:
+    """The configs the run will train: every grid point of a sweep (grid keys and values validated, a bad
+    one raises :class:`~aem_dist.config.ConfigError` naming it), or ``cfg`` alone for a single run."""
+    if not sweep or not cfg.sweep.grid:
+        return [cfg]
+    import itertools
+
+    check_sweep_grid(cfg)
+    keys = list(cfg.sweep.grid)
+    return [config_with(cfg, dict(zip(keys, combo))) for combo in itertools.product(*(cfg.sweep.grid[k] for k in keys))]
+
+
+def _unique(values: Iterable[Any]) -> list[Any]:
+    return list(dict.fromkeys(v for v in values if v is not None))
+
+
+def check_config(cfg: Config, out: str, *, sweep: bool) -> list[Config]:
+    """Ray-free checks of everything the run will read or write; returns the point configs.
+
+    Raises :class:`PreflightError` with one line listing every problem found ("; "-separated), each
+    naming its config key (``model.name``, ``data.root``, ``--out``, ``run.storage_path``) and value.
+    Raises :class:`~aem_dist.config.ConfigError` for an invalid grid key or value."""
+    from ..data.limits import Limits
+    from ..data.manifest import load_manifest
+    from ..models import MODELS
+
+    cfgs = point_configs(cfg, sweep)
+    options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
+    problems = []
+    for name in _unique(c.model.name for c in cfgs):
+        if name not in MODELS:
+            problems.append(f"model.name={name!r} is not a known model; choose from {', '.join(sorted(MODELS))}")
+    for root in _unique(c.data.root for c in cfgs):
+        point = next(c for c in cfgs if c.data.root == root)
+        try:
+            load_manifest(root, options, Limits.from_config(point.data))
+        except Exception as err:  # noqa: BLE001  (whatever stops the manifest being read is this key's problem)
+            problems.append(f"data.root={storage.redact(root, options)} is not a readable dataset: {_one_line(err)}")
+    for key, url in (("--out", out), ("run.storage_path", cfg.run.storage_path)):
+        if url is None or not storage.is_remote(url):
+            continue
+        try:
+            storage.probe(url, options, write=True)
+        except Exception as err:  # noqa: BLE001
+            problems.append(f"{key}={storage.redact(url, options)} is not writable: {_one_line(err)}")
+    if problems:
+        raise PreflightError("; ".join(problems))
+    return cfgs
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def alive_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [n for n in nodes if n.get("Alive")]
+
+
+def check_cluster(cfg: Config, out: str, nodes: list[dict[str, Any]], *, sweep: bool) -> None:
+    """Checks against the running cluster (``nodes`` as returned by ``ray.nodes()``), before any trial.
+
+    Raises :class:`PreflightError`: a local path on a cluster of more than one alive node, or a trial
+    bundle (resources of the trial, or of one Ray Train worker) that no alive node can hold."""
+    alive = alive_nodes(nodes)
+    if len(alive) > 1:
+        local = []
+        for c in point_configs(cfg, sweep):
+            for key, url in (("data.root", c.data.root), ("--out", out), ("run.storage_path", c.run.storage_path)):
+                if url is not None and not storage.is_remote(url) and (key, url) not in local:
+                    local.append((key, url))
+        if local:
+            shown = ", ".join(f"{k}={u}" for k, u in local)
+            raise PreflightError(
+                f"this Ray cluster has {len(alive)} nodes but {shown} {'is a local path' if len(local) == 1 else 'are local paths'}: "
+                "a trial on another node would not see the data or its results would stay on that node's disk. "
+                "Put data and results on object storage (e.g. data.root=s3://bucket/dataset --out s3://bucket/sweep)"
+            )
+    need, keys = _bundle(cfg)
+    if not need:
+        return
+    if not any(all(n.get("Resources", {}).get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for n in alive):
+        offered = "; ".join(_node_summary(n, need) for n in alive) or "no alive node"
+        what = "one trial" if cfg.scaling.num_workers == 0 else "one Ray Train worker"
+        raise PreflightError(f"{what} needs {_fmt(need)} ({keys}) but no node of this Ray cluster has that much: {offered}")
+
+
+def _bundle(cfg: Config) -> tuple[dict[str, float], str]:
+    """Resources that must fit on one node (positive amounts only), and the keys that set them."""
+    if cfg.scaling.num_workers == 0:
+        need = {"CPU": cfg.sweep.trial_cpus}
+        if cfg.sweep.trial_gpus:
+            need["GPU"] = cfg.sweep.trial_gpus
+        keys = "sweep.trial_cpus, sweep.trial_gpus"
+    else:
+        from .worker import worker_resources
+
+        need = worker_resources(cfg)
+        keys = "scaling.resources_per_worker" if cfg.scaling.resources_per_worker else "sweep.trial_cpus, scaling.use_gpu, sweep.trial_gpus"
+    return {k: float(v) for k, v in need.items() if v > 0}, keys
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in res.items())
+
+
+def _node_summary(node: dict[str, Any], need: dict[str, float]) -> str:
+    res = node.get("Resources", {})
+    return f"node {str(node.get('NodeID', '?'))[:8]}: {_fmt({k: res.get(k, 0.0) for k in need})}"
