@@ -93,7 +93,9 @@ class EpochReport:
         out["time/step_s"] = list(self.step_times)
         out.update(self.extra)
         if self.members:
-            out["members"] = [_flat_row(self.epoch, m.row, m.best_epoch, m.best_score) | {f"skipped/{k}": v for k, v in self.skipped.items()} | self.extra for m in self.members]
+            shared = {f"skipped/{k}": v for k, v in self.skipped.items()} | self.extra
+            # the population's step durations are recorded once, with its first member
+            out["members"] = [_flat_row(self.epoch, m.row, m.best_epoch, m.best_score) | shared | ({"time/step_s": list(self.step_times)} if k == 0 else {}) for k, m in enumerate(self.members)]
         return out
 
 
