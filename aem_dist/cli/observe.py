@@ -70,7 +70,7 @@ def predict(
         bags = []
         for s in [p.strip() for p in split.split(",") if p.strip()]:
             bags += predict_split(model, root, s, options=options, data=data_cfg, max_instances=max_instances, device=device)
-        attrs = {"run": redact(run, options), "data": redact(root, options), "model": model.meta.get("name"), "checkpoint_epoch": model.epoch, "checkpoint": checkpoint}
+        attrs = {"run": redact(run, options), "data": redact(root, options), "model": model.meta.get("name"), "checkpoint_epoch": model.epoch, "checkpoint": checkpoint, "fold": data_cfg.fold}
         meta = write_attention(out, bags, class_names=model.meta.get("class_names") or [], attrs=attrs, options=options)
         acc = sum(int(b.probs.argmax() == b.label) for b in bags) / len(bags)
         typer.echo(f"wrote {meta['n_bags']} bags / {meta['n_instances']:,} instances ({', '.join(meta['splits'])}; accuracy {acc:.3f}) to {redact(out, options)}")

@@ -113,3 +113,14 @@ def test_cli_splits(tmp_path):
     assert load_manifest(str(tmp_path)).folds.k == 4
     res = CliRunner().invoke(app, ["splits", str(tmp_path), "--folds", "40"])
     assert res.exit_code == 2 and "40 folds need at least 40 cases" in res.output
+
+
+def test_synth_records_folds(tmp_path):
+    from typer.testing import CliRunner
+
+    from aem_dist.cli import app
+
+    res = CliRunner().invoke(app, ["synth", "--preset", "demo", "--out", str(tmp_path), "--folds", "3", "--val-frac", "0.2", "--seed", "4"])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(str(tmp_path))
+    assert m.folds is not None and (m.folds.k, m.folds.seed, m.folds.val_frac) == (3, 4, 0.2)
