@@ -15,6 +15,8 @@ the streaming loader reads only the bags its plan names.
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from .. import storage
 from ..config import ConfigError
 from ..storage import StorageOptions
@@ -78,6 +80,19 @@ def record_folds(root: str, k: int, *, val_frac: float = 0.1, seed: int = 0, str
     return new
 
 
+def check_folds(manifest: Manifest, folds: Iterable[int | None], where: str = "the dataset") -> None:
+    """Raise :class:`ConfigError` naming ``data.fold`` for the first fold in ``folds`` that ``manifest``
+    does not record (None = the fixed splits, always fine). Drivers call it before starting workers."""
+    for fold in dict.fromkeys(folds):
+        if fold is None:
+            continue
+        if manifest.folds is None:
+            raise ConfigError(f"{FOLD_KEY}={fold}: {where} records no cross-validation folds; add them with `aem-dist splits DATASET --folds K` (or set {FOLD_KEY}: null for the fixed splits)")
+        k = manifest.folds.k
+        if not 0 <= fold < k:
+            raise ConfigError(f"{FOLD_KEY}={fold}: {where} has {k} folds (0..{k - 1})")
+
+
 def fold_view(manifest: Manifest, fold: int | None, where: str = "the dataset") -> Manifest:
     """The manifest as fold ``fold`` splits it (``fold`` None: ``manifest`` itself, its fixed splits).
 
@@ -87,11 +102,8 @@ def fold_view(manifest: Manifest, fold: int | None, where: str = "the dataset") 
     """
     if fold is None:
         return manifest
-    if manifest.folds is None:
-        raise ConfigError(f"{FOLD_KEY}={fold}: {where} records no cross-validation folds; add them with `aem-dist splits DATASET --folds K` (or set {FOLD_KEY}: null for the fixed splits)")
-    k = manifest.folds.k
-    if not 0 <= fold < k:
-        raise ConfigError(f"{FOLD_KEY}={fold}: {where} has {k} folds (0..{k - 1})")
+    check_folds(manifest, [fold], where)
+    assert manifest.folds is not None
     chosen = manifest.folds.folds[fold]
     split_of = {key: split for split in SPLITS for key in getattr(chosen, split)}
     shards = [s for entry in manifest.splits.values() for s in entry.shards]

@@ -124,3 +124,23 @@ def test_synth_records_folds(tmp_path):
     assert res.exit_code == 0, res.output
     m = load_manifest(str(tmp_path))
     assert m.folds is not None and (m.folds.k, m.folds.seed, m.folds.val_frac) == (3, 4, 0.2)
+
+
+def test_drivers_refuse_a_missing_fold_before_starting_workers(tmp_path):
+    """`aem-dist train` and a sweep's plan name data.fold before any worker (or Ray) starts."""
+    from aem_dist.orchestrate.sweep import plan
+    from aem_dist.orchestrate.train import train_run
+
+    root = tmp_path / "data"
+    _dataset(root)
+    record_folds(str(root), 3)
+    cfg = load_config("demo", [f"data.root={root}", "data.fold=4", "train.progress=false", "metrics.enabled=false", "scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"data\.fold=4: .* has 3 folds"):
+        train_run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "run.json").exists()
+    base = load_config("demo", [f"data.root={root}"])
+    specs = plan(base, {"data.fold": [0, 1, 2], "loss.lam": [0.0, 0.1]})
+    assert sorted(m.values["data.fold"] for s in specs for m in s.members) == [0, 0, 1, 1, 2, 2]
+    assert all(len({m.values["data.fold"] for m in s.members}) == 1 for s in specs)  # a population never mixes folds
+    with pytest.raises(ConfigError, match=r"data\.fold=3: .* has 3 folds"):
+        plan(base, {"data.fold": [0, 3]})
