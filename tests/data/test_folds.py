@@ -144,3 +144,25 @@ def test_drivers_refuse_a_missing_fold_before_starting_workers(tmp_path):
     assert all(len({m.values["data.fold"] for m in s.members}) == 1 for s in specs)  # a population never mixes folds
     with pytest.raises(ConfigError, match=r"data\.fold=3: .* has 3 folds"):
         plan(base, {"data.fold": [0, 3]})
+
+
+def test_ingest_with_case_column_records_folds_that_keep_patients_whole(tmp_path):
+    """`aem-dist ingest --folds K` on a CLAM folder whose CSV groups slides by case_id."""
+    from typer.testing import CliRunner
+
+    from aem_dist.cli import app
+
+    from .test_ingest_trust import _patients_folder, _write
+
+    folder, rows = _patients_folder(tmp_path, n_patients=10)
+    labels = _write(tmp_path / "l.csv", ["case_id", "slide_id", "label"], rows)
+    out = tmp_path / "ds"
+    res = CliRunner().invoke(app, ["ingest", "--format", "clam", "--src", str(folder), "--labels", labels, "--out", str(out), "--folds", "5", "--val-frac", "0.2"])
+    assert res.exit_code == 0, res.output
+    m = load_manifest(str(out))
+    case_of = {slide: case for case, slide, _ in rows}
+    assert m.folds is not None and m.folds.grouped_by == "case_id"
+    for i, f in enumerate(m.folds.folds):
+        test_cases = {case_of[k] for k in f.test}
+        assert len(test_cases) == 2 and len(f.test) == 4, i  # 10 patients / 5 folds, both slides of each
+        assert not test_cases & {case_of[k] for k in f.train + f.val}
