@@ -58,6 +58,7 @@ class DataConfig(_Section):
     retries: int = Field(5, ge=0, description="Bounded retries for object-storage reads before a shard read fails.")
     max_instances_per_bag: int = Field(1_000_000, ge=1, description="Largest bag accepted (instances); a manifest, shard or source declaring more is refused before anything is allocated.")
     max_dim: int = Field(16_384, ge=1, description="Largest feature dim accepted; a manifest or file declaring more is refused before the model or any array is built.")
+    fold: int | None = Field(None, ge=0, description="Cross-validation fold to train on (0..K-1; record folds with `aem-dist splits DATASET --folds K`). None = the dataset's fixed train/val/test splits. Sweep it like any key: sweep.grid={data.fold: [0, 1, 2]}.")
     device_cache: Literal["auto", "on", "off"] = Field("auto", description="Keep the decoded split on the GPU for the whole run and pack batches there (memory loader): auto = when it fits in half the free device memory; on = always; off = never. A no-op on CPU (logged).")
 
     _absolute = field_validator("root", "cache_dir")(_absolute_local)

@@ -20,6 +20,9 @@ def synth(
     seed: Annotated[int, typer.Option(help="Seed: the same seed rebuilds the same dataset bit for bit.")] = 0,
     scale: Annotated[float, typer.Option(help="Multiply the preset's bag counts (bag sizes keep their law).")] = 1.0,
     shard_mb: Annotated[int, typer.Option(help="Target shard size in MiB.")] = 256,
+    folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K`).")] = None,
+    val_frac: Annotated[float, typer.Option(help="With --folds: share of each fold's non-test bags drawn for validation.")] = 0.1,
+    stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help="With --folds: stratify folds by class.")] = True,
 ) -> None:
     """Generate a synthetic WSI-like dataset (shards + manifest) from a preset."""
 
@@ -29,6 +32,10 @@ def synth(
 
         options = StorageOptions.from_config()
         manifest = write_synthetic(get_spec(preset, scale), out, seed, shard_bytes=shard_mb << 20, options=options)
+        if folds is not None:
+            from ..data.folds import record_folds
+
+            manifest = record_folds(out, folds, val_frac=val_frac, seed=seed, stratify=stratify, options=options)
         counts = ", ".join(f"{s}: {e.n_bags} bags / {e.n_instances:,} instances" for s, e in manifest.splits.items())
         typer.echo(f"wrote {preset} (seed {seed}) to {redact(out, options)}: {counts}")
 

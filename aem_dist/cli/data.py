@@ -1,4 +1,4 @@
-"""Data commands: ingest (a source format → dataset), verify (a dataset against its manifest)."""
+"""Data commands: ingest (a source format → dataset), verify (a dataset against its manifest), splits (cross-validation folds)."""
 
 from __future__ import annotations
 
@@ -42,6 +42,8 @@ def ingest(
     label_map: Annotated[Optional[str], typer.Option(help="Map raw labels to class names first, e.g. 'Tumor=tumor,ITC=tumor'. Without it, labels differing only by case/whitespace are an error.")] = None,
     dim: Annotated[Optional[int], typer.Option(help="Feature dim of the dataset (default: the dim most slides' headers agree on; the others are reported as bad).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="With --on-bad error: report every bad slide in one pass instead of stopping at the first.")] = False,
+    folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K --val-frac VAL_FRAC --seed SEED`).")] = None,
+    stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help="With --folds: stratify folds by class.")] = True,
 ) -> None:
     """Convert extracted features (CLAM/TRIDENT, .pt, AEM/ACMIL HDF5, zarr, MIL CSV) into a dataset."""
 
@@ -60,6 +62,10 @@ def ingest(
                             case_column=case_column, label_map=parse_label_map(label_map), dim=dim, report_all=all_,
                             limits=Limits(max_instances_per_bag, max_dim))
         m = result.manifest
+        if folds is not None:
+            from ..data.folds import record_folds
+
+            m = record_folds(out, folds, val_frac=val_frac, seed=seed, stratify=stratify, options=options)
         counts = ", ".join(f"{s}: {e.n_bags} bags" for s, e in m.splits.items())
         typer.echo(f"wrote {redact(out, options)}: dim {m.dim}, classes {m.class_names}; {counts}")
         if result.skipped:
@@ -92,5 +98,53 @@ def verify(
             raise typer.Exit(2)
         if not report.ok:
             raise typer.Exit(1)
+
+    _guarded(body)
+
+
+def folds_text(manifest: Any) -> str:
+    """One line per fold: bags per split and per class."""
+    f = manifest.folds
+    label = {b.key: b.label for e in manifest.splits.values() for b in e.bags()}
+    lines = []
+    for i, fold in enumerate(f.folds):
+        parts = []
+        for split in ("train", "val", "test"):
+            keys = getattr(fold, split)
+            per_class = [sum(1 for k in keys if label[k] == c) for c in range(manifest.n_classes)]
+            parts.append(f"{split} {len(keys)} {per_class}")
+        lines.append(f"fold {i}: " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+@app.command()
+def splits(
+    dataset: Annotated[str, typer.Argument(help="Dataset folder or URL (path, file://, s3://bucket/prefix).")],
+    folds: Annotated[int, typer.Option(help="Number of cross-validation folds K (>= 2): every bag is in the test split of exactly one.")],
+    val_frac: Annotated[float, typer.Option(help="Share of each fold's non-test bags (cases) drawn for validation (0: no validation split).")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seed of the fold assignment: the same seed gives the same folds.")] = 0,
+    stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help="Stratify folds (and each fold's validation share) by class.")] = True,
+) -> None:
+    """Record K cross-validation folds in DATASET's manifest; train on one with --set data.fold=N.
+
+    Shards are not rewritten: a fold only reassigns bags to train/val/test. A case's slides (the case
+    column given to `ingest`) stay in one fold. The manifest is rewritten atomically; its fixed splits
+    stay; folds recorded before are replaced.
+    """
+
+    def body() -> None:
+        from ..data.folds import record_folds
+        from ..storage import StorageOptions, redact
+
+        options = StorageOptions.from_config()
+        try:
+            m = record_folds(dataset, folds, val_frac=val_frac, seed=seed, stratify=stratify, options=options)
+        except ValueError as err:
+            if type(err) is not ValueError:
+                raise
+            raise typer.BadParameter(str(err)) from None
+        grouped = f", cases kept together by {m.folds.grouped_by!r}" if m.folds.grouped_by else ""
+        typer.echo(f"recorded {folds} folds (seed {seed}, val {val_frac}, {'stratified' if stratify else 'unstratified'}{grouped}) in {redact(dataset, options)}")
+        typer.echo(folds_text(m))
 
     _guarded(body)

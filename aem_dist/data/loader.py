@@ -110,6 +110,8 @@ def read_split(root: str, manifest: Manifest, split: str, *, options: StorageOpt
         try:
             for bag in read_shard(url, dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=problems.append, expect=(shard.bytes, shard.sha256)):
                 want = expected.get(bag.key)
+                if want is None and bag.key in shard._also_holds:
+                    continue  # a fold view: this bag belongs to the fold's other splits
                 if want is None:
                     problems.append(BadSampleError("not_in_manifest", "bag is not listed in the manifest", shard=shard.name, key=bag.key))
                 elif (want.label, want.n) != (bag.label, bag.n):
@@ -125,6 +127,8 @@ def read_split(root: str, manifest: Manifest, split: str, *, options: StorageOpt
             on_bad(err)  # an unverified shard contributes nothing, and its inner problems are moot
             continue
         for err in problems:
+            if err.key is not None and err.key in shard._also_holds:
+                continue  # another split's bag: reported when that split is read
             if err.reason == "duplicate_key" and err.key:
                 duplicated.add(err.key)
             on_bad(err)

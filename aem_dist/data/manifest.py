@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, model_validator
 
 from .. import storage
 from ..storage import StorageOptions
@@ -47,6 +47,9 @@ class ShardEntry(BaseModel):
     bytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     bags: list[BagEntry]
+    # In a fold view (aem_dist.data.folds.fold_view) a shard lists only the bags of one split; the keys
+    # it also holds for the fold's other splits are known here so readers pass over them quietly.
+    _also_holds: frozenset[str] = PrivateAttr(default_factory=frozenset)
 
     @model_validator(mode="before")
     @classmethod
@@ -81,6 +84,27 @@ class SplitEntry(BaseModel):
         return [b for s in self.shards for b in s.bags]
 
 
+class FoldSplits(BaseModel):
+    """One cross-validation fold: the bag keys of each split."""
+
+    model_config = ConfigDict(extra="forbid")
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+
+class Folds(BaseModel):
+    """K cross-validation assignments of the dataset's bags (shards untouched; see aem_dist.data.folds)."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(ge=2)
+    seed: int
+    val_frac: float = Field(ge=0.0, lt=1.0)
+    stratify: bool
+    grouped_by: str | None = Field(None, description="what keeps slides together (the manifest's case column); None: one bag per group")
+    folds: list[FoldSplits]
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: str
@@ -89,6 +113,7 @@ class Manifest(BaseModel):
     splits: dict[str, SplitEntry]
     source: dict[str, Any] = Field(default_factory=dict)
     created_by: str = ""
+    folds: Folds | None = None
 
     @model_validator(mode="after")
     def _check(self, info: ValidationInfo) -> "Manifest":
@@ -111,7 +136,28 @@ class Manifest(BaseModel):
                 if bag.key in seen:
                     raise ValueError(f"splits.{split}: duplicate key {bag.key!r}")
                 seen.add(bag.key)
+        if self.folds is not None:
+            self._check_folds(seen)
         return self
+
+    def _check_folds(self, keys: set[str]) -> None:
+        f = self.folds
+        assert f is not None
+        if len(f.folds) != f.k:
+            raise ValueError(f"folds: k is {f.k} but {len(f.folds)} folds are listed")
+        tested: set[str] = set()
+        for i, fold in enumerate(f.folds):
+            parts = (fold.train, fold.val, fold.test)
+            listed = [key for part in parts for key in part]
+            if len(listed) != len(set(listed)) or set(listed) != keys:
+                raise ValueError(f"folds.folds.{i}: train/val/test must hold every bag of the dataset exactly once")
+            if not fold.train or not fold.test:
+                raise ValueError(f"folds.folds.{i}: empty train or test split")
+            if tested & set(fold.test):
+                raise ValueError(f"folds.folds.{i}: a bag is in the test split of two folds")
+            tested |= set(fold.test)
+        if tested != keys:
+            raise ValueError("folds: some bags are in no fold's test split")
 
     @property
     def n_classes(self) -> int:
@@ -127,6 +173,8 @@ class Manifest(BaseModel):
         for entry in data["splits"].values():
             for shard in entry["shards"]:
                 shard["bags"] = [[b["key"], b["label"], b["n"]] for b in shard["bags"]]
+        if data["folds"] is None:
+            del data["folds"]  # a dataset without folds keeps the manifest it always had
         return json.dumps(data, indent=1, sort_keys=False)
 
 

@@ -28,6 +28,7 @@ class BagPrediction:
     attn_stats: tuple[float, float, float] | None = None  # entropy, normalised entropy, top-1 % share
     attention: np.ndarray | None = None  # (N,) per instance, sums to 1; only with keep_attention
     coords: np.ndarray | None = None  # (N, 2); only with keep_attention and a coords-carrying loader
+    embedding: np.ndarray | None = None  # (hidden,) pooled bag embedding; with keep_attention, where the model has one
 
 
 @dataclass
@@ -48,7 +49,8 @@ def predict(model: nn.Module, loader: SplitLoader, ctx: DistContext, *, keep_att
         out = model(batch.feats, batch.bag_index, batch.n_bags)
         probs = torch.softmax(out.logits.double(), dim=1).cpu().numpy()
         attn = out.instance_attention(batch.bag_index, batch.n_bags)
-        out_rows += _bag_rows(batch, probs, attn.double().cpu().numpy() if attn is not None else None, coords if keep_attention else None, keep_attention)
+        emb = out.embedding.float().cpu().numpy() if keep_attention and out.embedding is not None else None
+        out_rows += _bag_rows(batch, probs, attn.double().cpu().numpy() if attn is not None else None, coords if keep_attention else None, keep_attention, emb)
     return out_rows
 
 
@@ -67,7 +69,7 @@ def predict_population(pop: nn.Module, loader: SplitLoader, ctx: DistContext, *,
     return out_rows
 
 
-def _bag_rows(batch, probs: np.ndarray, attn_np: np.ndarray | None, coords, keep_attention: bool) -> list[BagPrediction]:
+def _bag_rows(batch, probs: np.ndarray, attn_np: np.ndarray | None, coords, keep_attention: bool, emb: np.ndarray | None = None) -> list[BagPrediction]:
     offsets = batch.offsets.cpu().numpy()
     rows = []
     for b, key in enumerate(batch.keys):
@@ -80,6 +82,7 @@ def _bag_rows(batch, probs: np.ndarray, attn_np: np.ndarray | None, coords, keep
                 attn_stats=bag_attention_stats(attn_np[lo:hi]) if attn_np is not None else None,
                 attention=attn_np[lo:hi] if keep_attention and attn_np is not None else None,
                 coords=coords[lo:hi].numpy() if keep_attention and coords is not None else None,
+                embedding=emb[b] if emb is not None else None,
             )
         )
     return rows

@@ -26,6 +26,7 @@ import torch
 
 from .. import storage
 from ..config import Config
+from ..data.folds import fold_view
 from ..data.loader import LoaderSpec, open_memory
 from ..data.manifest import load_manifest
 from ..storage import StorageOptions
@@ -51,7 +52,7 @@ def stage1_config(cfg: Config) -> Config:
 def bag_features(state: dict, cfg: Config, options: StorageOptions | None) -> np.ndarray:
     """(n_train_bags, D) float32: the stage-1 model's bag features M of every training bag, by key."""
     model = model_from_state(state)
-    manifest = load_manifest(cfg.data.root, options)
+    manifest = fold_view(load_manifest(cfg.data.root, options), cfg.data.fold, cfg.data.root)
     loader = open_memory(cfg.data.root, manifest, LoaderSpec("train", max_bags=16, max_instances=cfg.train.max_instances_per_batch), options)
     rows: list[tuple[str, np.ndarray]] = []
     for batch in loader.epoch(0):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
+from ..data.folds import fold_view
 from ..data.loader import LoaderSpec, open_memory
 from ..data.manifest import load_manifest
 from ..models import MILModel, build_model
@@ -30,9 +31,11 @@ def evaluate_state(
     max_bags: int = 16,
     max_instances: int | None = None,
     keep_attention: bool = False,
+    fold: int | None = None,
 ) -> EvalResult:
-    """Metrics (and per-bag predictions) of a checkpoint on ``split`` of ``data_root``, in this process."""
-    manifest = load_manifest(data_root, options)
+    """Metrics (and per-bag predictions) of a checkpoint on ``split`` of ``data_root`` (of cross-validation
+    fold ``fold``, when given), in this process."""
+    manifest = fold_view(load_manifest(data_root, options), fold, data_root)
     meta = state["model_meta"]
     if int(meta["dim"]) != manifest.dim or int(meta["n_classes"]) != manifest.n_classes:
         raise ValueError(f"checkpoint expects dim {meta['dim']} / {meta['n_classes']} classes; dataset has {manifest.dim} / {manifest.n_classes}")

@@ -49,4 +49,4 @@ class ABMIL(MILModel):
         scores = self.attention(h)  # (T, 1)
         log_a = segment_log_softmax(scores, bag_index, n_bags)  # (T, 1), reused by the AEM term
         z = segment_sum(torch.exp(log_a) * h, bag_index, n_bags)  # (B, hidden)
-        return MILOutput(logits=self.classifier(z), attn_scores=scores, attn_index=bag_index, n_segments=n_bags, attn_log=log_a)
+        return MILOutput(logits=self.classifier(z), attn_scores=scores, attn_index=bag_index, n_segments=n_bags, attn_log=log_a, embedding=z)

@@ -10,6 +10,8 @@
   instance each row belongs to. Attention-free models (mean/max pooling) leave the scores ``None``;
   their AEM term is 0.
 * ``extras`` — tensors a model's own loss terms need (instance logits, branch logits...).
+* ``embedding`` — ``(B, hidden)`` the pooled bag embedding the classifier reads (ABMIL's ``z``), where a
+  model has one obvious such vector; None elsewhere. ``predict`` keeps it (the report's Fig. 11 UMAP).
 
 ``loss_terms(out, labels)`` returns the model's own named loss terms, each already a mean over the
 batch's bags (so a packed batch's gradient is the mean of its bags' gradients). The engine adds
@@ -38,6 +40,7 @@ class MILOutput:
     attn_rows: torch.Tensor | None = None  # (R,) packed instance of each row; None = row i is instance i
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     attn_log: torch.Tensor | None = None  # (R, H) the log-softmax of attn_scores, if the model computed it
+    embedding: torch.Tensor | None = None  # (B, hidden) pooled bag embedding z, where the model has one
 
     def log_attention(self) -> torch.Tensor:
         """(R, H): log of the attention weights, softmax within each segment."""

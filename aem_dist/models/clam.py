@@ -47,13 +47,15 @@ class CLAMSB(MILModel):
         h = self.embed(feats)  # (T, hidden)
         scores = self.attention(h)  # (T, 1)
         a = segment_softmax(scores, bag_index, n_bags)
-        logits = self.classifier(segment_sum(a * h, bag_index, n_bags))
+        z = segment_sum(a * h, bag_index, n_bags)  # (B, hidden)
+        logits = self.classifier(z)
         inst = self.instance_classifiers(h).view(-1, self.n_classes, 2)  # (T, C, 2)
         return MILOutput(
             logits=logits,
             attn_scores=scores,
             attn_index=bag_index,
             n_segments=n_bags,
+            embedding=z,
             extras={"instance_logits": inst, "bag_index": bag_index},
         )
 

@@ -46,6 +46,7 @@ class LossAttn(MILModel):
             attn_index=bag_index,
             n_segments=n_bags,
             attn_log=log_a,
+            embedding=z,
             extras={"instance_logits": inst_logits, "bag_index": bag_index},
         )
 

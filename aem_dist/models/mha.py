@@ -52,4 +52,4 @@ class MHA(MILModel):
         a = segment_softmax(scores, bag_index, n_bags)  # (T, H)
         z = segment_sum(a.unsqueeze(-1) * v, bag_index, n_bags).reshape(n_bags, -1)  # (B, hidden)
         z = self.norm(self.dropout(self.out_proj(z)))
-        return MILOutput(logits=self.classifier(z), attn_scores=scores, attn_index=bag_index, n_segments=n_bags)
+        return MILOutput(logits=self.classifier(z), attn_scores=scores, attn_index=bag_index, n_segments=n_bags, embedding=z)

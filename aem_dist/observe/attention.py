@@ -150,6 +150,7 @@ class BagResult:
     attention: np.ndarray  # (N,) sums to 1
     coords: np.ndarray  # (N, 2) int32; zeros when the dataset has no coords
     tumour: np.ndarray | None = None  # (N,) bool
+    embedding: np.ndarray | None = None  # (hidden,) float32 pooled bag embedding z (models that have one)
 
 
 class _CountingLoader:
@@ -188,6 +189,7 @@ def predict_split(
     """
     import torch
 
+    from ..data.folds import fold_view
     from ..data.loader import LoaderSpec, open_split
     from ..data.manifest import load_manifest
     from ..data.synthetic import unpack_mask
@@ -195,8 +197,9 @@ def predict_split(
     from ..engine.evaluate import predict
     from ..progress import progress as progress_bar
 
-    manifest = load_manifest(data_root, options)
     where = storage.redact(data_root, options)
+    # A run trained on a fold is predicted on that fold's splits (its test bags are the fold's).
+    manifest = fold_view(load_manifest(data_root, options), data.fold if data is not None else None, where)
     if manifest.dim != int(run.meta["dim"]):
         raise ValueError(f"{where}: feature dim {manifest.dim} != the checkpoint's {run.meta['dim']} ({storage.redact(run.url, options)})")
     if manifest.n_classes != int(run.meta["n_classes"]):
@@ -219,7 +222,8 @@ def predict_split(
         slide_id, meta, n = metas.get(r.key, (r.key, {}, len(r.attention)))
         mask = unpack_mask(meta["tumour_mask_bits"], n) if isinstance(meta.get("tumour_mask_bits"), str) else None
         coords = r.coords if r.coords is not None else np.zeros((len(r.attention), 2), dtype=np.int32)
-        out.append(BagResult(slide_id, r.key, split, r.label, np.asarray(r.probs), np.asarray(r.attention), np.asarray(coords, dtype=np.int32), mask))
+        emb = None if r.embedding is None else np.asarray(r.embedding, dtype=np.float32)
+        out.append(BagResult(slide_id, r.key, split, r.label, np.asarray(r.probs), np.asarray(r.attention), np.asarray(coords, dtype=np.int32), mask, emb))
     return out
 
 
@@ -278,6 +282,9 @@ def write_attention(
     array("coords", np.concatenate([np.asarray(b.coords, dtype=np.int32).reshape(-1, 2) for b in bags]), INSTANCE_CHUNK)
     if all(b.tumour is not None for b in bags):
         array("tumour", np.concatenate([np.asarray(b.tumour, dtype=bool) for b in bags]), INSTANCE_CHUNK)
+    if all(b.embedding is not None for b in bags):
+        # (n_bags, hidden): the pooled bag embeddings, for the report's UMAP (Fig. 11).
+        array("embedding", np.stack([np.asarray(b.embedding, dtype=np.float32) for b in bags]), BAG_CHUNK)
     meta = {
         **(attrs or {}),
         "format": FORMAT,
@@ -316,6 +323,11 @@ class AttentionStore:
         self.preds = np.asarray(self.group["pred"][...])
         self.offsets = np.asarray(self.group["offsets"][...])
         self.has_tumour = "tumour" in self.group
+        self.has_embedding = "embedding" in self.group
+
+    def embeddings(self) -> np.ndarray | None:
+        """(n_bags, hidden) float32 pooled bag embeddings in store order; None when the model had none."""
+        return np.asarray(self.group["embedding"][...]) if self.has_embedding else None
 
     def __len__(self) -> int:
         return len(self.slide_ids)

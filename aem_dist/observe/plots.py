@@ -201,3 +201,24 @@ def concentration(curves: Sequence[tuple[str, np.ndarray, np.ndarray, int]], gri
     ax.legend(fontsize=8, loc="upper left")
     ax.set_title(title or "Attention concentration on the test set (mean over bags; band: ± std over seeds)", fontsize=10)
     return fig
+
+
+def embedding_maps(maps: Sequence[tuple[str, Any]], class_names: Sequence[str], title: str = "") -> Figure:
+    """Fig. 11: one panel per model (λ = 0, chosen λ), its test bags' UMAP coloured by true class, the
+    V-measure of the k-means clustering in the title. ``maps``: (label, observe.embeddings.EmbeddingMap)."""
+    fig = new_figure(5.2 * len(maps), 4.8)
+    axes = np.atleast_1d(fig.subplots(1, len(maps)))
+    colours = _colours(len(class_names))
+    for ax, (label, m) in zip(axes, maps):
+        for c, name in enumerate(class_names):
+            sel = m.labels == c
+            if sel.any():
+                ax.scatter(m.xy[sel, 0], m.xy[sel, 1], s=22, color=colours[c], alpha=0.8, edgecolors="none", label=f"{name} ({int(sel.sum())})")
+        ax.set_title(f"{label}\nV-measure (k-means, k = {len(class_names)}) = {m.v_measure:.3f}", fontsize=9)
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.legend(fontsize=8, loc="best", title="true class", title_fontsize=8)
+    fig.suptitle(title or "UMAP of test-bag embeddings (Fig. 11)")
+    return fig

@@ -10,6 +10,8 @@ Input: a sweep folder as the sweep writes it — ``trials.csv``, ``summary.csv``
     plots/training_curves.png          train loss / val AUC / test AUC per epoch per trial (Fig. 8)
     plots/attention_concentration.png  cumulative attention vs top-ranked fraction, λ = 0 vs chosen λ (Fig. 9)
     plots/attention_concentration.csv  the curves behind that plot
+    plots/embedding_umap.png           UMAP of test-bag embeddings, λ = 0 vs chosen λ, k-means V-measure (Fig. 11)
+    plots/embedding_umap.csv           the points behind that plot (model, key, label, cluster, x, y)
 
 A plot whose inputs are missing (λ not swept, no checkpoints, fewer than two trials) is left out and
 the report says why.
@@ -33,12 +35,12 @@ from .. import __version__, storage
 from ..storage import StorageOptions
 from . import plots
 from .figures import save_png
-from .tables import SEED_KEY, read_csv, summarize, summary_markdown
+from .tables import FOLD_KEY, SEED_KEY, group_keys_of, read_csv, summarize, summarize_folds, summary_markdown
 
 log = logging.getLogger(__name__)
 
 LAM = plots.LAM
-PLOTS = ("lambda_sensitivity", "entropy_vs_auc", "training_curves", "attention_concentration")
+PLOTS = ("lambda_sensitivity", "entropy_vs_auc", "training_curves", "attention_concentration", "embedding_umap")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Sweep:
     results: dict[str, dict[str, Any]]  # trial → results.json content
     paths: dict[str, str]  # trial → folder URL
     config: dict[str, Any] = field(default_factory=dict)  # run.json config (data.root, ...)
+    per_fold: list[dict[str, Any]] | None = None  # per (group, fold) rows when data.fold is swept
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Report:
     plots: dict[str, str]  # plot name → PNG URL
     skipped: dict[str, str]  # plot name → why it was left out
     pearson_r: float = math.nan
+    v_measures: dict[str, float] = field(default_factory=dict)  # Fig. 11 panel label → V-measure
 
 
 def _read_json(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
@@ -102,10 +106,10 @@ def load_sweep(url: str, options: StorageOptions | None = None) -> Sweep:
         summary_url = storage.join(url, "summary.csv")
         if storage.exists(summary_url, options):
             s_header = _csv_header(summary_url, options)
-            group_keys = s_header[: s_header.index("n")] if "n" in s_header else [k for k in swept if k != SEED_KEY]
+            group_keys = s_header[: s_header.index("n")] if "n" in s_header else group_keys_of(swept)
             summary = read_csv(summary_url, options)
         else:
-            group_keys = [k for k in swept if k != SEED_KEY]
+            group_keys = group_keys_of(swept)
             summary = summarize(trials, swept)
     else:
         res = _read_json(storage.join(url, "results.json"), options)
@@ -120,7 +124,8 @@ def load_sweep(url: str, options: StorageOptions | None = None) -> Sweep:
         trials, swept, results, paths = [row], [], {name: res}, {name: url}
         summary, group_keys = [], []
     name = ((config.get("run") or {}).get("name")) or str(url).rstrip("/").rsplit("/", 1)[-1]
-    return Sweep(url, name, trials, swept, summary, group_keys, results, paths, config)
+    per_fold = summarize_folds(trials, swept) if FOLD_KEY in swept else None
+    return Sweep(url, name, trials, swept, summary, group_keys, results, paths, config, per_fold)
 
 
 # --- the attention concentration curves (Fig. 9) ------------------------------------------------
@@ -157,6 +162,83 @@ def concentration_pairs(sweep: Sweep) -> tuple[list[tuple[str, list[str]]], str 
     return [(label, names) for label, names in out if names], None
 
 
+def _predicted(sweep: Sweep, name: str, *, data: str | None, split: str, options: StorageOptions | None, progress: bool, cache: dict | None) -> Any:
+    """(run, bags) of trial ``name`` predicted on ``split`` of its dataset (of its fold, when it trained
+    on one); None without a best checkpoint; a string saying why when the data cannot be found.
+    ``cache`` (trial → result) lets Fig. 9 and Fig. 11 share one prediction per trial."""
+    from ..config import DataConfig
+    from .attention import load_run_model, predict_split
+
+    if cache is not None and name in cache:
+        return cache[name]
+    folder = sweep.paths[name]
+    if not storage.exists(storage.join(folder, "best", "state.pt"), options):
+        return None
+    run = load_run_model(folder, options)
+    run_data = run.config.get("data") or {}
+    root = data or (sweep.config.get("data") or {}).get("root") or run_data.get("root")
+    if not root:
+        return "no dataset location (pass --data)"
+    bags = predict_split(run, root, split, options=options, data=DataConfig(fold=run_data.get("fold")), progress=progress)
+    if cache is not None:
+        cache[name] = (run, bags)
+    return run, bags
+
+
+def _first_model(sweep: Sweep, names: Sequence[str]) -> list[str]:
+    """``names`` ordered by (fold, seed) so Fig. 11 shows the same fold and seed for every λ."""
+    by_name = {str(t["trial"]): t for t in sweep.trials}
+
+    def order(n: str) -> tuple:
+        t = by_name.get(n, {})
+        return tuple(plots._num(t.get(k)) if not math.isnan(plots._num(t.get(k))) else -1.0 for k in (FOLD_KEY, SEED_KEY))
+
+    return sorted(names, key=order)
+
+
+def embedding_maps(
+    sweep: Sweep,
+    *,
+    data: str | None = None,
+    split: str = "test",
+    options: StorageOptions | None = None,
+    progress: bool = False,
+    cache: dict | None = None,
+) -> tuple[list[tuple[str, Any]], list[str], str | None]:
+    """Fig. 11: per compared λ (as Fig. 9), the UMAP + k-means V-measure of the ``split`` bags' pooled
+    embeddings under ONE model — the lowest (fold, seed) trial with a checkpoint (embeddings of
+    different models live in different spaces, so they are never pooled). (maps, class names, why-not)."""
+    from .embeddings import embedding_map
+
+    pairs, why = concentration_pairs(sweep)
+    if why:
+        return [], [], why
+    maps: list[tuple[str, Any]] = []
+    class_names: list[str] = []
+    for label, names in pairs:
+        for name in _first_model(sweep, names):
+            got = _predicted(sweep, name, data=data, split=split, options=options, progress=progress, cache=cache)
+            if got is None:
+                continue
+            if isinstance(got, str):
+                return [], [], got
+            run, bags = got
+            if any(b.embedding is None for b in bags):
+                return [], [], f"model {run.meta.get('name')!r} exposes no pooled bag embedding"
+            class_names = [str(c) for c in run.meta.get("class_names") or range(int(run.meta["n_classes"]))]
+            try:
+                m = embedding_map([b.key for b in bags], np.stack([b.embedding for b in bags]), np.array([b.label for b in bags]), len(class_names))
+            except ValueError as err:
+                return [], [], str(err)
+            t = {str(r["trial"]): r for r in sweep.trials}.get(name, {})
+            which = ", ".join(f"{k.split('.')[-1]} {t.get(k)}" for k in (FOLD_KEY, SEED_KEY) if t.get(k) is not None)
+            maps.append((f"{label}{f' [{which}]' if which else ''}", m))
+            break
+    if not maps:
+        return [], [], "no trial has a best/state.pt checkpoint"
+    return maps, class_names, None
+
+
 def concentration_curves(
     sweep: Sweep,
     *,
@@ -164,29 +246,26 @@ def concentration_curves(
     split: str = "test",
     options: StorageOptions | None = None,
     progress: bool = False,
+    cache: dict | None = None,
 ) -> tuple[list[tuple[str, np.ndarray, np.ndarray, int]], np.ndarray, str | None]:
     """Mean concentration curve per compared λ (mean ± std over seeds of the per-trial mean over bags),
     computed by predicting ``split`` with each trial's best checkpoint; (curves, grid, why-not)."""
-    from .attention import concentration_grid, load_run_model, mean_concentration, predict_split
+    from .attention import concentration_grid, mean_concentration
 
     pairs, why = concentration_pairs(sweep)
     if why:
         return [], np.array([]), why
-    root = data or (sweep.config.get("data") or {}).get("root")
     grid = concentration_grid()
     curves = []
     for label, names in pairs:
         per_trial = []
         for name in names:
-            folder = sweep.paths[name]
-            if not storage.exists(storage.join(folder, "best", "state.pt"), options):
+            got = _predicted(sweep, name, data=data, split=split, options=options, progress=progress, cache=cache)
+            if got is None:
                 continue
-            run = load_run_model(folder, options)
-            trial_root = root or (run.config.get("data") or {}).get("root")
-            if not trial_root:
-                return [], grid, "no dataset location (pass --data)"
-            bags = predict_split(run, trial_root, split, options=options, progress=progress)
-            per_trial.append(mean_concentration([b.attention for b in bags], grid))
+            if isinstance(got, str):
+                return [], grid, got
+            per_trial.append(mean_concentration([b.attention for b in got[1]], grid))
         if per_trial:
             arr = np.stack(per_trial)
             curves.append((label, arr.mean(axis=0), arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(len(grid)), len(arr)))
@@ -231,12 +310,16 @@ CAPTIONS = {
     "training_curves": "Train loss, validation AUC and test AUC per epoch for every trial (Fig. 8). Dots mark the best-validation epoch, whose test metrics are reported.",
     "attention_concentration": "Share of a bag's attention held by its top-ranked instances, averaged over the test bags, for λ = 0 and the chosen λ (Fig. 9); "
     "bands are ± std over seeds, the dotted line is uniform attention. A flatter curve means attention spread over more instances.",
+    "embedding_umap": "UMAP (umap-learn, seeded) of the test bags' pooled embeddings z — the vector the classifier reads — for λ = 0 and the chosen λ, "
+    "one model each (the lowest fold and seed), coloured by true class (the paper's Fig. 11). The V-measure scores a k-means clustering "
+    "(k = number of classes, in the embedding space, not the 2-D map) against the true classes: 1 = the clusters are the classes, 0 = unrelated.",
 }
 TITLES = {
     "lambda_sensitivity": "λ sensitivity (Fig. 5)",
     "entropy_vs_auc": "Attention entropy vs test AUC (Fig. 3)",
     "training_curves": "Training curves (Fig. 8)",
     "attention_concentration": "Attention concentration (Fig. 9)",
+    "embedding_umap": "Bag embeddings (Fig. 11)",
 }
 
 
@@ -255,8 +338,8 @@ def render_markdown(sweep: Sweep, rep: Report, options: StorageOptions | None = 
         lines.append("- swept: " + "; ".join(f"`{k}` ∈ {{{', '.join(v)}}}" for k, v in values.items()))
     lines += [f"- generated by aem-dist {__version__} on {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}", ""]
     if sweep.summary:
-        body = summary_markdown(sweep.summary, sweep.group_keys).split("\n", 2)[2]  # without its own H1
-        lines += ["## Summary (per λ, over seeds)", "", body.strip(), ""]
+        body = summary_markdown(sweep.summary, sweep.group_keys, per_fold=sweep.per_fold).split("\n", 2)[2]  # without its own H1
+        lines += [f"## Summary (per λ, over {'folds × seeds' if sweep.per_fold is not None else 'seeds'})", "", body.strip(), ""]
     lines += ["## Trials", "", trials_markdown(sweep)]
     for name in PLOTS:
         if name in rep.plots:
@@ -266,6 +349,8 @@ def render_markdown(sweep: Sweep, rep: Report, options: StorageOptions | None = 
                 lines.append("" if math.isnan(rep.pearson_r) else f"Pearson r = {rep.pearson_r:.3f}.")
             if name == "attention_concentration":
                 lines.append("Data: [plots/attention_concentration.csv](plots/attention_concentration.csv).")
+            if name == "embedding_umap":
+                lines.append("V-measure: " + "; ".join(f"{label}: {v:.3f}" for label, v in rep.v_measures.items()) + ". Data: [plots/embedding_umap.csv](plots/embedding_umap.csv).")
             lines.append("")
     if rep.skipped:
         lines += ["## Plots left out", ""] + [f"- {TITLES[n]}: {why}" for n, why in rep.skipped.items()] + [""]
@@ -312,12 +397,23 @@ def write_report(
     else:
         save("training_curves", plots.training_curves(runs, f"Training curves: {sweep.name} (colour: λ, line style: seed)"))
 
-    curves, grid, why = concentration_curves(sweep, data=data, split=split, options=options, progress=progress)
+    cache: dict = {}  # one prediction per trial, shared by Fig. 9 and Fig. 11
+    curves, grid, why = concentration_curves(sweep, data=data, split=split, options=options, progress=progress, cache=cache)
     if why:
         rep.skipped["attention_concentration"] = why
     else:
         save("attention_concentration", plots.concentration(curves, grid, f"Attention concentration on the {split} set: {sweep.name}"))
         storage.atomic_write_text(storage.join(plot_dir, "attention_concentration.csv"), _concentration_csv(curves, grid), options)
+
+    maps, class_names, why = embedding_maps(sweep, data=data, split=split, options=options, progress=progress, cache=cache)
+    if why:
+        rep.skipped["embedding_umap"] = why
+    else:
+        from .embeddings import map_csv
+
+        rep.v_measures = {label: m.v_measure for label, m in maps}
+        save("embedding_umap", plots.embedding_maps(maps, class_names, f"UMAP of {split}-bag embeddings: {sweep.name}"))
+        storage.atomic_write_text(storage.join(plot_dir, "embedding_umap.csv"), map_csv(maps), options)
 
     storage.atomic_write_text(rep.url, render_markdown(sweep, rep, options), options)
     return rep

@@ -1,10 +1,16 @@
 """Sweep result tables: ``trials.csv`` (one row per trial) and ``summary.csv`` / ``summary.md`` (per λ).
 
-The summary groups trials by every swept key except ``train.seed`` and reports, per group, mean ± std
-over seeds (sample std, ddof=1) of test AUC and F1 — the paper's presentation — plus the validation
-means used to choose λ (the λ with the best mean val AUC + val F1 among groups that agree on every other
-swept key; never chosen by test) and an unpaired two-sample Student t-test p-value of test AUC and F1
-against λ = 0 of the same group.
+The summary groups trials by every swept key except ``train.seed`` (and ``data.fold``) and reports,
+per group, mean ± std over seeds (sample std, ddof=1) of test AUC and F1 — the paper's presentation —
+plus the validation means used to choose λ (the λ with the best mean val AUC + val F1 among groups that
+agree on every other swept key; never chosen by test) and an unpaired two-sample Student t-test p-value
+of test AUC and F1 against λ = 0 of the same group.
+
+Cross-validation: when ``data.fold`` is swept, a group's trials are its folds × seeds and the mean ±
+std runs over all of them. Every λ is trained on the same folds with the same seeds, so the test vs
+λ = 0 is a **paired** t-test (``scipy.stats.ttest_rel``) over the (fold, seed) pairs both groups
+finished; ``summary_folds.csv`` and a per-fold table in ``summary.md`` give each fold's mean ± std
+over seeds.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ from .. import storage
 from ..storage import StorageOptions
 
 SEED_KEY = "train.seed"
+FOLD_KEY = "data.fold"
 LAM_KEY = "loss.lam"
+PAIR_KEYS = (FOLD_KEY, SEED_KEY)  # what identifies a trial within a group; pairs it across λ
 SPLIT_COLUMNS = ("auc", "f1", "acc", "balanced_acc", "attn_entropy", "attn_entropy_norm", "attn_top1pct")
 TRIAL_COLUMNS = ("trial", "status", "best_epoch", *(f"{s}_{m}" for s in ("val", "test") for m in SPLIT_COLUMNS), "wall_s", "path")
 
@@ -97,9 +105,34 @@ def _ttest(a: Sequence[float], b: Sequence[float]) -> float:
     return float(stats.ttest_ind(a, b, equal_var=True).pvalue)
 
 
+def _paired_ttest(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], col: str) -> float:
+    """Paired t-test of ``col`` between the trials of ``a`` and ``b`` that share (fold, seed); NaN with
+    fewer than two pairs."""
+
+    def by_pair(rows: Sequence[dict[str, Any]]) -> dict[tuple, float]:
+        return {tuple(r.get(k) for k in PAIR_KEYS): r.get(col) for r in rows if isinstance(r.get(col), (int, float)) and not math.isnan(r.get(col))}
+
+    pa, pb = by_pair(a), by_pair(b)
+    common = sorted(set(pa) & set(pb), key=str)
+    if len(common) < 2:
+        return math.nan
+    x, y = np.array([pa[c] for c in common], dtype=float), np.array([pb[c] for c in common], dtype=float)
+    d = x - y
+    if np.all(d == d[0]):  # no spread in the differences: the test is undefined (scipy gives NaN)
+        return 1.0 if d[0] == 0 else 0.0
+    return float(stats.ttest_rel(x, y).pvalue)
+
+
+def group_keys_of(swept_keys: Sequence[str]) -> list[str]:
+    """The keys a summary row is grouped by: every swept key but the seed and the fold."""
+    return [k for k in swept_keys if k not in PAIR_KEYS]
+
+
 def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Per group (all swept keys but the seed): n, mean ± std of test AUC/F1, val means, p vs λ=0, chosen."""
-    group_keys = [k for k in swept_keys if k != SEED_KEY]
+    """Per group (all swept keys but seed and fold): n, mean ± std of test AUC/F1 over seeds (× folds),
+    val means, p vs λ=0 (paired over (fold, seed) when folds are swept), chosen."""
+    group_keys = group_keys_of(swept_keys)
+    paired = FOLD_KEY in swept_keys
     done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("test_auc") is not None]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for r in done:
@@ -116,7 +149,12 @@ def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list
         base = [g for k2, g in groups.items() if LAM_KEY in group_keys and _same(k2, base_key)]
         base_members = base[0] if base else []
         for col in ("test_auc", "test_f1"):
-            row[f"p_{col}_vs_lam0"] = _ttest([m.get(col) for m in members], [m.get(col) for m in base_members]) if base_members and base_members is not members else math.nan
+            if not base_members or base_members is members:
+                row[f"p_{col}_vs_lam0"] = math.nan
+            elif paired:
+                row[f"p_{col}_vs_lam0"] = _paired_ttest(members, base_members, col)
+            else:
+                row[f"p_{col}_vs_lam0"] = _ttest([m.get(col) for m in members], [m.get(col) for m in base_members])
         out.append(row)
     _mark_chosen(out, group_keys)
     return out
@@ -146,7 +184,43 @@ def summary_columns(group_keys: Sequence[str]) -> list[str]:
     return cols + ["val_score_mean", "p_test_auc_vs_lam0", "p_test_f1_vs_lam0", "chosen"]
 
 
-def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str], title: str = "Sweep summary") -> str:
+def summarize_folds(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Per group and fold: n (seeds) and mean ± std over seeds of test/val AUC and F1 (the per-fold table)."""
+    keys = [*group_keys_of(swept_keys), FOLD_KEY]
+    done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("test_auc") is not None]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in done:
+        groups[tuple(r.get(k) for k in keys)].append(r)
+    out = []
+    for key in sorted(groups, key=lambda k: tuple((v is None, str(type(v)), v) for v in k)):
+        row: dict[str, Any] = dict(zip(keys, key))
+        row["n"] = len(groups[key])
+        for col in ("test_auc", "test_f1", "val_auc", "val_f1"):
+            row[f"{col}_mean"], row[f"{col}_std"], _ = _mean_std(m.get(col) for m in groups[key])
+        out.append(row)
+    return out
+
+
+def fold_columns(group_keys: Sequence[str]) -> list[str]:
+    return [*group_keys, FOLD_KEY, "n", *(f"{c}_{s}" for c in ("test_auc", "test_f1", "val_auc", "val_f1") for s in ("mean", "std"))]
+
+
+def _pm(row: dict[str, Any], col: str) -> str:
+    m, s = row.get(f"{col}_mean"), row.get(f"{col}_std")
+    return "–" if m is None or math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+
+
+def folds_markdown(per_fold: Sequence[dict[str, Any]], group_keys: Sequence[str]) -> str:
+    """The per-fold table (mean ± std over seeds within each fold)."""
+    head = [*group_keys, "fold", "seeds", "test AUC", "test F1", "val AUC", "val F1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in per_fold:
+        cells = [str(r.get(k)) for k in group_keys] + [str(r.get(FOLD_KEY)), str(r["n"]), _pm(r, "test_auc"), _pm(r, "test_f1"), _pm(r, "val_auc"), _pm(r, "val_f1")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str], title: str = "Sweep summary", per_fold: Sequence[dict[str, Any]] | None = None) -> str:
     """The per-λ table as Markdown: test AUC / F1 mean ± std over seeds, val means, p vs λ=0, the chosen λ."""
 
     def pm(row: dict[str, Any], col: str) -> str:
@@ -156,21 +230,31 @@ def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str
     def p(v: Any) -> str:
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
 
-    head = [*group_keys, "seeds", "test AUC", "test F1", "val AUC", "val F1", "p(AUC) vs λ=0", "p(F1) vs λ=0", "chosen by val"]
+    folds = per_fold is not None
+    head = [*group_keys, "folds × seeds" if folds else "seeds", "test AUC", "test F1", "val AUC", "val F1", "p(AUC) vs λ=0", "p(F1) vs λ=0", "chosen by val"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         cells = [str(r.get(k)) for k in group_keys]
         cells += [str(r["n"]), pm(r, "test_auc"), pm(r, "test_f1"), pm(r, "val_auc"), pm(r, "val_f1"), p(r.get("p_test_auc_vs_lam0")), p(r.get("p_test_f1_vs_lam0")), "**yes**" if r.get("chosen") else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± sample std over seeds; λ chosen by mean validation AUC + F1 (never by test); p-values: unpaired two-sample t-test vs λ = 0."]
+    if folds:
+        lines += ["", "Mean ± sample std over every (fold, seed) trial; λ chosen by mean validation AUC + F1 (never by test); "
+                  "p-values: paired t-test vs λ = 0 over the (fold, seed) pairs both finished (scipy.stats.ttest_rel; folds and seeds are shared)."]
+        lines += ["", "## Per fold (mean ± std over seeds)", "", folds_markdown(per_fold or [], group_keys).rstrip()]
+    else:
+        lines += ["", "Mean ± sample std over seeds; λ chosen by mean validation AUC + F1 (never by test); p-values: unpaired two-sample t-test vs λ = 0."]
     return "\n".join(lines) + "\n"
 
 
 def write_tables(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None) -> list[dict[str, Any]]:
-    """Write trials.csv, summary.csv and summary.md under ``out``; returns the summary rows."""
-    group_keys = [k for k in swept_keys if k != SEED_KEY]
+    """Write trials.csv, summary.csv and summary.md (and, with ``data.fold`` swept, summary_folds.csv)
+    under ``out``; returns the summary rows."""
+    group_keys = group_keys_of(swept_keys)
     storage.atomic_write_text(storage.join(out, "trials.csv"), to_csv(rows, _columns(rows, swept_keys)), options)
     summary = summarize(rows, swept_keys)
+    per_fold = summarize_folds(rows, swept_keys) if FOLD_KEY in swept_keys else None
     storage.atomic_write_text(storage.join(out, "summary.csv"), to_csv(summary, summary_columns(group_keys)), options)
-    storage.atomic_write_text(storage.join(out, "summary.md"), summary_markdown(summary, group_keys), options)
+    if per_fold is not None:
+        storage.atomic_write_text(storage.join(out, "summary_folds.csv"), to_csv(per_fold, fold_columns(group_keys)), options)
+    storage.atomic_write_text(storage.join(out, "summary.md"), summary_markdown(summary, group_keys, per_fold=per_fold), options)
     return summary

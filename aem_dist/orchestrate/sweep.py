@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 from .. import storage
 from ..config import Config, build_config, config_with
+from ..data.folds import FOLD_KEY, check_folds
 from ..data.manifest import load_manifest
 from ..engine.results import run_record, write_json
 from ..engine.runrecord import check_same_run, recorded_config
@@ -136,6 +137,8 @@ def plan(cfg: Config, grid: dict[str, list[Any]], announce: Callable[[str], None
         manifest = load_manifest(cfg.data.root, StorageOptions.from_config(cfg.storage, cfg.data.retries))
     except Exception:  # noqa: BLE001  (the trials report an unreadable dataset with its own clear error)
         manifest = None
+    if manifest is not None:  # a data.fold the dataset lacks: one clear error now, not one per trial
+        check_folds(manifest, [p.get(FOLD_KEY, cfg.data.fold) for p in points], storage.redact(cfg.data.root))
     return plan_populations(cfg, points, [trial_name(p) for p in points], manifest, announce)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Callable
 
 from .. import storage
 from ..config import Config
+from ..data.folds import check_folds
+from ..data.manifest import load_manifest
 from ..engine.local import clear_run, run_local
 from ..engine.results import results_dict, run_record, write_json
 from ..engine.runrecord import check_same_run, recorded_config
@@ -32,6 +34,8 @@ def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Ca
     (local and Ray's), best state and results and starts over."""
     out = storage.absolute(out)
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
+    if cfg.data.fold is not None:  # a fold the dataset lacks fails here, before Ray or any worker starts
+        check_folds(load_manifest(cfg.data.root, options), [cfg.data.fold], storage.redact(cfg.data.root, options))
     if force_new:
         from .sweep import ray_storage
 

@@ -163,3 +163,19 @@ def test_hidden_must_divide_into_heads(name):
 def test_unknown_model_name_lists_choices():
     with pytest.raises(ValueError, match="abmil.*transmil"):
         build_model(ModelConfig(name="nope"), IN_DIM, 2)
+
+
+@pytest.mark.parametrize("name", ("abmil", "mha", "clam_sb", "lossattn"))
+def test_embedding_is_the_pooled_vector_the_classifier_reads(name):
+    """MILOutput.embedding (B, hidden) is the pooled bag embedding z: the classifier of z gives the logits."""
+    model = make_model(name, 2).eval()
+    feats, bag_index, labels = make_batch(2)
+    out = model(feats, bag_index, len(SIZES))
+    assert out.embedding is not None and out.embedding.shape == (len(SIZES), 16)  # hidden
+    torch.testing.assert_close(model.classifier(out.embedding), out.logits)
+
+
+def test_models_without_an_obvious_embedding_leave_it_none():
+    model = make_model("meanpool", 2).eval()
+    feats, bag_index, _ = make_batch(2)
+    assert model(feats, bag_index, len(SIZES)).embedding is None

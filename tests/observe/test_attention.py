@@ -48,6 +48,10 @@ def check_store(store: AttentionStore, data_root: str, predicted) -> None:
         np.testing.assert_array_equal(bag.tumour, unpack_mask(src.meta["tumour_mask_bits"], src.n))
         np.testing.assert_allclose(bag.attention, by_key[bag.key].attention, rtol=1e-6, atol=1e-9)
         assert bag.probs.sum() == pytest.approx(1.0, abs=1e-5) and store.preds[i] == int(np.argmax(bag.probs))
+    # the pooled bag embeddings (abmil's z) are stored next to attention, in store order
+    emb = store.embeddings()
+    assert emb is not None and emb.shape == (len(store), by_key[store.keys[0]].embedding.shape[0]) and emb.dtype == np.float32
+    np.testing.assert_allclose(emb, np.stack([by_key[k].embedding for k in store.keys]), rtol=1e-6)
 
 
 def test_zarr_round_trip_local(trained, tiny_sweep, tmp_path):

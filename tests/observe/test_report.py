@@ -22,7 +22,7 @@ def test_report_cli_writes_every_plot_and_the_markdown(tiny_sweep):
     root = Path(tiny_sweep.root)
     proc = subprocess.run([sys.executable, "-m", "aem_dist", "report", str(root), "--no-progress"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "with 4 plots" in proc.stdout and "left out" not in proc.stdout
+    assert f"with {len(PLOTS)} plots" in proc.stdout and "left out" not in proc.stdout
 
     pngs = sorted((root / "plots").glob("*.png"))
     assert [p.stem for p in pngs] == sorted(PLOTS)
@@ -50,6 +50,19 @@ def test_report_cli_writes_every_plot_and_the_markdown(tiny_sweep):
     for col in (1, 3):
         assert np.all(np.diff(body[:, col]) >= -1e-9) and body[-1, col] == pytest.approx(1.0)
 
+    # Fig. 11: the UMAP points and the V-measure of each panel, which is scikit-learn's on the same labels
+    from sklearn.metrics import v_measure_score
+
+    assert "## Bag embeddings (Fig. 11)" in md
+    with open(root / "plots" / "embedding_umap.csv") as f:
+        points = list(csv.DictReader(f))
+    models = list(dict.fromkeys(p["model"] for p in points))
+    assert len(models) == 2 and models[0].startswith("λ = 0")
+    for model in models:
+        mine = [p for p in points if p["model"] == model]
+        v = v_measure_score([int(p["label"]) for p in mine], [int(p["cluster"]) for p in mine])
+        assert f"{model}: {v:.3f}" in md
+
 
 def test_concentration_compares_lambda0_with_the_chosen_lambda(tiny_sweep):
     sweep = load_sweep(tiny_sweep.root)
@@ -74,7 +87,7 @@ def test_concentration_curve_math():
 def test_report_on_a_single_run_leaves_out_sweep_plots(tiny_sweep):
     run = tiny_sweep.trials["trial_0000"]["path"]
     rep = write_report(run)
-    assert set(rep.plots) == {"training_curves", "attention_concentration"}
+    assert set(rep.plots) == {"training_curves", "attention_concentration", "embedding_umap"}  # Fig. 11 of the one model
     assert set(rep.skipped) == {"lambda_sensitivity", "entropy_vs_auc"}
     md = Path(run, "report.md").read_text()
     assert "## Plots left out" in md and "λ (loss.lam) is not swept" in md
@@ -120,3 +133,37 @@ def test_report_on_s3(tiny_sweep, observe_s3):
         assert data.startswith(PNG) and len(data) > 20_000
     md = fs.cat_file(f"{observe_s3.bucket}/sweeps/tiny/report.md").decode()
     assert "![λ sensitivity (Fig. 5)](plots/lambda_sensitivity.png)" in md and observe_s3.secret not in md
+
+
+def test_fig11_v_measure_is_sklearns_on_the_models_embeddings(tiny_sweep):
+    """The V-measure in Fig. 11 = sklearn's v_measure_score of the true classes against a k-means
+    clustering of the pooled embeddings that `predict` returned for the same bags."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import v_measure_score
+
+    from aem_dist.observe.report import embedding_maps
+
+    sweep = load_sweep(tiny_sweep.root)
+    cache: dict = {}
+    maps, class_names, why = embedding_maps(sweep, data=tiny_sweep.data, cache=cache)
+    assert why is None and len(maps) == 2 and class_names
+    for (label, m), name in zip(maps, [n for n in cache]):
+        run, bags = cache[name]
+        emb = np.stack([b.embedding for b in bags])
+        hidden = run.model.classifier.in_features  # abmil's z feeds its classifier
+        assert emb.shape == (len(bags), hidden) and [b.key for b in bags] == m.keys
+        labels = np.array([b.label for b in bags])
+        clusters = KMeans(n_clusters=len(class_names), n_init=10, random_state=0).fit_predict(emb.astype(np.float64))
+        assert m.v_measure == pytest.approx(v_measure_score(labels, clusters), abs=1e-12)
+        assert m.xy.shape == (len(bags), 2) and np.isfinite(m.xy).all()
+
+
+def test_v_measure_matches_sklearn():
+    from sklearn.metrics import v_measure_score
+
+    from aem_dist.observe.embeddings import v_measure
+
+    assert v_measure(np.array([0, 0, 1, 1]), np.array([1, 1, 0, 0])) == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    y, c = rng.integers(0, 3, 50), rng.integers(0, 2, 50)
+    assert v_measure(y, c) == pytest.approx(v_measure_score(y, c), abs=1e-15)

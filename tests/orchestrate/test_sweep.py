@@ -72,7 +72,7 @@ def test_sweep_tables_and_resume_after_driver_kill(demo_data, tmp_path):
     text = (out / "summary.md").read_text()
     assert "| 0.1 | 2 |" in text and "chosen by val" in text
     assert "summary" in resumed.stdout.lower() and "metrics: http://127.0.0.1:" in resumed.stdout
-    assert (out / "report.md").exists() and len(list((out / "plots").glob("*.png"))) == 4
+    assert (out / "report.md").exists() and len(list((out / "plots").glob("*.png"))) == 5  # Figs. 3, 5, 8, 9, 11
     run = __import__("json").loads((out / "run.json").read_text())
     assert run["grid"] == {"train.seed": [0, 1], "loss.lam": [0.0, 0.1]} and run["dataset"]["manifest_sha256"]
     # Only the killed driver's Ray temp dir is left; the resumed run removed its own on exit.

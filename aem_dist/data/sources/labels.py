@@ -178,14 +178,16 @@ def grouped_stratified_folds(ids: list[str], y: list[int], cases: list[str] | No
     """Cross-validation fold (0..k-1) of every slide, stratified by class, a case's slides in one fold
     (scikit-learn's ``StratifiedGroupKFold``, shuffled with ``seed``). ``cases`` None: one case per slide.
     Raises :class:`SourceError` when there are fewer cases than folds."""
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     groups = list(cases) if cases is not None else list(ids)
     if len(set(groups)) < k:
         raise SourceError(f"{k} folds need at least {k} cases, found {len(set(groups))}")
     fold = [0] * len(ids)
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    for f, (_, held) in enumerate(splitter.split(ids, y, groups)):
+    # One slide per case: StratifiedKFold, whose folds hold every class to within one bag
+    # (StratifiedGroupKFold's greedy assignment does not promise that).
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if cases is None else StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    for f, (_, held) in enumerate(splitter.split(ids, y, groups if cases is not None else None)):
         for i in held:
             fold[int(i)] = f
     return fold
