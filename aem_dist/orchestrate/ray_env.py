@@ -55,10 +55,27 @@ def _short_tmp() -> str:
 @contextlib.contextmanager
 def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = None) -> Iterator[None]:
     """Start or join Ray for the duration of the block (see module docstring)."""
+    saved = {k: os.environ.get(k) for k in STORAGE_ENV}
+    try:
+        if cfg is not None:
+            _storage_env_from_config(cfg)
+        with _ray(address, num_cpus):
+            yield
+    finally:  # a later session in this process (tests, notebooks) must not inherit this one's storage
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+@contextlib.contextmanager
+def _ray(address: str | None, num_cpus: int | None) -> Iterator[None]:
     import ray
 
-    if cfg is not None:
-        _storage_env_from_config(cfg)
     if ray.is_initialized():
         yield
         return

@@ -14,6 +14,7 @@ from tests.fixtures.ray_cluster import _kill_leftovers
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
+STARTING_ENV = dict(os.environ)  # at collection, before any test ran
 
 
 def test_two_node_sweep_spreads_trials_and_refuses_local_paths(tmp_path):
@@ -21,7 +22,10 @@ def test_two_node_sweep_spreads_trials_and_refuses_local_paths(tmp_path):
     trial per worker node; local paths and a GPU per trial are refused before any trial. In its own
     process (see that file's docstring)."""
     cases = Path(__file__).with_name("multinode_cases.py")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    # ... and with the environment this pytest process started with: earlier tests' Ray sessions and S3
+    # fixtures leave RAY_*/AWS_* variables behind in os.environ, which the nodes would inherit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))} | {k: v for k, v in STARTING_ENV.items() if k.startswith(("RAY_", "AWS_"))}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
