@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -96,6 +97,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str, task: str) -> None:
                 with open(os.path.join(out_dir, "models.txt"), "w") as f:
                     f.write("\n".join(done))
     finally:
+        # every DDP wrapper gone and every rank done before the group goes: a reducer outliving its
+        # gloo group aborts the process at exit ("terminate called without an active exception")
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 

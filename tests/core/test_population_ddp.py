@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -26,6 +27,10 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
         if rank == 0:
             queue.put(([r.history for r in pop], [r.history for r in solo]))
     finally:
+        # every DDP wrapper gone and every rank done before the group goes: a reducer outliving its
+        # gloo group aborts the process at exit ("terminate called without an active exception")
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
