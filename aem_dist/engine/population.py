@@ -51,10 +51,11 @@ class Population(nn.Module):
 
     Args:
         members: the K models, each initialised as its standalone run would be (same class and config).
-        lams: (K,) AEM weights; ``kl_uniform``: (K,) bools, True where a member uses the KL ablation.
+        kl_uniform: (K,) bools, True where a member uses the KL ablation (``loss.kind``); each member's
+            λ weighs the terms outside (``Members.lam``).
     """
 
-    def __init__(self, members: list[MILModel], lams: list[float], kl_uniform: list[bool], precision: str = "fp32"):
+    def __init__(self, members: list[MILModel], kl_uniform: list[bool], precision: str = "fp32"):
         super().__init__()
         self.precision = precision
         if not members:
@@ -72,14 +73,13 @@ class Population(nn.Module):
             self.register_buffer(f"buffer_{i}", torch.stack([dict(m.named_buffers())[name].detach() for m in members]))
         # The architecture without weights: functional_call supplies each member's tensors. The input
         # Linear (if the model names one) is left out of it: its product with the shared batch is one
-        # matmul for all members, (T, D) @ (D, K·H), far cheaper than K batched ones under vmap.
+        # large matmul for all members, (T, D) @ (D, K·H), instead of a batched one per member under vmap.
         base = copy.deepcopy(first).to("meta")
         self.input_linear = first.input_linear
         if self.input_linear is not None:
             parent, leaf = self.input_linear.rpartition(".")[::2]
             setattr(base.get_submodule(parent), leaf, nn.Identity())
         object.__setattr__(self, "base", base)
-        self.register_buffer("lams", torch.tensor(lams, dtype=torch.float64), persistent=False)
         self.register_buffer("kl_mask", torch.tensor(kl_uniform, dtype=torch.bool), persistent=False)
         self.vectorised = True  # decided by probe()
 
@@ -304,7 +304,7 @@ class Members:
         for c in cfgs:
             torch.manual_seed(c.train.seed)  # each member initialised exactly as its standalone run
             cores.append(build_model(c.model, manifest.dim, manifest.n_classes))
-        self.pop = Population(cores, [c.loss.lam for c in cfgs], [c.loss.kind == "kl_uniform" for c in cfgs], cfgs[0].train.precision).to(ctx.device)
+        self.pop = Population(cores, [c.loss.kind == "kl_uniform" for c in cfgs], cfgs[0].train.precision).to(ctx.device)
         if cfgs[0].train.compile == "on":
             log.info("train.compile=on: a population's step runs eagerly (vmap over members); compile applies to single runs")
         self.pop.probe(manifest.dim, ctx.device)

@@ -146,7 +146,7 @@ def test_members_initialised_as_their_standalone_runs():
     for seed in (3, 4):
         torch.manual_seed(seed)
         models.append(build_model(cfg.model, 8, 2))
-    pop = Population(models, [0.0, 0.1], [False, False])
+    pop = Population(models, [False, False])
     for k, m in enumerate(models):
         for name, value in m.state_dict().items():
             assert torch.equal(pop.member_state_dict(k)[name], value)
