@@ -175,10 +175,18 @@ class SampleBook:
             data = json.loads(storage.read_bytes(url, options))
             samples = [Sample(str(s["name"]), dict(s["values"])) for s in data["samples"]]
         except FileNotFoundError:
-            samples = []
+            return cls(cfg, out, options, [])
         except (ValueError, KeyError, TypeError) as err:
             raise SweepError(f"{storage.redact(url, options)} is not a search record ({err}); remove it to start the search over") from None
-        return cls(cfg, out, options, samples)
+        book = cls(cfg, out, options, samples)
+        # sweep.* keys may change on --resume (they do not change a trial's result), but points drawn
+        # under another search, seed or space are not this search's points
+        changed = [f"sweep.{k}" for k in ("search", "search_seed", "space") if data.get(k) != book.header[k]]
+        if changed:
+            raise SweepError(f"{storage.redact(url, options)} records points drawn with other {', '.join(changed)} than this config: choose another --out (or run.name) for a new search")
+        if len(samples) > cfg.sweep.num_samples:
+            raise SweepError(f"{storage.redact(url, options)} records {len(samples)} points drawn, more than sweep.num_samples={cfg.sweep.num_samples}: a resumed search can grow, not shrink")
+        return book
 
     def save(self) -> None:
         write_json(self.url, self.header | {"samples": [{"name": s.name, "values": s.values} for s in self.samples]}, self.options)

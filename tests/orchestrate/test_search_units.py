@@ -53,6 +53,21 @@ def test_a_torn_record_is_a_clear_error(tmp_path):
         SampleBook.load(_cfg(), str(tmp_path), StorageOptions())
 
 
+def test_a_record_of_another_search_is_refused(tmp_path):
+    book = SampleBook.load(_cfg(), str(tmp_path), StorageOptions())
+    namer = book.namer()
+    for lam in (0.1, 0.2, 0.3):
+        namer(_trial({"loss.lam": lam, "model.hidden": 9, "loss.kind": "neg_entropy"}))
+    book.close()
+    assert len(SampleBook.load(_cfg("random", "sweep.num_samples=9"), str(tmp_path), StorageOptions()).samples) == 3  # a search may grow
+    with pytest.raises(Exception, match=r"other sweep\.search_seed than this config"):
+        SampleBook.load(_cfg("random", "sweep.search_seed=8"), str(tmp_path), StorageOptions())
+    with pytest.raises(Exception, match=r"other sweep\.search, sweep\.search_seed than this config"):
+        SampleBook.load(_cfg("optuna", "sweep.search_seed=8"), str(tmp_path), StorageOptions())
+    with pytest.raises(Exception, match=r"records 3 points drawn, more than sweep\.num_samples=2"):
+        SampleBook.load(_cfg("random", "sweep.num_samples=2"), str(tmp_path), StorageOptions())
+
+
 def test_recorder_pickles_without_storage_options(tmp_path):
     rec = EarlyStopRecorder(_cfg("random", "storage.key=KEYID", "storage.secret=VERYSECRET"), str(tmp_path), StorageOptions())
     blob = pickle.dumps(rec)
