@@ -10,6 +10,10 @@ best/state.pt) and ``ray/<run.name>/`` (Tune's experiment state; Ray Train check
 ``--resume`` starts a fresh Tune experiment over the same grid (Tune's pickled state is never loaded, see
 :mod:`.resume`): finished trials (results.json) return at once, the others continue from their last
 checkpoint.
+
+``sweep.search: random | optuna`` replaces the grid by points Tune's searcher draws from
+``sweep.space`` (recorded in ``search.json``), and ``sweep.scheduler: asha`` lets Tune's ASHA stop
+trials early (``trials/<trial>/stopped.json``); both run one trial per point. See :mod:`.search`.
 """
 
 from __future__ import annotations
@@ -182,7 +186,6 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
         tune.with_parameters(run_trial, base=cfg.to_dict(), out=out, single=single, searched=tuple(cfg.sweep.space) if searched else ()),
         {k.lower() if k in ("CPU", "GPU") else k: v for k, v in fn_resources.items()},
     )
-    search: dict[str, Any] = {}
     if searched:  # Tune's searcher draws the points; SampleBook names and records each (search.json)
         book = SampleBook.load(cfg, out, options)
         searcher = make_searcher(cfg, book.samples, concurrency)
