@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -158,6 +159,21 @@ class SweepSection(_Section):
     trial_gpus: float = Field(0.0, ge=0.0, description="GPUs per trial; fractions pack several trials on one GPU.")
     population: int | Literal["auto", "off"] = Field("auto", description="Fuse grid points that differ only in loss.lam, loss.kind, train.seed, train.lr, train.weight_decay (and share train.data_seed) into populations trained as one stacked model in one trial: 'auto' (as many members as fit, see docs/ARCHITECTURE.md), 'off' (one trial per grid point), or N (at most N members per population).")
 
+    search: Literal["grid", "random", "optuna"] = Field("grid", description="How trial points are chosen: 'grid' (every point of sweep.grid), 'random' (sweep.num_samples points drawn from sweep.space by Ray Tune's random search) or 'optuna' (sweep.num_samples points proposed one after another by Optuna's TPE through Ray Tune's OptunaSearch, maximising the best validation score by train.select_metric). random and optuna never fuse trials into populations.")
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict, description="For search random/optuna: dotted key → distribution, one of {loguniform: [low, high]}, {uniform: [low, high]}, {randint: [low, high]} (integers, high excluded) or {choice: [v1, v2, ...]}; e.g. {loss.lam: {loguniform: [1.0e-4, 1]}, train.lr: {loguniform: [1.0e-5, 1.0e-3]}}.")
+    num_samples: int = Field(0, ge=0, description="For search random/optuna: how many points are drawn and trained (required, ≥ 1). A grid runs each of its points once and leaves this 0.")
+    search_seed: int = Field(0, ge=0, description="Seeds the random/optuna search: the same seed draws the same points (optuna: the same first points; later ones depend on the results, which repeat when trials finish in the same order).")
+    scheduler: Literal["none", "asha"] = Field("none", description="Early stopping of trials: 'none', or 'asha' (Ray Tune's ASHAScheduler on the best validation score so far by train.select_metric, judged after each epoch but the last). Stopped trials are marked STOPPED_EARLY in trials.csv and never give the chosen λ. Trials run unfused under a scheduler.")
+    asha_grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial trains before it can be stopped (the first rung); must be < train.epochs.")
+    asha_reduction_factor: float = Field(3.0, gt=1.0, description="ASHA: rungs lie at grace_period × factor^k epochs; at each rung a trial continues only if its score is in the top 1/factor of the trials that reached that rung before it.")
+
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_specs(cls, space: Any) -> Any:
+        if isinstance(space, dict):
+            return {key: parse_distribution(key, spec) for key, spec in space.items()}
+        return space
+
     @field_validator("population", mode="before")
     @classmethod
     def _population_off(cls, value: Any) -> Any:
@@ -219,6 +235,12 @@ class Config(_Section):
     def _grid_keys_exist(self) -> "Config":
         for key in self.sweep.grid:
             _check_dotted_key(self, key)
+        for key in self.sweep.space:
+            try:
+                _check_dotted_key(self, key)
+            except ConfigError as err:
+                raise ConfigError(f"sweep.space: {err}") from None
+        _check_search(self)
         return self
 
     def to_dict(self, redact: bool = True) -> dict[str, Any]:
@@ -237,6 +259,86 @@ def _check_dotted_key(cfg: BaseModel, dotted: str) -> None:
         if not isinstance(node, BaseModel) or part not in type(node).model_fields:
             raise ConfigError(f"unknown config key {dotted!r} (no field {part!r})")
         node = getattr(node, part)
+
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+
+
+def parse_distribution(key: str, spec: Any) -> dict[str, list[Any]]:
+    """One ``sweep.space`` entry, checked and normalised: ``{kind: [args]}`` with numeric bounds as numbers
+    (YAML reads ``1e-4`` as text). Raises ValueError naming ``sweep.space['key']``."""
+    where = f"sweep.space[{key!r}]"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f"{where} must be one distribution, e.g. {{loguniform: [1.0e-4, 1]}}; kinds: {', '.join(DISTRIBUTIONS)}")
+    kind, args = next(iter(spec.items()))
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"{where}: unknown distribution {kind!r}; kinds: {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(args, list) or not args:
+        raise ValueError(f"{where}: {kind} needs a list ({'[v1, v2, ...]' if kind == 'choice' else '[low, high]'})")
+    if kind == "choice":
+        return {kind: list(args)}
+    if len(args) != 2:
+        raise ValueError(f"{where}: {kind} needs [low, high], got {len(args)} value(s)")
+    try:
+        low, high = (float(a) if not isinstance(a, bool) else math.nan for a in args)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: {kind} bounds must be numbers") from None
+    if not (math.isfinite(low) and math.isfinite(high)) or low >= high:
+        raise ValueError(f"{where}: {kind} needs finite low < high, got [{low:g}, {high:g}]")
+    if kind == "loguniform" and low <= 0:
+        raise ValueError(f"{where}: loguniform needs 0 < low, got [{low:g}, {high:g}]")
+    if kind == "randint":
+        if low != int(low) or high != int(high):
+            raise ValueError(f"{where}: randint bounds must be integers, got [{low:g}, {high:g}]")
+        return {kind: [int(low), int(high)]}
+    return {kind: [low, high]}
+
+
+def _check_search(cfg: "Config") -> None:
+    """sweep.search, sweep.space, sweep.num_samples and sweep.scheduler agree (ConfigError naming the keys)."""
+    sw = cfg.sweep
+    if sw.search == "grid":
+        if sw.space:
+            raise ConfigError(f"sweep.space holds distributions ({', '.join(sw.space)}) but sweep.search is 'grid': set sweep.search=random or optuna, or list values in sweep.grid")
+        if sw.num_samples:
+            raise ConfigError("sweep.num_samples is for sweep.search=random or optuna; a grid runs each of its points once")
+    else:
+        if not sw.space:
+            raise ConfigError(f"sweep.search={sw.search} needs sweep.space, e.g. sweep.space={{loss.lam: {{loguniform: [1.0e-4, 1]}}}}")
+        if sw.num_samples < 1:
+            raise ConfigError(f"sweep.search={sw.search} needs sweep.num_samples >= 1 (points to draw), got {sw.num_samples}")
+        if sw.grid:
+            raise ConfigError(f"sweep.search={sw.search} samples sweep.space only; sweep.grid must be empty (a discrete key goes in sweep.space as {{choice: [...]}})")
+    if (sw.scheduler != "none" or sw.search == "optuna") and cfg.train.select_metric == "last":
+        what = "sweep.scheduler=asha" if sw.scheduler != "none" else "sweep.search=optuna"
+        raise ConfigError(f"{what} needs a validation score, but train.select_metric=last has none: choose auc+f1, auc, f1 or loss")
+    if sw.scheduler == "asha" and sw.asha_grace_period >= cfg.train.epochs:
+        raise ConfigError(f"sweep.asha_grace_period={sw.asha_grace_period} must be < train.epochs={cfg.train.epochs}: ASHA judges trials before their last epoch")
+
+
+def space_points(cfg: "Config") -> list[dict[str, Any]]:
+    """Values that stand for every ``sweep.space`` distribution in validation: each key's bounds (randint:
+    its highest value) or each choice, one key at a time."""
+    points = []
+    for key, spec in cfg.sweep.space.items():
+        kind, args = next(iter(spec.items()))
+        values = args if kind == "choice" else [args[0], args[1] - 1] if kind == "randint" else args
+        points += [{key: v} for v in values]
+    return points
+
+
+def check_sweep_space(cfg: "Config") -> int:
+    """Validate the ``sweep.space`` bounds and choices against the config (before Ray starts): a bound the
+    key cannot take raises ConfigError naming ``sweep.space['key']``. Returns the number of values checked."""
+    points = space_points(cfg)
+    for point in points:
+        ((key, value),) = point.items()
+        try:
+            config_with(cfg, point)
+        except ConfigError as err:
+            shown = "***" if key in SECRET_KEYS else repr(mask_userinfo(value))
+            raise ConfigError(f"sweep.space[{key!r}] value {shown}: {str(err).removeprefix('override: ')}") from None
+    return len(points)
 
 
 SECRET_KEYS = ("storage.key", "storage.secret")
@@ -270,8 +372,8 @@ def _format_error(err: ValidationError, prefix: str = "") -> str:
         key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
-        elif not loc:  # a whole-config check (e.g. sweep.grid keys): its message names the key
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
+        elif not loc or (e["type"] == "value_error" and str(e["msg"]).removeprefix("Value error, ").startswith(key)):
+            lines.append(str(e["msg"]).removeprefix("Value error, "))  # a check whose message names the key itself
         else:
             lines.append(f"{key}: {e['msg']}{_shown_input(key, e.get('input'))}")
     return "; ".join(lines)

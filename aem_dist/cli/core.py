@@ -8,7 +8,7 @@ import typer
 
 from .app import app, run_guarded
 
-ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config file, or a packaged config name: demo, camelyon16, camelyon17, lbc.")]
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config file, or a packaged config name: demo, demo-search, demo-asha, camelyon16, camelyon17, lbc.")]
 AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray started for this command).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Dotted override, repeatable: --set loss.lam=0.1 --set train.epochs=5.")]
 

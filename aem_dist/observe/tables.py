@@ -11,6 +11,12 @@ std runs over all of them. Every λ is trained on the same folds with the same s
 λ = 0 is a **paired** t-test (``scipy.stats.ttest_rel``) over the (fold, seed) pairs both groups
 finished; ``summary_folds.csv`` and a per-fold table in ``summary.md`` give each fold's mean ± std
 over seeds.
+
+Searches and early stopping: a trial a scheduler (``sweep.scheduler: asha``) stopped before its last
+epoch has status ``STOPPED_EARLY`` in trials.csv (``epochs`` says how many it trained); the summary
+counts such trials per row (``stopped_early``), leaves them out of the means, and never marks a row
+with one of them as chosen. For a random/optuna search, the drawn keys (``searched``) are chosen over,
+like λ: the chosen row is the one best by mean validation score among all rows.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ FOLD_KEY = "data.fold"
 LAM_KEY = "loss.lam"
 PAIR_KEYS = (FOLD_KEY, SEED_KEY)  # what identifies a trial within a group; pairs it across λ
 SPLIT_COLUMNS = ("auc", "f1", "acc", "balanced_acc", "attn_entropy", "attn_entropy_norm", "attn_top1pct")
-TRIAL_COLUMNS = ("trial", "status", "best_epoch", *(f"{s}_{m}" for s in ("val", "test") for m in SPLIT_COLUMNS), "wall_s", "path")
+STOPPED_EARLY = "STOPPED_EARLY"  # the status of a trial a scheduler (ASHA) stopped before its last epoch
+TRIAL_COLUMNS = ("trial", "status", "best_epoch", "epochs", *(f"{s}_{m}" for s in ("val", "test") for m in SPLIT_COLUMNS), "wall_s", "path")
 
 
 def trial_row(trial: str, swept: dict[str, Any], results: dict[str, Any] | None, *, status: str, wall_s: float | None, path: str = "") -> dict[str, Any]:
@@ -40,6 +47,8 @@ def trial_row(trial: str, swept: dict[str, Any], results: dict[str, Any] | None,
     row: dict[str, Any] = {"trial": trial, "status": status, **swept}
     results = results or {}
     row["best_epoch"] = results.get("best_epoch")
+    # epochs trained: a stopped trial's record says; a finished one ran them all
+    row["epochs"] = results.get("epochs", ((results.get("config") or {}).get("train") or {}).get("epochs"))
     for split in ("val", "test"):
         metrics = results.get(split) or {}
         for m in SPLIT_COLUMNS:
@@ -128,20 +137,31 @@ def group_keys_of(swept_keys: Sequence[str]) -> list[str]:
     return [k for k in swept_keys if k not in PAIR_KEYS]
 
 
-def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list[dict[str, Any]]:
+def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], searched: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Per group (all swept keys but seed and fold): n, mean ± std of test AUC/F1 over seeds (× folds),
-    val means, p vs λ=0 (paired over (fold, seed) when folds are swept), chosen."""
+    val means, p vs λ=0 (paired over (fold, seed) when folds are swept), chosen.
+
+    Trials a scheduler stopped early (status STOPPED_EARLY) are counted in ``stopped_early`` and kept out
+    of the means; a group with one of them is never chosen. ``searched``: keys a search drew (chosen over,
+    like λ, rather than grouped by)."""
     group_keys = group_keys_of(swept_keys)
     paired = FOLD_KEY in swept_keys
     done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("test_auc") is not None]
+    stopped = [r for r in rows if r.get("status") == STOPPED_EARLY]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    n_stopped: dict[tuple, int] = defaultdict(int)
     for r in done:
         groups[tuple(r.get(k) for k in group_keys)].append(r)
+    for r in stopped:
+        key = tuple(r.get(k) for k in group_keys)
+        n_stopped[key] += 1
+        groups.setdefault(key, [])
     out: list[dict[str, Any]] = []
     for key in sorted(groups, key=lambda k: tuple((v is None, str(type(v)), v) for v in k)):
         members = groups[key]
         row: dict[str, Any] = dict(zip(group_keys, key))
         row["n"] = len(members)
+        row["stopped_early"] = n_stopped[key]
         for col in ("test_auc", "test_f1", "val_auc", "val_f1", "test_attn_entropy"):
             row[f"{col}_mean"], row[f"{col}_std"], _ = _mean_std(m.get(col) for m in members)
         row["val_score_mean"] = row["val_auc_mean"] + row["val_f1_mean"]
@@ -156,7 +176,7 @@ def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list
             else:
                 row[f"p_{col}_vs_lam0"] = _ttest([m.get(col) for m in members], [m.get(col) for m in base_members])
         out.append(row)
-    _mark_chosen(out, group_keys)
+    _mark_chosen(out, [k for k in group_keys if k not in searched])
     return out
 
 
@@ -165,13 +185,15 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _mark_chosen(summary: list[dict[str, Any]], group_keys: Sequence[str]) -> None:
-    """``chosen`` = best mean validation score among rows that agree on every swept key except λ."""
+    """``chosen`` = best mean validation score among rows that agree on every key of ``group_keys`` except
+    λ — and only among rows none of whose trials was stopped early: a stopped trial never reached the final
+    epoch, so neither it nor a mean it would leave a hole in can give the chosen λ."""
     others = [k for k in group_keys if k != LAM_KEY]
     by_rest: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in summary:
         by_rest[tuple(row.get(k) for k in others)].append(row)
     for rows in by_rest.values():
-        scored = [r for r in rows if not math.isnan(r["val_score_mean"])]
+        scored = [r for r in rows if not math.isnan(r["val_score_mean"]) and not r.get("stopped_early")]
         best = max(scored, key=lambda r: r["val_score_mean"], default=None)
         for r in rows:
             r["chosen"] = r is best
@@ -181,7 +203,7 @@ def summary_columns(group_keys: Sequence[str]) -> list[str]:
     cols = [*group_keys, "n"]
     for col in ("test_auc", "test_f1", "val_auc", "val_f1", "test_attn_entropy"):
         cols += [f"{col}_mean", f"{col}_std"]
-    return cols + ["val_score_mean", "p_test_auc_vs_lam0", "p_test_f1_vs_lam0", "chosen"]
+    return cols + ["val_score_mean", "p_test_auc_vs_lam0", "p_test_f1_vs_lam0", "stopped_early", "chosen"]
 
 
 def summarize_folds(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -231,11 +253,14 @@ def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str
         return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3g}"
 
     folds = per_fold is not None
-    head = [*group_keys, "folds × seeds" if folds else "seeds", "test AUC", "test F1", "val AUC", "val F1", "p(AUC) vs λ=0", "p(F1) vs λ=0", "chosen by val"]
+    stops = any(r.get("stopped_early") for r in summary)  # a column only when a scheduler stopped something
+    head = [*group_keys, "folds × seeds" if folds else "seeds", "test AUC", "test F1", "val AUC", "val F1", "p(AUC) vs λ=0", "p(F1) vs λ=0", *(["stopped early"] if stops else []), "chosen by val"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         cells = [str(r.get(k)) for k in group_keys]
-        cells += [str(r["n"]), pm(r, "test_auc"), pm(r, "test_f1"), pm(r, "val_auc"), pm(r, "val_f1"), p(r.get("p_test_auc_vs_lam0")), p(r.get("p_test_f1_vs_lam0")), "**yes**" if r.get("chosen") else ""]
+        cells += [str(r["n"]), pm(r, "test_auc"), pm(r, "test_f1"), pm(r, "val_auc"), pm(r, "val_f1"), p(r.get("p_test_auc_vs_lam0")), p(r.get("p_test_f1_vs_lam0"))]
+        cells += [str(r.get("stopped_early") or "")] if stops else []
+        cells.append("**yes**" if r.get("chosen") else "")
         lines.append("| " + " | ".join(cells) + " |")
     if folds:
         lines += ["", "Mean ± sample std over every (fold, seed) trial; λ chosen by mean validation AUC + F1 (never by test); "
@@ -243,15 +268,18 @@ def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str
         lines += ["", "## Per fold (mean ± std over seeds)", "", folds_markdown(per_fold or [], group_keys).rstrip()]
     else:
         lines += ["", "Mean ± sample std over seeds; λ chosen by mean validation AUC + F1 (never by test); p-values: unpaired two-sample t-test vs λ = 0."]
+    if stops:
+        lines += ["", "stopped early: trials the sweep's scheduler (ASHA) stopped before their last epoch (status STOPPED_EARLY in trials.csv); "
+                  "they are left out of the means and seeds, and a row with any of them is never chosen."]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None) -> list[dict[str, Any]]:
+def write_tables(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None, searched: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Write trials.csv, summary.csv and summary.md (and, with ``data.fold`` swept, summary_folds.csv)
-    under ``out``; returns the summary rows."""
+    under ``out``; returns the summary rows. ``searched``: the keys a random/optuna search drew."""
     group_keys = group_keys_of(swept_keys)
     storage.atomic_write_text(storage.join(out, "trials.csv"), to_csv(rows, _columns(rows, swept_keys)), options)
-    summary = summarize(rows, swept_keys)
+    summary = summarize(rows, swept_keys, searched)
     per_fold = summarize_folds(rows, swept_keys) if FOLD_KEY in swept_keys else None
     storage.atomic_write_text(storage.join(out, "summary.csv"), to_csv(summary, summary_columns(group_keys)), options)
     if per_fold is not None:

@@ -18,14 +18,18 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .. import storage
-from ..config import Config, check_sweep_grid, config_with
+from ..config import Config, check_sweep_grid, check_sweep_space, config_with, space_points
 from ..storage import StorageOptions
 from .errors import PreflightError
 
 
 def point_configs(cfg: Config, sweep: bool) -> list[Config]:
     """The configs the run will train: every grid point of a sweep (grid keys and values validated, a bad
-    one raises :class:`~aem_dist.config.ConfigError` naming it), or ``cfg`` alone for a single run."""
+    one raises :class:`~aem_dist.config.ConfigError` naming it), for a random/optuna search the bounds and
+    choices of ``sweep.space`` (checked the same way), or ``cfg`` alone for a single run."""
+    if sweep and cfg.sweep.search != "grid":  # a search: each distribution's bounds and choices stand for its points
+        check_sweep_space(cfg)
+        return [cfg] + [config_with(cfg, point) for point in space_points(cfg)]
     if not sweep or not cfg.sweep.grid:
         return [cfg]
     import itertools

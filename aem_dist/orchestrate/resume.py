@@ -7,6 +7,10 @@ could run code on the driver. aem-dist therefore never restores a Tune experimen
 
 * a trial is finished when its ``trials/<trial>/results.json`` (JSON, written last) exists and holds
   the very config the trial would run (:func:`finished_results`) — it reports and returns at once;
+  so is a trial a scheduler stopped (its ``stopped.json``, :func:`stopped_record`): it is kept, not
+  trained on;
+* a search's drawn points come from ``<out>/search.json`` (see :mod:`.search`), never from the
+  searcher's pickled state;
 * an unfinished trial continues from its last checkpoint: ``state.pt`` read with
   ``torch.load(weights_only=True)``, either from Ray Train (its run of the same name and storage path;
   Train V2 restores its checkpoint list from a JSON snapshot) or, for in-process trials
@@ -46,13 +50,13 @@ def experiment_exists(fs: Any, exp_path: str) -> bool:
     return fs.get_file_info(exp_path).type != pafs.FileType.NotFound
 
 
-def finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict[str, Any] | None:
+def finished_results(run_dir: str, cfg: Config, options: StorageOptions, file: str = "results.json") -> dict[str, Any] | None:
     """The trial's results.json if it exists and was produced by this very configuration.
 
     results.json is written last, so a trial that has one finished — even if the driver died before
     Tune recorded it. Raises StorageError if storage cannot be read."""
     try:
-        results = json.loads(storage.read_bytes(storage.join(run_dir, "results.json"), options))
+        results = json.loads(storage.read_bytes(storage.join(run_dir, file), options))
     except FileNotFoundError:
         return None
     except ValueError:  # a torn or foreign file: not finished, train (and rewrite) it
@@ -61,6 +65,15 @@ def finished_results(run_dir: str, cfg: Config, options: StorageOptions) -> dict
         return None
     # keys that do not change results may differ (Ray workers record progress off, ...): runrecord
     return results if not result_relevant_diff(results["config"], stored_config(cfg)) else None
+
+
+def stopped_record(run_dir: str, cfg: Config, options: StorageOptions) -> dict[str, Any] | None:
+    """The trial's ``stopped.json`` (a scheduler stopped it; written by the driver, see
+    :class:`.search.EarlyStopRecorder`) if it was trained under this very configuration: a resumed sweep
+    keeps such a trial as it is rather than training it on."""
+    from .search import STOPPED_FILE
+
+    return finished_results(run_dir, cfg, options, STOPPED_FILE)
 
 
 def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: str, options: StorageOptions) -> list[dict[str, Any]]:
@@ -76,8 +89,10 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
     # Progress is the driver's live trial table and metrics; a bar per trial would interleave.
     quiet = [build_config(apply_overrides(c.to_dict(redact=False), {"train.progress": False}), "trial config") for c in cfgs]
 
+    from .search import progress_metrics
+
     def report(epoch: EpochReport) -> None:
-        ray.tune.report(epoch.flat())
+        ray.tune.report(progress_metrics(epoch.flat(), epoch.epoch, cfgs[0].train.epochs))
 
     best_dirs = [storage.join(d, "best") for d in run_dirs]
     # the GPU Ray assigned to this trial (sweep.trial_gpus), never just any visible one

@@ -27,6 +27,7 @@ from ..engine.loop import EpochReport, fit_members
 from ..engine.results import results_dict
 from ..engine.stages import model_init
 from ..storage import StorageOptions
+from .search import progress_metrics
 
 
 class RayReporter:
@@ -46,7 +47,7 @@ class RayReporter:
     def __call__(self, report: EpochReport) -> None:
         if self.checkpoint_s is not None:  # the previous epoch's save: this one's is still to come
             report.extra["time/checkpoint_s"] = self.checkpoint_s
-        metrics = report.flat()
+        metrics = progress_metrics(report.flat(), report.epoch, self.epochs)  # ASHA's time attribute (see .search)
         # run.checkpoint_every: a report without a checkpoint still passes metrics (and is the barrier)
         due = (report.epoch + 1) % self.every == 0 or report.epoch + 1 == self.epochs
         with tempfile.TemporaryDirectory(prefix="aem-ckpt-") as tmp:
