@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from typing import Iterator
 
 log = logging.getLogger(__name__)
@@ -109,4 +110,15 @@ def _ray(address: str | None, num_cpus: int | None) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+        _remove_temp_dir(temp_dir)
+
+
+def _remove_temp_dir(temp_dir: str, settle_s: float = 5.0) -> None:
+    """Remove Ray's temp dir. A Ray helper process may still write a file into it for a moment after
+    ``ray.shutdown()`` returns (seen on a loaded 2-core machine), so remove again until it stays gone."""
+    deadline = time.monotonic() + settle_s
+    while True:
         shutil.rmtree(temp_dir, ignore_errors=True)
+        time.sleep(0.2)
+        if not os.path.exists(temp_dir) or time.monotonic() > deadline:
+            return
