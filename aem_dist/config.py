@@ -157,6 +157,7 @@ class SweepSection(_Section):
     trial_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per trial (with num_workers 0) or per Ray Train worker.")
     trial_gpus: float = Field(0.0, ge=0.0, description="GPUs per trial; fractions pack several trials on one GPU.")
     population: int | Literal["auto", "off"] = Field("auto", description="Fuse grid points that differ only in loss.lam, loss.kind, train.seed, train.lr, train.weight_decay (and share train.data_seed) into populations trained as one stacked model in one trial: 'auto' (as many members as fit, see docs/ARCHITECTURE.md), 'off' (one trial per grid point), or N (at most N members per population).")
+    report: bool = Field(True, description="Write report.md and its plots (aem-dist report) when the sweep ends. Off: the tables only (the report's UMAP alone compiles for ~10-13 s, docs/observability.md); `aem-dist report OUT` writes it later.")
 
     @field_validator("population", mode="before")
     @classmethod

@@ -231,7 +231,6 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
     import ray
 
     from ..observe.callbacks import TuneMetricsCallback
-    from ..observe.report import write_report
 
     out = storage.absolute(out)
     grid = dict(cfg.sweep.grid)
@@ -249,8 +248,11 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
         results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=[callback], specs=specs)
         rows = collect_rows(results, cfg, out, grid)
         summary = write_tables(out, rows, list(grid), options)
-        report = write_report(out, options=options, progress=cfg.train.progress)
-        announce(f"report: {storage.redact(report.url, options)}")
+        if cfg.sweep.report:
+            from ..observe.report import write_report  # matplotlib, umap: imported only when used
+
+            report = write_report(out, options=options, progress=cfg.train.progress)
+            announce(f"report: {storage.redact(report.url, options)}")
     failed = [r["trial"] for r in rows if r["status"] != "TERMINATED"]
     if failed:
         raise SweepError(f"{len(failed)} of {len(rows)} trial(s) did not finish ({', '.join(failed)}); their errors are above and in {storage.redact(out, options)}/ray; rerun with --resume to retry them")
