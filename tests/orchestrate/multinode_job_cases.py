@@ -83,18 +83,25 @@ def test_resubmitted_job_completes_only_unfinished_trials(ray_multinode_jobs, s3
 
     def some_finished():
         job = _job(cluster.dashboard_url, "sweep-1")
-        assert job["status"] not in TERMINAL, f"the first job ended before any trial finished: {job['status']}\n{first_job_logs()[-4000:]}"
+        assert job["status"] not in TERMINAL, f"the first job ended before it was killed: {job['status']}\n{first_job_logs()[-4000:]}"
         s3.invalidate_cache()  # s3fs caches listings; each poll must see the bucket as it is now
-        return job if job.get("driver_info") and s3.glob(results_glob) else None
+        done = {p.split("/")[-2] for p in s3.glob(results_glob)}
+        midway = {p.split("/")[-4] for p in s3.glob(checkpoints_glob)} - done
+        # Kill once a trial has finished and another stands at a checkpoint, or else once two have finished:
+        # trials run two at a time, so a third has yet to start up then, let alone finish.
+        return job if job.get("driver_info") and done and (midway or len(done) >= 2) else None
 
     # Once some trials have finished (their results.json, written last, is on S3), the driver dies as a
     # pre-empted head pod's would: SIGKILL, no chance to clean up or to record anything.
-    job = _wait("a trial of the first job finishing", some_finished)
+    job = _wait("trials of the first job finishing", some_finished)
     os.kill(int(job["driver_info"]["pid"]), signal.SIGKILL)
     job = _wait("the first job ending", lambda: (j := _job(cluster.dashboard_url, "sweep-1"))["status"] in TERMINAL and j)
     assert job["status"] == "FAILED", job
-    # The dead driver's trials die with it; wait until none is left, so none can still write results.
-    _wait("the first job's trials exiting", lambda: not [a for a in list_actors(address=cluster.dashboard_url, filters=[("state", "=", "ALIVE")]) if a.class_name != "JobSupervisor"])
+    # The dead driver's trials (its job's actors) die with it; wait until none is left, so none can still
+    # write results.
+    alive = [("job_id", "=", job["job_id"]), ("state", "=", "ALIVE")]
+    _wait("the first job's trials exiting", lambda: not list_actors(address=cluster.dashboard_url, filters=alive))
+    assert list_actors(address=cluster.dashboard_url, filters=alive[:1])  # the filter names the job's (dead) trials
     s3.invalidate_cache()
     finished = {p: (s3.cat_file(p), s3.info(p)["LastModified"]) for p in s3.glob(results_glob)}
     assert 1 <= len(finished) < 4, sorted(finished)
@@ -117,10 +124,11 @@ def test_resubmitted_job_completes_only_unfinished_trials(ray_multinode_jobs, s3
     for path, (content, modified) in finished.items():
         assert s3.cat_file(path) == content and s3.info(path)["LastModified"] == modified, path
     assert len(s3.glob(results_glob)) == 4
-    for path in s3.glob(results_glob):  # ... and the others continued from their last checkpoint, if any
-        if path not in finished:
-            trial = path.split("/")[-2]
-            assert json.loads(s3.cat_file(path))["resumed_after_epoch"] == partial.get(trial), (trial, partial)
+    for path in s3.glob(results_glob):
+        result = json.loads(s3.cat_file(path))
+        assert result["trial_node_id"] in cluster.node_ids.values()  # trained on this cluster's worker nodes
+        if path not in finished:  # ... and the others continued from their last checkpoint, if any
+            assert result["resumed_after_epoch"] == partial.get(path.split("/")[-2]), (path, partial)
 
     # The final tables equal an uninterrupted sweep's: each grid point trained without Ray (the same loop
     # a num_workers-0 trial runs; CPU, one thread in both) and tabulated by the same functions.
