@@ -293,7 +293,6 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
     import ray
 
     from ..observe.callbacks import TuneMetricsCallback
-    from ..observe.report import write_report
 
     out = storage.absolute(out)
     grid = dict(cfg.sweep.grid)
@@ -317,8 +316,11 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
         results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=[callback], specs=specs)
         rows = collect_rows(results, cfg, out, sweep_points(cfg, out, options))
         summary = write_tables(out, rows, keys, options, searched=keys if searched else ())
-        report = write_report(out, options=options, progress=cfg.train.progress)
-        announce(f"report: {storage.redact(report.url, options)}")
+        if cfg.sweep.report:
+            from ..observe.report import write_report  # matplotlib, umap: imported only when used
+
+            report = write_report(out, options=options, progress=cfg.train.progress)
+            announce(f"report: {storage.redact(report.url, options)}")
     failed = [r["trial"] for r in rows if r["status"] not in ("TERMINATED", STOPPED_EARLY)]
     if failed:
         raise SweepError(f"{len(failed)} of {len(rows)} trial(s) did not finish ({', '.join(failed)}); their errors are above and in {storage.redact(out, options)}/ray; rerun with --resume to retry them")

@@ -26,6 +26,10 @@ def documented_entrypoint() -> str:
 def test_documented_sweep_command_runs_as_a_ray_job(ray_head, demo_data, tmp_path):
     entrypoint = documented_entrypoint()
     assert CLUSTER_CONFIG in entrypoint and CLUSTER_OUT in entrypoint
+    # One command for the first submission and every retry (KubeRay reruns the identical entrypoint): it
+    # carries --resume, which on an empty --out (as here) starts a fresh sweep. Resubmission after a killed
+    # driver: tests/orchestrate/test_multinode_job.py.
+    assert entrypoint.endswith(" --resume")
     out = tmp_path / "sweep"
     # The same command on the demo config and a local output, made small enough for a test.
     command = entrypoint.replace(CLUSTER_CONFIG, "configs/demo.yaml").replace(CLUSTER_OUT, str(out))
