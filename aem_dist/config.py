@@ -110,7 +110,7 @@ class ModelConfig(_Section):
 
 class LossConfig(_Section):
     lam: float = Field(0.0, ge=0.0, description="AEM weight λ: total = CE + λ·Σ a log a (mean over bags). 0 disables AEM.")
-    kind: Literal["neg_entropy", "kl_uniform"] = Field("neg_entropy", description="Regulariser: the AEM negative entropy, or KL(a ‖ uniform) for the paper's ablation.")
+    kind: Literal["neg_entropy", "kl_uniform"] = Field("neg_entropy", description="Regulariser: the AEM negative entropy, or KL(uniform ‖ a) for the paper's ablation (C2C's KL loss).")
 
 
 class TrainConfig(_Section):

@@ -2,9 +2,11 @@
 
 AEM (the paper's term) per bag is ``Σ_i a_i log a_i`` — the negative entropy of the bag's attention,
 natural log, from the log-softmax of the scores so that tiny weights cannot give ``0 · log 0``.
-Minimising it maximises attention entropy. ``kl_uniform`` is the ablation ``KL(a ‖ u) = Σ a log a +
-log N``: the same gradient per bag, but it carries a bag-size-dependent offset and (as the paper
-notes) the reference distribution explicitly.
+Minimising it maximises attention entropy. ``kl_uniform`` is the paper's ablation, the KL divergence
+loss of C2C: ``KL(u ‖ a) = −log N − (1/N) Σ_i log a_i`` with ``u`` uniform over the bag's N instances.
+The other direction would not be an ablation: ``KL(a ‖ u) = Σ a log a + log N`` differs from AEM by a
+constant per bag, so it trains exactly like AEM. ``KL(u ‖ a)`` pulls every weight up through
+``log a_i`` (it punishes near-zero weights, where AEM punishes peaks).
 
 With several heads/branches (or sub-bag segments) the per-bag term is the mean over them. A batch's
 term is the mean over its bags, so every term in the loss is a mean over bags.
@@ -34,10 +36,11 @@ def attention_regulariser(out: MILOutput, n_bags: int, kind: str = "neg_entropy"
     if out.attn_scores is None:
         return out.logits.new_zeros(())
     log_a = out.log_attention()  # (R, H)
-    per_segment = segment_neg_entropy(log_a, out.attn_index, out.n_segments)  # (S, H)
     if kind == "kl_uniform":
-        n = segment_count(out.attn_index, out.n_segments).to(per_segment.dtype)  # (S,)
-        per_segment = per_segment + torch.log(n.clamp_min(1)).unsqueeze(1)
+        n = segment_count(out.attn_index, out.n_segments).to(log_a.dtype)  # (S,)
+        per_segment = -torch.log(n.clamp_min(1)).unsqueeze(1) - segment_mean(log_a, out.attn_index, out.n_segments)  # (S, H)
+    else:
+        per_segment = segment_neg_entropy(log_a, out.attn_index, out.n_segments)  # (S, H)
     per_segment = per_segment.mean(dim=1)  # (S,)
     if out.segment_bag is None:
         per_bag = per_segment

@@ -111,6 +111,25 @@ def test_aem_is_sum_p_log_p_per_bag_averaged(model):
     assert float(loss) == pytest.approx(float(terms["ce"]) + 0.5 * np.mean(per_bag), abs=1e-12)
 
 
+def test_kl_uniform_is_kl_from_uniform_to_attention_per_bag(model):
+    """The KL ablation is KL(u ‖ a) = Σ_i (1/N) log((1/N) / a_i) per bag, averaged over bags — and it is a
+    different objective from AEM: its gradient is not AEM's (KL(a ‖ u) would have had exactly AEM's)."""
+    feats, bag_index, labels = batch()
+    out = model(feats, bag_index, len(labels))
+    kl = attention_regulariser(out, len(labels), kind="kl_uniform")
+    per_bag = []
+    for b in range(len(SIZES)):
+        a, _ = naive_bag(model, feats[bag_index == b].numpy())
+        n = len(a)
+        per_bag.append(sum((1.0 / n) * math.log((1.0 / n) / float(v)) for v in a))
+    assert per_bag[0] == 0.0 and all(v > 0 for v in per_bag[1:])  # 0 only where attention is uniform
+    assert kl.item() == pytest.approx(np.mean(per_bag), abs=1e-12)
+    w = dict(model.named_parameters())["attention.w.weight"]  # the attention scores' last layer
+    g_kl = torch.autograd.grad(kl, w, retain_graph=True)[0]
+    g_aem = torch.autograd.grad(attention_regulariser(out, len(labels)), w)[0]
+    assert not torch.allclose(g_kl, g_aem, rtol=1e-3, atol=1e-9)
+
+
 @pytest.mark.parametrize("n", [1, 2, 17, 1000])
 def test_uniform_bag_has_minus_log_n(model, n):
     # identical instances get identical scores: the attention is exactly uniform
