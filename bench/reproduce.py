@@ -60,6 +60,19 @@ FIGURES = {  # (sweep, plot) → file name next to the doc
     ("kl", "lambda_sensitivity"): "kl_lambda_sensitivity.png",
     ("subsample", "lambda_sensitivity"): "subsample_lambda_sensitivity.png",
 }
+# Why the scale and the learning rate differ from the paper: measured before the committed run
+# (2026-11-30, this 2-core VM at load 11–25), single λ = 0 runs of
+# `OMP_NUM_THREADS=1 aem-dist train --config configs/reproduce-c16.yaml --set loss.lam=0 --set train.lr=LR --set train.epochs=E`
+# on `synth --preset wsi-c16 --size-scale 0.0625`; best val AUC / test AUC over the epochs as logged.
+CALIBRATION = (
+    "Why this scale and learning rate (measured on this machine before the run, single λ = 0 runs on the same data, "
+    "`aem-dist train --config configs/reproduce-c16.yaml --set loss.lam=0 --set train.lr=LR`): one member-epoch took ~12 s single-threaded at load ~20 "
+    "(bags ÷ 8: ~15 s in a 3-member population at load ~12), so 35 λ points plus the ablations allow only a few epochs of ÷ 16 bags in the hour. "
+    "Per epoch, the paper's lr 1e-4 (2 epochs) and 1e-3 (6 epochs) stayed at chance (val AUC 0.52–0.59, test AUC 0.41–0.44, attention uniform); "
+    "3e-3 (configs/demo.yaml's) gave val AUC 0.67–0.74 over 6 epochs (test AUC 0.46–0.47; every bag still predicted `normal`, F1 0.37); "
+    "1e-2 was unstable (val AUC 0.42–0.75) and concentrated attention (test attention entropy 2.4 nats vs 6.19 at 1e-3). "
+    "Hence 6 epochs at 3e-3."
+)
 READING_PLACEHOLDER = "_Not written yet: this section is written by a person after reading this run's numbers._"
 
 # The paper's CAMELYON16 numbers (docs/models.md, "The paper's reported numbers"): mean ± sd over 5 runs.
@@ -278,13 +291,15 @@ def build_markdown(ctx: dict[str, Any]) -> str:
              f"D = {spec['dim']}, {spec['instances']} instances (median bag {spec['median']:,}; the preset's is 8 000)"],
             ["model", "ABMIL, gated attention, hidden 128", "`abmil`, hidden 128, no bias (the official code's)"],
             ["optimisation", "50 epochs, Adam(W) lr 1e-4 cosine, weight decay 1e-4, batch 1 bag",
-             f"**{ctx['epochs']} epochs**, AdamW lr 1e-4 per-iteration cosine to 0, weight decay 1e-4, batch 1 bag"],
+             f"**{ctx['epochs']} epoch{'s' if ctx['epochs'] != 1 else ''}**, AdamW **lr {ctx['lr']:g}** per-iteration cosine to 0, weight decay {ctx['wd']:g}, batch 1 bag"],
             ["seeds", "5 runs, random parameter initialisations", f"{len(ctx['seeds'])} seeds ({', '.join(map(str, ctx['seeds']))}): initialisation only (`train.data_seed: 0`, one data order)"],
             ["λ grid", "7 values incl. 0 (Fig. 5); λ = 0.005 chosen", ", ".join(f"{x:g}" for x in lams)],
             ["selection", "test metrics at the best validation epoch", "the same: best val AUC + F1 (ties by val loss); λ chosen by mean val AUC + F1"],
             ["KL ablation", "ABMIL vs + negative entropy vs + KL to uniform (Fig. 7)", f"`loss.kind=kl_uniform` at λ ∈ {{{', '.join(f'{x:g}' for x in kl_lams)}}}"],
             ["Subsampling", "ratios explored, chosen on validation; ± AEM (Table 4)", f"`data.subsample_ratio` ∈ {{{', '.join(f'{r:g}' for r in ratios)}}} × λ ∈ {{0, {lam_star:g}}}"],
         ]),
+        "",
+        CALIBRATION,
         "",
         f"Trials: {ctx['n_points']} grid points in {ctx['n_trials']} Ray Tune trials (populations: grid points that differ only in "
         "λ, seed or `loss.kind` train fused, each exactly its standalone run; docs/ARCHITECTURE.md).",
@@ -487,7 +502,8 @@ def main() -> None:
         started = datetime.now(timezone.utc)
         t_start = time.perf_counter()
         steps: dict[str, float] = {}
-        print(f"reproduce: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; output {out}", flush=True)
+        m = machine()  # the code that ran: recorded before the run, so a later --doc-only keeps it
+        print(f"reproduce: {m['cpus']} CPUs, load {os.getloadavg()[0]:.1f}, commit {m['commit']}; output {out}", flush=True)
         with LoadSampler() as sampler:
             if not (data / "manifest.json").exists():
                 steps["synth"] = aem(["synth", "--preset", "wsi-c16", "--seed", "0", "--scale", f"{a.scale:g}", "--size-scale", f"{a.size_scale:g}", "--out", str(data)], logs / "synth.log")
@@ -501,12 +517,11 @@ def main() -> None:
             steps["Subsampling sweep"] = aem(sweep_args(out / "subsample", data, {"data.subsample_ratio": a.ratios, "loss.lam": [0.0, lam_star], "train.seed": seeds}, f"sweep.population={cap}", *epochs_set), logs / "subsample.log")
         run = {"command": command, "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(), "wall_s": time.perf_counter() - t_start,
                "steps": steps, "load": sampler.samples, "lam_chosen": lam_chosen, "lam_star": lam_star, "seeds": seeds, "lams": a.lams,
-               "kl_lams": kl_lams, "ratios": a.ratios, "size_scale": a.size_scale}
+               "kl_lams": kl_lams, "ratios": a.ratios, "size_scale": a.size_scale, "machine": m}
         run_file.write_text(json.dumps(run, indent=1))
     started, ended = datetime.fromisoformat(run["started"]), datetime.fromisoformat(run["ended"])
     seeds, kl_lams, lam_chosen, lam_star = run["seeds"], run["kl_lams"], run["lam_chosen"], run["lam_star"]
-    a.lams, a.ratios, a.size_scale, command = run["lams"], run["ratios"], run["size_scale"], run["command"]
-    m = machine()
+    a.lams, a.ratios, a.size_scale, command, m = run["lams"], run["ratios"], run["size_scale"], run["command"], run["machine"]
 
     manifest = json.loads((data / "manifest.json").read_text())
     src = manifest.get("source", {}).get("spec", {})
@@ -528,7 +543,7 @@ def main() -> None:
     ctx = {
         "command": command, "date": started.strftime("%Y-%m-%d %H:%M UTC"), "end": ended.strftime("%H:%M UTC"), "wall_s": run["wall_s"], "steps": run["steps"],
         "machine": m, "load": {"mean": float(np.mean(run["load"])), "max": float(np.max(run["load"])), "n": len(run["load"])},
-        "size_scale": a.size_scale, "spec": spec, "epochs": cfg["train"]["epochs"], "seeds": seeds, "lams": a.lams, "kl_lams": kl_lams,
+        "size_scale": a.size_scale, "spec": spec, "epochs": cfg["train"]["epochs"], "lr": cfg["train"]["lr"], "wd": cfg["train"]["weight_decay"], "seeds": seeds, "lams": a.lams, "kl_lams": kl_lams,
         "ratios": a.ratios, "lam_chosen": lam_chosen, "lam_star": lam_star,
         "lambda": load_sweep(out / "lambda"), "kl": kl_sweep, "subsample": sub_sweep,
         "n_points": sum(len(p) for r in runs for p in r.get("populations") or []),
