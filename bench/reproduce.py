@@ -129,7 +129,8 @@ def aem(args: Sequence[str], log: Path) -> float:
         proc = subprocess.run([sys.executable, "-m", "aem_dist", *args], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"aem-dist {args[0]} failed after {wall:.0f} s (exit {proc.returncode}); see {log}")
+        print(f"  failed after {wall:.0f} s (exit {proc.returncode}); see {log}", flush=True)
+        raise StepFailed(f"aem-dist {args[0]} failed after {wall:.0f} s (exit {proc.returncode}); see {log}", wall)
     print(f"  done in {wall:.0f} s", flush=True)
     return wall
 
@@ -277,9 +278,11 @@ def build_markdown(ctx: dict[str, Any]) -> str:
         table(["", ""], [
             ["command", f"`{ctx['command']}`"],
             ["date (UTC)", f"{ctx['date']} → {ctx['end']}"],
-            ["wall time", f"**{ctx['wall_s'] / 60:.1f} min** ({ctx['wall_s']:.0f} s): " + ", ".join(f"{k} {v:.0f} s" for k, v in ctx["steps"].items())],
+            ["wall time", f"**{ctx['wall_s'] / 60:.1f} min** ({ctx['wall_s']:.0f} s" + (f", {ctx['n_sessions']} sessions" if ctx["n_sessions"] > 1 else "") + "): "
+             + ", ".join(f"{k} {v:.0f} s" for k, v in ctx["steps"].items())
+             + "".join(f"; **failed**: {f['step']} after {f['after_s']:.0f} s (`{f['why']}`), then rerun with `--resume`" for f in ctx["failed"])],
             ["machine", f"{m['cpus']} CPUs ({m['cpu_model']}), {m['ram_gib']:.0f} GiB RAM, no GPU; {m['os']}"],
-            ["load (1-min average, sampled every 15 s)", f"mean {load['mean']:.1f}, max {load['max']:.1f} over {load['n']} samples — the machine was shared with other engineers' jobs"],
+            ["load (1-min average, sampled every 15 s)", f"mean {load['mean']:.1f}, max {load['max']:.1f} over {load['n']} samples{load['note']} — the machine was shared with other engineers' jobs"],
             ["software", f"aem-dist {m['aem_dist']} (commit {m['commit']}), Python {m['python']}, torch {m['torch']}, Ray {m['ray']}, numpy {m['numpy']}, scikit-learn {m['sklearn']}"],
         ]),
         "",
@@ -464,6 +467,76 @@ def ratio_choice(trials: Sequence[dict[str, Any]], ratios: Sequence[float], lam:
     return best, pm(list(by_seed(trials, "test_auc", **sel).values())), pm(list(by_seed(trials, "test_f1", **sel).values()))
 
 
+class StepFailed(RuntimeError):
+    def __init__(self, message: str, wall_s: float):
+        super().__init__(message)
+        self.wall_s = wall_s
+
+
+def run_steps(a: argparse.Namespace, out: Path, data: Path, logs: Path, run_file: Path, command: str, kl_lams: list[float], seeds: list[int], epochs_set: list[str]) -> dict[str, Any]:
+    """Run the steps not yet finished (all of them unless --resume finds a previous session's record),
+    saving the record after each. A failed step (e.g. Ray start-up timing out on a loaded machine) is
+    recorded and retried once, a sweep with --resume; the document reports both."""
+    run = json.loads(run_file.read_text()) if a.resume and run_file.exists() else None
+    if run is None:
+        m = machine()  # the code that ran: recorded before the run, so a later --doc-only keeps it
+        run = {"command": command, "started": datetime.now(timezone.utc).isoformat(), "sessions": [], "steps": {}, "failed": [], "load": [],
+               "machine": m, "seeds": seeds, "lams": a.lams, "kl_lams": kl_lams, "ratios": a.ratios, "size_scale": a.size_scale, "scale": a.scale, "epochs_set": epochs_set}
+    seeds, lams, kl_lams, ratios, epochs_set = run["seeds"], run["lams"], run["kl_lams"], run["ratios"], run["epochs_set"]
+    session = {"started": datetime.now(timezone.utc).isoformat(), "resumed": bool(run["sessions"])}
+    run["sessions"].append(session)
+    t0 = time.perf_counter()
+    print(f"reproduce: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, commit {run['machine']['commit']}; output {out}", flush=True)
+
+    def save() -> None:
+        session["ended"], session["wall_s"] = datetime.now(timezone.utc).isoformat(), time.perf_counter() - t0
+        run["wall_s"] = sum(x.get("wall_s", 0.0) for x in run["sessions"])
+        run["load"] = run["load"][: run.get("_load_kept", len(run["load"]))] + sampler.samples
+        tmp = run_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({k: v for k, v in run.items() if k != "_load_kept"}, indent=1))
+        tmp.replace(run_file)
+
+    def step(name: str, args: list[str], log: Path, is_sweep: bool = True) -> None:
+        if name in run["steps"]:
+            print(f"{name}: finished in an earlier session ({run['steps'][name]:.0f} s)", flush=True)
+            return
+        for attempt in (1, 2):
+            retry = attempt == 2 or any(f["step"] == name for f in run["failed"])
+            try:
+                run["steps"][name] = aem(args + (["--resume"] if retry and is_sweep else []), log.with_suffix(f".{attempt}.log") if retry else log)
+                break
+            except StepFailed as err:
+                run["failed"].append({"step": name, "after_s": round(err.wall_s, 1), "why": tail_error(log.with_suffix(f".{attempt}.log") if retry else log)})
+                save()
+                if attempt == 2:
+                    raise SystemExit(f"{name} failed twice; rerun with --resume to continue ({err})")
+        save()
+
+    run["_load_kept"] = len(run["load"])
+    with LoadSampler() as sampler:
+        if not (data / "manifest.json").exists():
+            step("synth", ["synth", "--preset", "wsi-c16", "--seed", "0", "--scale", f"{run['scale']:g}", "--size-scale", f"{run['size_scale']:g}", "--out", str(data)], logs / "synth.log", is_sweep=False)
+        step("λ sweep", sweep_args(out / "lambda", data, {"train.seed": seeds, "loss.lam": lams}, f"sweep.population={pop_cap(len(seeds) * len(lams))}", *epochs_set), logs / "lambda.log")
+        lam_chosen, best_pos = chosen_lam(load_sweep(out / "lambda")["summary"])
+        run["lam_chosen"], run["lam_star"] = lam_chosen, lam_chosen if lam_chosen > 0 else best_pos
+        step("KL sweep", sweep_args(out / "kl", data, {"train.seed": seeds, "loss.lam": kl_lams}, "loss.kind=kl_uniform", f"sweep.population={pop_cap(len(seeds) * len(kl_lams))}", *epochs_set), logs / "kl.log")
+        cap = pop_cap(2 * len(seeds))  # grid points fuse only within a ratio (2 λ × seeds each)
+        step("Subsampling sweep", sweep_args(out / "subsample", data, {"data.subsample_ratio": ratios, "loss.lam": [0.0, run["lam_star"]], "train.seed": seeds}, f"sweep.population={cap}", *epochs_set), logs / "subsample.log")
+        save()
+    run.pop("_load_kept", None)
+    return run
+
+
+def tail_error(log: Path) -> str:
+    """The last line of a failed command's log that names an error (for the record)."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    errs = [ln for ln in lines if "Error" in ln or "Exception" in ln or ln.startswith("error")]
+    return (errs or lines or ["empty log"])[-1][:300]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None, help="Folder for the data, the sweeps and their logs (default: repro-out, with --smoke repro-smoke).")
@@ -475,6 +548,7 @@ def main() -> None:
     ap.add_argument("--lams", type=float, nargs="+", default=LAMS)
     ap.add_argument("--kl-lams", type=float, nargs="+", default=None, help=f"λ values of the KL ablation (default: {KL_LAMS}).")
     ap.add_argument("--ratios", type=float, nargs="+", default=RATIOS)
+    ap.add_argument("--resume", action="store_true", help="Continue the run recorded in --out/reproduce-run.json: finished steps are kept, the rest run (a sweep with --resume).")
     ap.add_argument("--doc-only", action="store_true", help="Rebuild the document from a finished run in --out (its reproduce-run.json); trains nothing.")
     ap.add_argument("--smoke", action="store_true", help="A few minutes: scale 0.25, size scale 0.05, 2 epochs, 2 seeds, λ ∈ {0, 0.005, 0.5}, ratio 0.5.")
     a = ap.parse_args()
@@ -495,31 +569,12 @@ def main() -> None:
         command = f"python bench/reproduce.py {args_text}".strip()
     epochs_set = [f"train.epochs={a.epochs}"] if a.epochs else []
 
-    run_file = out / "reproduce-run.json"  # what the sweeps measured, so --doc-only can rebuild the document
+    run_file = out / "reproduce-run.json"  # what the sweeps measured, kept after every step (--resume, --doc-only)
     if a.doc_only:
         run = json.loads(run_file.read_text())
     else:
-        started = datetime.now(timezone.utc)
-        t_start = time.perf_counter()
-        steps: dict[str, float] = {}
-        m = machine()  # the code that ran: recorded before the run, so a later --doc-only keeps it
-        print(f"reproduce: {m['cpus']} CPUs, load {os.getloadavg()[0]:.1f}, commit {m['commit']}; output {out}", flush=True)
-        with LoadSampler() as sampler:
-            if not (data / "manifest.json").exists():
-                steps["synth"] = aem(["synth", "--preset", "wsi-c16", "--seed", "0", "--scale", f"{a.scale:g}", "--size-scale", f"{a.size_scale:g}", "--out", str(data)], logs / "synth.log")
-            n_lam = len(seeds) * len(a.lams)
-            steps["λ sweep"] = aem(sweep_args(out / "lambda", data, {"train.seed": seeds, "loss.lam": a.lams}, f"sweep.population={pop_cap(n_lam)}", *epochs_set), logs / "lambda.log")
-            lam_chosen, best_pos = chosen_lam(load_sweep(out / "lambda")["summary"])
-            lam_star = lam_chosen if lam_chosen > 0 else best_pos
-            n_kl = len(seeds) * len(kl_lams)
-            steps["KL sweep"] = aem(sweep_args(out / "kl", data, {"train.seed": seeds, "loss.lam": kl_lams}, "loss.kind=kl_uniform", f"sweep.population={pop_cap(n_kl)}", *epochs_set), logs / "kl.log")
-            cap = pop_cap(2 * len(seeds))  # grid points fuse only within a ratio (2 λ × seeds each)
-            steps["Subsampling sweep"] = aem(sweep_args(out / "subsample", data, {"data.subsample_ratio": a.ratios, "loss.lam": [0.0, lam_star], "train.seed": seeds}, f"sweep.population={cap}", *epochs_set), logs / "subsample.log")
-        run = {"command": command, "started": started.isoformat(), "ended": datetime.now(timezone.utc).isoformat(), "wall_s": time.perf_counter() - t_start,
-               "steps": steps, "load": sampler.samples, "lam_chosen": lam_chosen, "lam_star": lam_star, "seeds": seeds, "lams": a.lams,
-               "kl_lams": kl_lams, "ratios": a.ratios, "size_scale": a.size_scale, "machine": m}
-        run_file.write_text(json.dumps(run, indent=1))
-    started, ended = datetime.fromisoformat(run["started"]), datetime.fromisoformat(run["ended"])
+        run = run_steps(a, out, data, logs, run_file, command, kl_lams, seeds, epochs_set)
+    started, ended = datetime.fromisoformat(run["started"]), datetime.fromisoformat(run["sessions"][-1]["ended"])
     seeds, kl_lams, lam_chosen, lam_star = run["seeds"], run["kl_lams"], run["lam_chosen"], run["lam_star"]
     a.lams, a.ratios, a.size_scale, command, m = run["lams"], run["ratios"], run["size_scale"], run["command"], run["machine"]
 
@@ -542,7 +597,8 @@ def main() -> None:
     fr = [0.01, 0.1]
     ctx = {
         "command": command, "date": started.strftime("%Y-%m-%d %H:%M UTC"), "end": ended.strftime("%H:%M UTC"), "wall_s": run["wall_s"], "steps": run["steps"],
-        "machine": m, "load": {"mean": float(np.mean(run["load"])), "max": float(np.max(run["load"])), "n": len(run["load"])},
+        "machine": m, "load": {"mean": float(np.mean(run["load"])), "max": float(np.max(run["load"])), "n": len(run["load"]), "note": f" ({run['load_note']})" if run.get("load_note") else ""},
+        "failed": run.get("failed", []), "n_sessions": len(run.get("sessions", [])),
         "size_scale": a.size_scale, "spec": spec, "epochs": cfg["train"]["epochs"], "lr": cfg["train"]["lr"], "wd": cfg["train"]["weight_decay"], "seeds": seeds, "lams": a.lams, "kl_lams": kl_lams,
         "ratios": a.ratios, "lam_chosen": lam_chosen, "lam_star": lam_star,
         "lambda": load_sweep(out / "lambda"), "kl": kl_sweep, "subsample": sub_sweep,
