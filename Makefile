@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_packing.py
 
-# The paper's CAMELYON16 protocol on synthetic wsi-c16 data (~30-40 min on 2 cores; not part of `make test`):
+# The paper's CAMELYON16 protocol on synthetic wsi-c16 data (~30 min on 2 cores; not part of `make test`):
 # writes docs/reproduction.md and docs/reproduction/*.png; sweep outputs in repro-out/. REPRO_ARGS=--smoke: a few minutes, into repro-smoke/.
 reproduce: $(STAMP)
 	AEM_REPRO_VIA_MAKE=1 $(PY) bench/reproduce.py $(REPRO_ARGS)

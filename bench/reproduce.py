@@ -1,9 +1,10 @@
 """`make reproduce`: the paper's CAMELYON16 protocol on the synthetic `wsi-c16` preset, end to end
 through the project's own commands, timed, written up as docs/reproduction.md with its figures.
 
-    PYTHONPATH=$PWD python bench/reproduce.py                     # the committed run (~30–40 min on 2 cores)
-    PYTHONPATH=$PWD python bench/reproduce.py --smoke --out /tmp/repro-smoke --doc /tmp/repro-smoke/reproduction.md
-                                                                  # a few minutes: checks the pipeline, not the numbers
+    PYTHONPATH=$PWD python bench/reproduce.py                     # the committed run (~30 min on 2 cores)
+    PYTHONPATH=$PWD python bench/reproduce.py --smoke             # a few minutes into repro-smoke/: checks the pipeline, not the numbers
+    PYTHONPATH=$PWD python bench/reproduce.py --resume            # continue a stopped run (finished steps are kept)
+    PYTHONPATH=$PWD python bench/reproduce.py --doc-only          # rebuild docs/reproduction.md from repro-out/ (trains nothing)
 
 Steps, each `python -m aem_dist ...` in its own process (logs under OUT/logs/):
 
@@ -15,7 +16,8 @@ Steps, each `python -m aem_dist ...` in its own process (logs under OUT/logs/):
 3. the same with ``loss.kind=kl_uniform`` — the KL-to-uniform ablation (Fig. 7).
 4. ``data.subsample_ratio`` × {λ = 0, λ*} × seeds, λ* = the λ > 0 the λ sweep chose on validation —
    Subsampling with and without AEM (Fig. 4a, Table 4).
-5. docs/reproduction.md: command, date, machine, load, wall times, the tables, the figures (copied
+5. docs/reproduction.md: command, date, machine, load, wall times (and any failed step, retried once
+   with --resume), the tables, the figures (copied
    next to the doc), the paper's numbers side by side. The "reading" section is left as a marked
    placeholder: it is written by a person after reading the numbers (a rerun resets it).
 
@@ -56,7 +58,6 @@ FIGURES = {  # (sweep, plot) → file name next to the doc
     ("lambda", "attention_concentration"): "attention_concentration.png",
     ("lambda", "entropy_vs_auc"): "entropy_vs_auc.png",
     ("lambda", "embedding_umap"): "embedding_umap.png",
-    ("lambda", "training_curves"): "training_curves.png",
     ("kl", "lambda_sensitivity"): "kl_lambda_sensitivity.png",
     ("subsample", "lambda_sensitivity"): "subsample_lambda_sensitivity.png",
 }
@@ -258,6 +259,13 @@ def lam_table(trials: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]
     return table(head, rows)
 
 
+def resume_command(command: str) -> str:
+    """The command that continues a stopped run started with ``command``."""
+    if command.startswith("make reproduce"):
+        return "make reproduce REPRO_ARGS=--resume"
+    return f"{command} --resume"
+
+
 def build_markdown(ctx: dict[str, Any]) -> str:
     """docs/reproduction.md from what the run measured (``ctx``, see :func:`main`); every number in it
     comes from the run's own files."""
@@ -276,7 +284,7 @@ def build_markdown(ctx: dict[str, Any]) -> str:
         "## Run",
         "",
         table(["", ""], [
-            ["command", f"`{ctx['command']}`"],
+            ["command", f"`{ctx['command']}`" + (f", stopped by the failure below and continued by `{resume_command(ctx['command'])}`" if ctx["n_sessions"] > 1 else "")],
             ["date (UTC)", f"{ctx['date']} → {ctx['end']}"],
             ["wall time", f"**{ctx['wall_s'] / 60:.1f} min** ({ctx['wall_s']:.0f} s" + (f", {ctx['n_sessions']} sessions" if ctx["n_sessions"] > 1 else "") + "): "
              + ", ".join(f"{k} {v:.0f} s" for k, v in ctx["steps"].items())
@@ -340,7 +348,7 @@ def build_markdown(ctx: dict[str, Any]) -> str:
     if ctx.get("v_measures"):
         lines += ["### Bag embeddings (Fig. 11)", "", "k-means V-measure of the test-bag embeddings (one model each): "
                   + "; ".join(f"{k}: {v:.3f}" for k, v in ctx["v_measures"].items()) + ".", "", "![UMAP](reproduction/embedding_umap.png)", ""]
-    lines += ["### Training curves (Fig. 8)", "", "![training curves](reproduction/training_curves.png)", ""]
+    lines += ["Training curves (Fig. 8) are in the λ sweep's own report (`OUT/lambda/report.md`; not copied here: the figure of 35 runs is ~0.4 MB).", ""]
 
     # KL vs entropy
     rows = []
@@ -360,7 +368,7 @@ def build_markdown(ctx: dict[str, Any]) -> str:
         f"λ = 0 (ABMIL): test AUC {pm(list(base.values()))}, F1 {pm(list(by_seed(lam_trials, 'test_f1', loss__lam=0.0).values()))}. "
         f"KL's λ chosen by validation among its λ values: {kl_chosen:g}.",
         "",
-        table(["λ", "test AUC, entropy", "test AUC, KL", "test F1, entropy", "test F1, KL", "max |ΔAUC| over seeds", "p(AUC) KL vs entropy, paired", "p(AUC) KL vs λ = 0, paired"], rows),
+        table(["λ", "test AUC, entropy", "test AUC, KL", "test F1, entropy", "test F1, KL", "max abs(ΔAUC) over seeds", "p(AUC) KL vs entropy, paired", "p(AUC) KL vs λ = 0, paired"], rows),
         "",
         "`loss.kind=kl_uniform` is KL(a ‖ u) = Σ a log a + log N (aem_dist/losses.py): per bag it differs from the negative entropy by a "
         "constant, so its gradient is the same.",
