@@ -19,6 +19,7 @@ def synth(
     preset: Annotated[str, typer.Option(help="Preset: demo (seconds), mil-small (~10 instances/bag), wsi-small (median ~1 000, D=384), wsi-c16 (CAMELYON16-shaped, median ~8 000).")] = "demo",
     seed: Annotated[int, typer.Option(help="Seed: the same seed rebuilds the same dataset bit for bit.")] = 0,
     scale: Annotated[float, typer.Option(help="Multiply the preset's bag counts (bag sizes keep their law).")] = 1.0,
+    size_scale: Annotated[float, typer.Option(help="Multiply the preset's bag sizes (median, min and max instances; same spread), e.g. 0.125 runs wsi-c16 on a CPU.")] = 1.0,
     shard_mb: Annotated[int, typer.Option(help="Target shard size in MiB.")] = 256,
     folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K`).")] = None,
     val_frac: Annotated[float, typer.Option(help="With --folds: share of each fold's non-test bags drawn for validation.")] = 0.1,
@@ -31,7 +32,7 @@ def synth(
         from ..storage import StorageOptions, redact
 
         options = StorageOptions.from_config()
-        manifest = write_synthetic(get_spec(preset, scale), out, seed, shard_bytes=shard_mb << 20, options=options)
+        manifest = write_synthetic(get_spec(preset, scale, size_scale), out, seed, shard_bytes=shard_mb << 20, options=options)
         if folds is not None:
             from ..data.folds import record_folds
 

@@ -113,13 +113,24 @@ PRESETS: dict[str, SynthSpec] = {
 }
 
 
-def get_spec(name: str, scale: float = 1.0) -> SynthSpec:
-    """A preset, optionally with its bag counts multiplied by ``scale`` (same bag-size law)."""
+def get_spec(name: str, scale: float = 1.0, size_scale: float = 1.0) -> SynthSpec:
+    """A preset, optionally with its bag counts multiplied by ``scale`` (same bag-size law) and its
+    bag sizes (median, min, max instances) by ``size_scale`` (same spread ``sigma``; tumour regions
+    stay a fraction of the bag, decoys stay 1–3 instances). ``size_scale`` lets a machine without a
+    GPU run a preset's protocol (e.g. ``wsi-c16`` at 1/8: median 1 000 instances) with every bag kept.
+
+    Raises ValueError for an unknown preset or a scale that is not positive."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if scale <= 0 or size_scale <= 0:
+        raise ValueError(f"scale and size_scale must be > 0 (got {scale}, {size_scale})")
     spec = PRESETS[name]
     if scale != 1.0:
         spec = replace(spec, n_bags={k: max(1, round(v * scale)) for k, v in spec.n_bags.items()})
+    if size_scale != 1.0:
+        lo = max(1, round(spec.min_instances * size_scale))
+        spec = replace(spec, median_instances=max(lo, round(spec.median_instances * size_scale)), min_instances=lo,
+                       max_instances=max(lo, round(spec.max_instances * size_scale)))
     return spec
 
 

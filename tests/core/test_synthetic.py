@@ -37,6 +37,22 @@ def test_presets_match_their_statistics():
     assert sum(PRESETS["wsi-c16"].n_bags.values()) == 400 and PRESETS["wsi-c16"].n_bags["test"] == 130
 
 
+def test_size_scale_shrinks_bags_and_keeps_counts():
+    import pytest
+
+    from aem_dist.data.synthetic import _world
+
+    spec = get_spec("wsi-c16", size_scale=0.125)
+    base = PRESETS["wsi-c16"]
+    assert (spec.median_instances, spec.min_instances, spec.max_instances) == (1000, 62, 6250)
+    assert spec.n_bags == base.n_bags and spec.sigma == base.sigma and spec.decoy_count == base.decoy_count
+    sizes = np.concatenate(list(_world(spec, seed=0).sizes.values()))
+    assert abs(np.median(sizes) - 1000) <= 100 and sizes.min() >= 62 and sizes.max() <= 6250
+    assert get_spec("wsi-c16", 0.5, 0.125).n_bags["test"] == 65
+    with pytest.raises(ValueError, match="size_scale"):
+        get_spec("wsi-c16", size_scale=0)
+
+
 def test_bags_look_like_slides():
     spec = get_spec("demo")
     bags = [make_bag(spec, 0, "train", i) for i in range(16)]
