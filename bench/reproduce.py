@@ -370,8 +370,8 @@ def build_markdown(ctx: dict[str, Any]) -> str:
         "",
         table(["λ", "test AUC, entropy", "test AUC, KL", "test F1, entropy", "test F1, KL", "max abs(ΔAUC) over seeds", "p(AUC) KL vs entropy, paired", "p(AUC) KL vs λ = 0, paired"], rows),
         "",
-        "`loss.kind=kl_uniform` is KL(a ‖ u) = Σ a log a + log N (aem_dist/losses.py): per bag it differs from the negative entropy by a "
-        "constant, so its gradient is the same.",
+        "`loss.kind=kl_uniform` is KL(u ‖ a) = −log N − (1/N) Σ log a_i per bag (aem_dist/losses.py), C2C's KL loss: it pulls up every "
+        "small weight, where the negative entropy punishes peaks.",
         "",
         "![KL λ sensitivity](reproduction/kl_lambda_sensitivity.png)",
         "",
