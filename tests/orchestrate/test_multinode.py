@@ -26,7 +26,7 @@ def test_two_node_sweep_spreads_trials_and_refuses_local_paths(tmp_path):
     # fixtures leave RAY_*/AWS_* variables behind in os.environ, which the nodes would inherit.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))} | {k: v for k, v in STARTING_ENV.items() if k.startswith(("RAY_", "AWS_"))}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
 def test_gpu_trials_on_cpu_only_local_ray_fail_clearly(demo_data, tmp_path):
