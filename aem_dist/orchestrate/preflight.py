@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-PROBE_TIMEOUT_S = 60.0  # a node that has not answered its storage probe by then is reported, not waited for
+PROBE_TIMEOUT_S = 120.0  # a node that has not answered its storage probe by then is reported, not waited for (worker start-up on a loaded node takes seconds, not minutes)
 
 from .. import storage
 from ..config import Config, check_sweep_grid, config_with
