@@ -20,12 +20,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-PROBE_TIMEOUT_S = 120.0  # a node that has not answered its storage probe by then is reported, not waited for (worker start-up on a loaded node takes seconds, not minutes)
-
 from .. import storage
 from ..config import Config, check_sweep_grid, config_with
 from ..storage import StorageOptions
 from .errors import PreflightError
+
+# A node that has not answered its storage probe by then is reported, not waited for (starting a worker
+# process on a busy node takes seconds, not minutes).
+PROBE_TIMEOUT_S = 120.0
 
 
 def point_configs(cfg: Config, sweep: bool) -> list[Config]:
