@@ -11,6 +11,9 @@ which the CLI prints and exits 2 on) within seconds:
   Ray): on a cluster of more than one node, no local path for ``data.root``, ``--out`` or
   ``run.storage_path`` (nodes share no disk); and every bundle a trial asks for (the trial itself with
   ``scaling.num_workers: 0``, else each Ray Train worker) fits on at least one alive node.
+* :func:`check_nodes_reach_storage` — once Ray is up, on a cluster of more than one node: a probe task on
+  every alive node reaches the object storage the trials use, with the endpoint and credentials *that
+  node* resolves (its ``AWS_*`` environment, e.g. a pod's Secret), which may differ from the driver's.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from .. import storage
 from ..config import Config, check_sweep_grid, check_sweep_space, config_with, space_points
 from ..storage import StorageOptions
 from .errors import PreflightError
+
+# A node that has not answered its storage probe by then is reported, not waited for (starting a worker
+# process on a busy node takes seconds, not minutes).
+PROBE_TIMEOUT_S = 120.0
 
 
 def point_configs(cfg: Config, sweep: bool) -> list[Config]:
@@ -135,3 +142,73 @@ def _fmt(res: dict[str, float]) -> str:
 def _node_summary(node: dict[str, Any], need: dict[str, float]) -> str:
     res = node.get("Resources", {})
     return f"node {str(node.get('NodeID', '?'))[:8]}: {_fmt({k: res.get(k, 0.0) for k in need})}"
+
+
+def storage_locations(cfg: Config, out: str, *, sweep: bool) -> list[tuple[str, str, bool]]:
+    """``(key, url, write)`` of every object-storage location a trial reads or writes: each point's
+    ``data.root`` (read), ``--out`` and ``run.storage_path`` (written). Local paths are left out."""
+    found: list[tuple[str, str, bool]] = []
+    for c in point_configs(cfg, sweep):
+        for key, url, write in (("data.root", c.data.root, False), ("--out", out, True), ("run.storage_path", c.run.storage_path, True)):
+            if url is not None and storage.is_remote(url) and (key, url, write) not in found:
+                found.append((key, url, write))
+    return found
+
+
+def probe_storage(section: dict[str, Any], retries: int, locations: list[tuple[str, str, bool]]) -> str | None:
+    """Run on a cluster node (a Ray task): the first of ``locations`` this node cannot use, as a redacted
+    one-line message, or None. ``section`` is the redacted ``storage`` config the trials get, so the node
+    resolves endpoint and credentials exactly as its trials will (config, else its own ``AWS_*``)."""
+    from ..config import StorageSection
+
+    options = StorageOptions.from_config(StorageSection(**section), retries)
+    for key, url, write in locations:
+        try:
+            storage.probe(url, options, write=write)
+        except Exception as err:  # noqa: BLE001  (whatever stops the probe stops the trials on this node)
+            return f"{key}: {storage.redact(_one_line(err), options)}"
+    return None
+
+
+def check_nodes_reach_storage(cfg: Config, out: str, nodes: list[dict[str, Any]], *, sweep: bool, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """On a cluster of more than one alive node, probe the trials' object storage from every alive node
+    (the head too: trial functions that only supervise a TorchTrainer may run there), in parallel.
+
+    Raises :class:`PreflightError` naming each node that cannot reach it (node id, address, endpoint and
+    the storage error; no credential), or that did not answer within ``timeout_s`` — instead of trials
+    that hang or fail on that node a minute later. Requires Ray to be initialised."""
+    alive = alive_nodes(nodes)
+    locations = storage_locations(cfg, out, sweep=sweep)
+    if len(alive) <= 1 or not locations:
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(probe_storage)
+    section = cfg.to_dict()["storage"]  # redacted, as in every trial's config
+    pending = {
+        task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(section, cfg.data.retries, locations): n
+        for n in alive
+    }  # fmt: skip
+    ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=timeout_s)
+    problems = []
+    for ref in ready:
+        try:
+            problem = ray.get(ref)
+        except Exception as err:  # noqa: BLE001  (the node died or could not run the task)
+            problem = f"the storage probe failed: {_one_line(err)}"
+        if problem:
+            problems.append(f"{_node_name(pending[ref])} cannot use object storage ({problem})")
+    for ref in late:
+        ray.cancel(ref, force=True)
+        problems.append(f"{_node_name(pending[ref])} did not answer a storage probe within {timeout_s:g} s")
+    if problems:
+        raise PreflightError(
+            f"{len(problems)} of {len(alive)} nodes of this Ray cluster cannot reach the run's object storage, which the driver reaches: "
+            + "; ".join(problems)
+            + ". Give every node the same endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: on KubeRay, the pods' Secret) or set storage.endpoint_url"
+        )
+
+
+def _node_name(node: dict[str, Any]) -> str:
+    return f"node {str(node.get('NodeID', '?'))[:8]} ({node.get('NodeManagerAddress', '?')})"

@@ -91,8 +91,11 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
 
     from .search import progress_metrics
 
+    node_id = ray.get_runtime_context().get_node_id()
+
     def report(epoch: EpochReport) -> None:
-        ray.tune.report(progress_metrics(epoch.flat(), epoch.epoch, cfgs[0].train.epochs))
+        # node_id as Ray Train workers report it (worker.RayReporter); progress for ASHA (see .search)
+        ray.tune.report(progress_metrics(epoch.flat() | {"node_id": node_id}, epoch.epoch, cfgs[0].train.epochs))
 
     best_dirs = [storage.join(d, "best") for d in run_dirs]
     # the GPU Ray assigned to this trial (sweep.trial_gpus), never just any visible one

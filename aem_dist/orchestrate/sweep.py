@@ -38,7 +38,7 @@ from ..observe.tables import trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
 from .populations import Member, PopulationSpec, plan_populations
-from .preflight import check_cluster
+from .preflight import check_cluster, check_nodes_reach_storage
 from .resume import experiment_exists, finished_results, run_inprocess_trial, stopped_record
 from .search import SCORE_KEY, SEARCH_FILE, STOPPED_EARLY, STOPPED_FILE, EarlyStopRecorder, SampleBook, make_scheduler, make_searcher, tune_space, unfused_reason
 from .worker import make_trainer, quiet_ray_logs, worker_resources
@@ -96,10 +96,12 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
             trainer = make_trainer(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
             results = trainer.fit().return_value
         ended = time.time()
-        node_id = ray.get_runtime_context().get_node_id()  # where the trial function ran: on a multi-node cluster, which node trained it
+        node_id = ray.get_runtime_context().get_node_id()  # where the trial function ran
         for run_dir, res in zip(run_dirs, results):
             res["timing"] = trial_timing(res.pop("timing", {}), started, ended)
-            res["trial_node_id"] = node_id
+            # On a multi-node cluster, which node trained it: rank 0's (after a node loss, the node it
+            # finished on; worker_node_ids has every rank's), else (num_workers: 0) the trial function's.
+            res["trial_node_id"] = res.get("worker_node_ids", [node_id])[0]
             write_json(storage.join(run_dir, "results.json"), res, options)
     # A final report, so Tune holds completion metrics even for trials that had nothing left to train;
     # with one member, its best validation score: what a searcher learns from and a scheduler expects.
@@ -175,8 +177,11 @@ def run_trials(cfg: Config, out: str, *, grid: dict[str, list[Any]], resume: boo
     searched = cfg.sweep.search != "grid" and not single
     if specs is None and not searched:
         specs = plan(cfg, grid) if grid else [PopulationSpec("run", [Member("run", {})])]
-    # Before any trial: local paths on a multi-node cluster, a bundle no node can hold (see .preflight).
-    check_cluster(cfg, out, ray.nodes(), sweep=bool(grid) or searched)
+    # Before any trial: local paths on a multi-node cluster, a bundle no node can hold, a node that
+    # cannot reach the object storage (see .preflight).
+    nodes = ray.nodes()
+    check_cluster(cfg, out, nodes, sweep=bool(grid) or searched)
+    check_nodes_reach_storage(cfg, out, nodes, sweep=bool(grid) or searched)  # from every node, with that node's endpoint
     n_trials = cfg.sweep.num_samples if searched else len(specs)
     concurrency = max_concurrent(cfg, ray.cluster_resources(), n_trials)
     # A trial that starts a TorchTrainer only supervises it: it reserves memory, not CPU, so that
@@ -287,9 +292,10 @@ def collect_rows(results, cfg: Config, out: str, points: list[tuple[str, dict[st
     return rows
 
 
-def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable[[str], None] = log.info) -> list[dict[str, Any]]:
+def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable[[str], None] = log.info, callbacks: list | None = None) -> list[dict[str, Any]]:
     """The whole sweep (Ray must be initialised): trials with live metrics and a trial table, then
-    trials.csv, summary.csv/md, run.json and the report with its plots."""
+    trials.csv, summary.csv/md, run.json and the report with its plots. ``callbacks``: more Ray Tune
+    callbacks (run in the driver, after the metrics callback)."""
     import ray
 
     from ..observe.callbacks import TuneMetricsCallback
@@ -313,7 +319,7 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
     keys = list(cfg.sweep.space) if searched else list(grid)
     with serve_run_metrics(cfg, announce) as exporter:
         callback = TuneMetricsCallback(cfg, exporter)
-        results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=[callback], specs=specs)
+        results = run_trials(cfg, out, grid=grid, resume=resume, single=False, callbacks=[callback, *(callbacks or [])], specs=specs)
         rows = collect_rows(results, cfg, out, sweep_points(cfg, out, options))
         summary = write_tables(out, rows, keys, options, searched=keys if searched else ())
         if cfg.sweep.report:

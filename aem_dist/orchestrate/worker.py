@@ -2,8 +2,8 @@
 
 ``train_loop_per_worker`` wraps :func:`aem_dist.engine.loop.fit` — there is no second training loop.
 It resumes from Ray's latest checkpoint, reports every epoch (all ranks: ``report`` is a barrier; rank
-0 attaches the checkpoint), keeps the best state in ``run_dir/best/state.pt``, and returns the results
-dict from rank 0.
+0 attaches the checkpoint; ``node_id`` names the node that trains), keeps the best state in
+``run_dir/best/state.pt``, and returns the results dict from rank 0 (``worker_node_ids``: each rank's node).
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ class RayReporter:
         self.epochs = epochs
         self.checkpoint_s: float | None = None
         self.total_s = 0.0  # time spent reporting (checkpoint persistence included), for the timing record
+        self.node_id = ray.get_runtime_context().get_node_id()
 
     def __call__(self, report: EpochReport) -> None:
         if self.checkpoint_s is not None:  # the previous epoch's save: this one's is still to come
             report.extra["time/checkpoint_s"] = self.checkpoint_s
+        report.extra["node_id"] = self.node_id  # which node trains the trial now (it changes after a node loss)
         metrics = progress_metrics(report.flat(), report.epoch, self.epochs)  # ASHA's time attribute (see .search)
         # run.checkpoint_every: a report without a checkpoint still passes metrics (and is the barrier)
         due = (report.epoch + 1) % self.every == 0 or report.epoch + 1 == self.epochs
@@ -105,10 +107,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     fit_start = time.time()
     results = fit_members(cfgs, ctx=ctx, resume=resume, on_epoch=reporter, options=options, model_init=init)
     ended = time.time()
+    # Every rank's Ray node, in rank order (a collective: every rank calls it), for results.json.
+    node_ids = ctx.gather_objects(reporter.node_id)
     after = -1 if results[0].resumed_after is None else results[0].resumed_after
     epochs_s = sum(row["time"]["epoch_s"] for row in results[0].history if row["epoch"] > after)  # this process's epochs
     timing = {"worker_started": started, "worker_ended": ended, "members": len(cfgs), "setup_s": ended - fit_start - epochs_s - reporter.total_s, "epochs_s": epochs_s, "reports_s": reporter.total_s}
-    return [results_dict(r, c) | {"timing": timing} for r, c in zip(results, cfgs)] if ctx.is_main else None
+    return [results_dict(r, c) | {"timing": timing, "worker_node_ids": node_ids} for r, c in zip(results, cfgs)] if ctx.is_main else None
 
 
 def trial_device(requested: str, gpu_ids: list, visible: str | None) -> torch.device:

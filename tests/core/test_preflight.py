@@ -13,7 +13,7 @@ import pytest
 from aem_dist.config import ConfigError, load_config
 from aem_dist.models import MODELS
 from aem_dist.orchestrate.errors import PreflightError
-from aem_dist.orchestrate.preflight import check_cluster, check_config
+from aem_dist.orchestrate.preflight import check_cluster, check_config, storage_locations
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -122,3 +122,11 @@ def test_local_paths_refused_only_on_several_nodes(demo_data, tmp_path):
     with pytest.raises(PreflightError, match=r"--out=.* is a local path"):
         check_cluster(remote, str(tmp_path), [_node("head"), _node("aa", CPU=2.0)], sweep=False)
     check_cluster(remote, "s3://b/out", [_node("head"), _node("aa", CPU=2.0)], sweep=False)
+
+
+def test_storage_locations_probed_from_every_node(demo_data, tmp_path):
+    """What each node's probe checks: every point's remote data.root (read), a remote --out and
+    run.storage_path (written); local paths are not probed (check_cluster refuses them on a cluster)."""
+    cfg = load_config("demo", {"data.root": "s3://b/d", "run.storage_path": "s3://b/ray", "sweep.grid": {"data.root": ["s3://b/d", "s3://b/e", str(demo_data)], "loss.lam": [0.0, 0.1]}})
+    assert storage_locations(cfg, "s3://b/out", sweep=True) == [("data.root", "s3://b/d", False), ("--out", "s3://b/out", True), ("run.storage_path", "s3://b/ray", True), ("data.root", "s3://b/e", False)]
+    assert storage_locations(cfg, str(tmp_path), sweep=False) == [("data.root", "s3://b/d", False), ("run.storage_path", "s3://b/ray", True)]

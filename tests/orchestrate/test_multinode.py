@@ -1,5 +1,5 @@
-"""A sweep on a real multi-node Ray cluster (head with no CPUs + two worker nodes), state on S3; and a
-resource request no node holds, on a CPU-only local Ray, through the CLI."""
+"""Sweeps and runs on a real multi-node Ray cluster (head with no CPUs + two worker nodes), state on S3;
+and a resource request no node holds, on a CPU-only local Ray, through the CLI."""
 
 import os
 import shutil
@@ -17,16 +17,17 @@ REPO = Path(__file__).resolve().parents[2]
 STARTING_ENV = dict(os.environ)  # at collection, before any test ran
 
 
-def test_two_node_sweep_spreads_trials_and_refuses_local_paths(tmp_path):
-    """multinode_cases.py: a 2-point sweep on a head + 2 worker nodes with all state on S3 runs one
-    trial per worker node; local paths and a GPU per trial are refused before any trial. In its own
-    process (see that file's docstring)."""
+def test_multinode_cluster_cases(tmp_path):
+    """multinode_cases.py, on one head + 2 worker nodes with all state on S3, in its own process (see that
+    file's docstring): a 2-point sweep runs one trial per worker node and fills only that node's shard
+    cache; local paths, a GPU per trial and a node that cannot reach S3 are refused before any trial;
+    DDP with one worker per node equals a 1-node run; a node lost mid-sweep costs no result."""
     cases = Path(__file__).with_name("multinode_cases.py")
     # ... and with the environment this pytest process started with: earlier tests' Ray sessions and S3
     # fixtures leave RAY_*/AWS_* variables behind in os.environ, which the nodes would inherit.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))} | {k: v for k, v in STARTING_ENV.items() if k.startswith(("RAY_", "AWS_"))}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0 and "4 passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-2000:]
 
 
 def test_gpu_trials_on_cpu_only_local_ray_fail_clearly(demo_data, tmp_path):
