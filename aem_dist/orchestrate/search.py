@@ -37,7 +37,6 @@ from ray.tune import Callback
 from .. import storage
 from ..config import Config, config_with
 from ..engine.results import stored_config, write_json
-from ..observe.tables import STOPPED_EARLY  # noqa: F401  (the trials.csv status of a trial the scheduler stopped)
 from ..storage import StorageOptions
 from .errors import SweepError
 

@@ -34,13 +34,13 @@ from ..engine.results import run_record, write_json
 from ..engine.runrecord import check_same_run, recorded_config
 from ..engine.selection import score_of
 from ..observe.metrics import serve_run_metrics
-from ..observe.tables import trial_row, write_tables
+from ..observe.tables import STOPPED_EARLY, trial_row, write_tables
 from ..storage import StorageOptions
 from .errors import SweepError
 from .populations import Member, PopulationSpec, plan_populations
 from .preflight import check_cluster, check_nodes_reach_storage
 from .resume import experiment_exists, finished_results, run_inprocess_trial, stopped_record
-from .search import SCORE_KEY, SEARCH_FILE, STOPPED_EARLY, STOPPED_FILE, EarlyStopRecorder, SampleBook, make_scheduler, make_searcher, tune_space, unfused_reason
+from .search import SCORE_KEY, SEARCH_FILE, STOPPED_FILE, EarlyStopRecorder, SampleBook, make_scheduler, make_searcher, tune_space, unfused_reason
 from .worker import make_trainer, quiet_ray_logs, worker_resources
 
 log = logging.getLogger(__name__)
