@@ -14,14 +14,6 @@ GRID = "sweep.grid={train.seed: [0, 1], loss.lam: [0.0, 0.1]}"
 METRICS = ("best_epoch", "val_auc", "val_f1", "test_auc", "test_f1", "test_attn_entropy")
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from aem_dist.orchestrate.ray_env import ray_session
-
-    with ray_session(num_cpus=2):
-        yield
-
-
 def _sweep(demo_data, out, *overrides):
     from aem_dist.orchestrate.sweep import run_sweep
 
@@ -38,7 +30,7 @@ def _files(out):
 
 
 @pytest.fixture(scope="module")
-def fused_in_trial(local_ray, demo_data, tmp_path_factory):
+def fused_in_trial(local_ray_session, demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweeps") / "fused"
     rows, said = _sweep(demo_data, out, "scaling.num_workers=0")
     return out, rows, said
@@ -52,7 +44,7 @@ def _assert_same_rows(got, want, tol=1e-5):
             assert got[name][key] == pytest.approx(row[key], abs=tol), (name, key)
 
 
-def test_fused_sweep_equals_unfused_sweep(fused_in_trial, demo_data, tmp_path):
+def test_fused_sweep_equals_unfused_sweep(local_ray, fused_in_trial, demo_data, tmp_path):
     out, fused, said = fused_in_trial
     assert any("4 grid point(s) in 1 population(s)" in s for s in said), said
     unfused, said_off = _sweep(demo_data, tmp_path / "unfused", "scaling.num_workers=0", "sweep.population=off")
@@ -73,7 +65,7 @@ def test_fused_sweep_equals_unfused_sweep(fused_in_trial, demo_data, tmp_path):
     assert again.metrics["auc"] == pytest.approx(res["test"]["auc"], abs=1e-6)
 
 
-def test_population_in_a_torch_trainer_equals_in_trial(fused_in_trial, demo_data, tmp_path):
+def test_population_in_a_torch_trainer_equals_in_trial(local_ray, fused_in_trial, demo_data, tmp_path):
     """The same population as a 1-worker Ray Train run (TorchTrainer, checkpoints via Ray) gives the
     same numbers as inside the Tune trial."""
     _, in_trial, _ = fused_in_trial

@@ -12,14 +12,6 @@ from tests.core.test_train import metrics_only
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from aem_dist.orchestrate.ray_env import ray_session
-
-    with ray_session(num_cpus=2):
-        yield
-
-
 def _cfg(demo_data, *overrides):
     return load_config("demo", [f"data.root={demo_data}", "train.progress=false", "metrics.port=0", "metrics.grace_s=0", *overrides])
 

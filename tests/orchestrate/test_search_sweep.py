@@ -16,14 +16,6 @@ SPACE = "sweep.space={loss.lam: {loguniform: [1.0e-4, 1]}, train.lr: {loguniform
 BASE = ["train.progress=false", "metrics.port=0", "metrics.grace_s=0", "scaling.num_workers=0", "sweep.grid={}"]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    from aem_dist.orchestrate.ray_env import ray_session
-
-    with ray_session(num_cpus=2):
-        yield
-
-
 def _sweep(demo_data, out, *overrides, resume=False):
     from aem_dist.orchestrate.sweep import run_sweep
 
