@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 import uuid
@@ -284,20 +286,88 @@ def with_retries(
             sleep(delay)
 
 
-def read_bytes(url: str, options: StorageOptions | None = None, retries: int = 0) -> bytes:
-    """The whole object at ``url``. Raises FileNotFoundError, or StorageError (redacted, with a hint)."""
+MAX_SMALL_FILE_BYTES = 64 << 20  # run records, search state, summaries, labels: kilobytes in practice
+
+
+class NotRegularFile(StorageError):
+    """A path meant to hold a file resolves to a folder, fifo, device or socket (a read could block or never end)."""
+
+
+class FileTooLarge(StorageError):
+    """A small file (manifest, record, checkpoint …) is larger than the stated cap for its kind."""
+
+
+def file_kind(mode: int) -> str:
+    """'folder', 'fifo', 'character device' … for an ``st_mode`` that is not a regular file's."""
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "fifo"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def open_regular(path: str) -> IO[bytes]:
+    """A local file opened for binary reading only if it is a regular file (a symlink is followed to
+    its target). Opened non-blocking first, so a fifo is refused at once instead of waiting for a
+    writer, and checked on the open descriptor, so it cannot be swapped between check and read.
+    Raises FileNotFoundError, or NotRegularFile naming what the path is."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{path} is not a regular file (it is a {file_kind(st.st_mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refuse_size(size: int, cap: int, where: str, what: str) -> None:
+    if size > cap:
+        raise FileTooLarge(f"{where}: {size:,} bytes, more than a {what} can be ({cap:,} bytes); is it the right file?")
+
+
+def read_bytes(url: str, options: StorageOptions | None = None, retries: int = 0, *, cap: int = MAX_SMALL_FILE_BYTES, what: str = "record file") -> bytes:
+    """The whole (small) file at ``url``: the one reader for manifests, labels, run records, checkpoints.
+
+    It must be a regular file (a local fifo, device or folder, or an ``s3://`` prefix, is refused before
+    any read) of at most ``cap`` bytes (``what`` names the kind in the message); at most ``cap`` bytes
+    are ever read, even from a file that grows meanwhile. Raises FileNotFoundError, NotRegularFile,
+    FileTooLarge, or StorageError (network, auth: redacted, with a hint)."""
+    where = redact(url, options)
+    if not is_remote(url):
+        path = os.path.abspath(strip_scheme(url))
+        with open_regular(path) as f:
+            _refuse_size(os.fstat(f.fileno()).st_size, cap, where, what)
+            data = f.read(cap + 1)
+        _refuse_size(len(data), cap, where, what)
+        return data
     fs, path = open_fs(url, options)
 
     def read() -> bytes:
+        info = fs.info(path)
+        if info.get("type") != "file":
+            raise NotRegularFile(f"{where} is not a file (it is a {info.get('type')})")
+        _refuse_size(int(info.get("size") or 0), cap, where, what)
         with fs.open(path, "rb") as f:
-            return f.read()
+            return f.read(cap + 1)
 
     try:
-        return with_retries(read, what=f"reading {url}", retries=retries, options=options)
-    except FileNotFoundError:
+        data = with_retries(read, what=f"reading {url}", retries=retries, options=options)
+    except (FileNotFoundError, StorageError):
         raise
     except Exception as err:  # network, auth: say where, never with credentials
         raise StorageError(describe_error(err, url, options)) from None
+    _refuse_size(len(data), cap, where, what)
+    return data
+
+
+def read_json(url: str, options: StorageOptions | None = None, *, cap: int = MAX_SMALL_FILE_BYTES, what: str = "record file") -> Any:
+    """:func:`read_bytes` parsed as JSON. Raises FileNotFoundError, or StorageError naming the file
+    when it is refused or does not parse (one line, never a traceback of the parser)."""
+    data = read_bytes(url, options, cap=cap, what=what)
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise StorageError(f"{redact(url, options)}: not a valid {what} (not JSON: {str(err)[:120]})") from None
 
 
 def probe(url: str, options: StorageOptions | None = None, write: bool = False) -> None:

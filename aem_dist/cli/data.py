@@ -6,7 +6,10 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from ..data.sources import FORMATS
 from .app import app, run_guarded
+
+FORMAT_HELP = "Input format: " + ", ".join(f"{name} ({f.help})" for name, f in FORMATS.items()) + "."
 
 
 def _guarded(fn: Callable[[], Any]) -> Any:
@@ -26,7 +29,7 @@ def _guarded(fn: Callable[[], Any]) -> Any:
 
 @app.command()
 def ingest(
-    format: Annotated[str, typer.Option("--format", "-f", help="Input format: clam | trident (folder of <slide>.h5 with features, coords), pt (folder of <slide>.pt), acmil (one HDF5: <slide>/feat, coords, attrs label), zarr (group per slide: features, coords, attrs label), mil-csv (rows: label, bag id, features…).")],
+    format: Annotated[str, typer.Option("--format", "-f", help=FORMAT_HELP)],
     src: Annotated[str, typer.Option(help="Local folder or file holding the features.")],
     out: Annotated[str, typer.Option(help="Dataset folder or URL to write (path, file://, s3://bucket/prefix).")],
     labels: Annotated[Optional[str], typer.Option(help="CSV with header slide_id,label[,split]. Required unless the format carries labels (acmil, zarr, mil-csv).")] = None,

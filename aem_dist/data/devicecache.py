@@ -20,8 +20,6 @@ interface, so the engine does not know which one it got; their batches are alrea
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from typing import Iterator
 
 import numpy as np
@@ -29,6 +27,7 @@ import torch
 
 from .loader import InMemoryLoader, SplitLoader
 from .packing import PackedBatch, pack
+from .prefetch import in_background
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +54,17 @@ def place_on_device(loader: SplitLoader, mode: str, device: torch.device) -> Spl
         if mode != "off":
             log.info("data.device_cache=%s: no-op for split %r on %s (bags stay in host memory; nothing to copy)", mode, split, device.type)
         return loader
-    if not isinstance(loader, InMemoryLoader):
-        log.info("data.device_cache=%s: split %r streams from storage (data.loader=stream), so it is not cached on %s; batches use pinned copies", mode, split, device)
+    held = loader.in_memory()
+    if held is None:
+        log.info("data.device_cache=%s: split %r is read from storage as it trains (%s), so it is not cached on %s; batches use pinned copies", mode, split, type(loader).__name__, device)
         return PinnedLoader(loader, device)
-    need = split_bytes(loader)
+    need = split_bytes(held)
     free, _total = torch.cuda.mem_get_info(device)
     fits = need <= FREE_FRACTION * free
     if mode == "on" or (mode == "auto" and fits):
         log.info("data.device_cache=%s: split %r kept on %s (%.2f GiB of features; %.2f GiB free)", mode, split, device, need / 2**30, free / 2**30)
         try:
-            return DeviceCachedLoader(loader, device)
+            return DeviceCachedLoader(held, device)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(f"data.device_cache=on: split {split!r} ({need / 2**30:.2f} GiB) does not fit on {device}: {err}") from None
     why = "off" if mode == "off" else f"{need / 2**30:.2f} GiB > {FREE_FRACTION:.0%} of {free / 2**30:.2f} GiB free"
@@ -95,6 +95,12 @@ class _Delegate:
     def steps(self, epoch: int) -> int:
         return self.inner.steps(epoch)
 
+    def repeat_fraction(self, epoch: int) -> float:
+        return self.inner.repeat_fraction(epoch)
+
+    def in_memory(self) -> InMemoryLoader | None:
+        return self.inner.in_memory()
+
 
 class DeviceCachedLoader(_Delegate):
     """An in-memory split held on ``device`` as one float16 ``(total_instances, D)`` tensor.
@@ -117,7 +123,7 @@ class DeviceCachedLoader(_Delegate):
 
     def epoch(self, epoch: int) -> Iterator[PackedBatch]:
         inner = self.inner
-        for idx in inner._plan(epoch):
+        for idx in inner.plan(epoch):
             yield self.pack(idx)
 
     def pack(self, idx: list[int]) -> PackedBatch:
@@ -157,54 +163,19 @@ class PinnedLoader(_Delegate):
 
     def _packed(self, epoch: int) -> Iterator[PackedBatch]:
         """Host batches; on CUDA in pinned memory, packed in float16 when the bags are in RAM."""
-        inner = self.inner
+        held = self.inner.in_memory()
         if not self.cuda:
-            yield from inner.epoch(epoch)
-        elif isinstance(inner, InMemoryLoader):
-            for idx in inner._plan(epoch):
-                yield pack_pinned([inner.bags[i] for i in idx], inner.spec.with_coords)
+            yield from self.inner.epoch(epoch)
+        elif held is not None:
+            for idx in held.plan(epoch):
+                yield pack_pinned([held.bags[i] for i in idx], held.spec.with_coords)
         else:
-            for b in inner.epoch(epoch):
+            for b in self.inner.epoch(epoch):
                 yield PackedBatch(b.feats.pin_memory(), b.bag_index.pin_memory(), b.offsets.pin_memory(), b.labels.pin_memory(), b.keys, b.coords)
-
-    def _host_batches(self, epoch: int) -> Iterator[PackedBatch]:
-        """Host batches from a background thread (packing overlaps the device's work)."""
-        q: queue.Queue = queue.Queue(maxsize=PREFETCH)
-        done = object()
-        stop = threading.Event()
-
-        def work() -> None:
-            try:
-                for batch in self._packed(epoch):
-                    while not stop.is_set():
-                        try:
-                            q.put(batch, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                    if stop.is_set():
-                        return
-                q.put(done)
-            except BaseException as err:  # re-raised in the consumer
-                q.put(err)
-
-        thread = threading.Thread(target=work, name=f"pin-{self.spec.split}", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = q.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join(timeout=5)
 
     def epoch(self, epoch: int) -> Iterator[PackedBatch]:
         ahead: PackedBatch | None = None
-        for host in self._host_batches(epoch):
+        for host in in_background(self._packed(epoch), PREFETCH, f"pin-{self.spec.split}"):  # packing overlaps the device's work
             nxt = self._to_device(host)  # issued now; runs while the caller trains on ``ahead``
             if ahead is not None:
                 yield self._ready(ahead)

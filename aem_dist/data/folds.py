@@ -7,7 +7,8 @@ remaining bags (stratified and grouped the same way). The assignments go into ``
 under ``folds`` (rewritten atomically; the fixed ``splits`` stay as they were). Shards are never
 rewritten: a fold only reassigns bags.
 
-``data.fold: N`` makes :func:`fold_view` present fold N as an ordinary manifest whose splits list,
+:func:`open_manifest` is how a run reads a dataset: its manifest under the configured limits, seen
+through its fold. ``data.fold: N`` makes :func:`fold_view` present fold N as an ordinary manifest whose splits list,
 per shard, only that split's bags; every shard may then appear in every split. The loaders need no
 other change: the memory loader reads a shard and passes over the bags of the fold's other splits,
 the streaming loader reads only the bags its plan names.
@@ -18,8 +19,9 @@ from __future__ import annotations
 from typing import Iterable
 
 from .. import storage
-from ..config import ConfigError
+from ..config import ConfigError, DataConfig
 from ..storage import StorageOptions
+from .limits import Limits
 from .manifest import MANIFEST, SPLITS, FoldSplits, Folds, Manifest, ShardEntry, SplitEntry, load_manifest, parse_manifest
 from .schema import safe_key
 from .sources.labels import grouped_stratified_folds, grouped_stratified_split
@@ -91,6 +93,16 @@ def check_folds(manifest: Manifest, folds: Iterable[int | None], where: str = "t
         k = manifest.folds.k
         if not 0 <= fold < k:
             raise ConfigError(f"{FOLD_KEY}={fold}: {where} has {k} folds (0..{k - 1})")
+
+
+def open_manifest(data: DataConfig, options: StorageOptions | None = None, root: str | None = None) -> Manifest:
+    """The dataset as a run reads it: ``root`` (default ``data.root``) read with the limits of ``data``
+    (``data.max_instances_per_bag``, ``data.max_dim``; sizes and entry counts checked before anything
+    is built from them) and viewed as fold ``data.fold`` splits it. The one way engine and observe
+    code opens a manifest. Raises ManifestError, or ConfigError for a fold the dataset lacks."""
+    root = str(data.root if root is None else root)
+    manifest = load_manifest(root, options, Limits.from_config(data))
+    return fold_view(manifest, data.fold, storage.redact(root, options))
 
 
 def fold_view(manifest: Manifest, fold: int | None, where: str = "the dataset") -> Manifest:

@@ -27,10 +27,11 @@ class SizeError(ValueError):
 
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds for one bag (see ``data.max_instances_per_bag`` / ``data.max_dim``)."""
+    """Upper bounds for one bag (see ``data.max_instances_per_bag`` / ``data.max_dim``) and one dataset."""
 
     max_instances_per_bag: int = 1_000_000
     max_dim: int = 16_384
+    max_bags: int = 1_000_000  # bags one dataset (manifest) may list: 30× the largest public WSI cohorts
 
     @classmethod
     def from_config(cls, data: Any = None) -> "Limits":

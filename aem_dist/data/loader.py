@@ -3,7 +3,7 @@
 The engine asks for a :class:`SplitLoader` per split and rank; it yields :class:`PackedBatch` es for
 an epoch and says how many steps that epoch has. The in-memory loader reads every bag of the split
 into RAM once; the streaming loader (:mod:`aem_dist.data.stream`) reads shards from storage behind
-the same interface. Both plan epochs with :func:`aem_dist.data.packing.plan_rank`.
+the same interface. Which one a run gets (``data.loader``) is looked up in :mod:`aem_dist.data.registry`.
 """
 
 from __future__ import annotations
@@ -64,6 +64,10 @@ class SplitLoader(Protocol):
 
     def repeat_fraction(self, epoch: int) -> float:
         """Share of ``epoch``'s bag visits (all ranks) that repeat a bag to equalise steps (training)."""
+
+    def in_memory(self) -> "InMemoryLoader | None":
+        """The loader itself when the whole split is decoded in host RAM (so it can be copied to a device
+        once), else None (a loader that reads shards as it trains)."""
 
 
 @dataclass
@@ -162,7 +166,11 @@ class InMemoryLoader:
         kept = {b.key for b in self.bags}
         return {(shard, key) for key, shard in self._listed.items() if key not in kept}
 
-    def _plan(self, epoch: int) -> list[list[int]]:
+    def in_memory(self) -> "InMemoryLoader":
+        return self
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of ``epoch`` as positions in :attr:`bags`."""
         s = self.spec
         return plan_rank(
             self.sizes,
@@ -176,28 +184,20 @@ class InMemoryLoader:
         )
 
     def steps(self, epoch: int) -> int:
-        return len(self._plan(epoch))
+        return len(self.plan(epoch))
 
     def repeat_fraction(self, epoch: int) -> float:
         s = self.spec
         return plan_repeat_fraction(self.sizes, world_size=s.world_size, max_instances=s.max_instances, max_bags=s.max_bags, train=s.train, seed=s.seed, epoch=epoch)
 
     def epoch(self, epoch: int) -> Iterator[PackedBatch]:
-        for batch in self._plan(epoch):
+        for batch in self.plan(epoch):
             yield pack([self.bags[i] for i in batch], dtype=torch.float32, with_coords=self.spec.with_coords)
 
 
 def open_memory(root: str, manifest: Manifest, spec: LoaderSpec, options: StorageOptions | None = None) -> InMemoryLoader:
+    """The in-memory :class:`SplitLoader` for ``spec``: every bag of the split read from ``root``."""
     counter = SkipCounter(spec.on_bad_sample)
     bags = read_split(root, manifest, spec.split, options=options, on_bad=counter)
     listed = {b.key: shard.name for shard in manifest.split(spec.split).shards for b in shard.bags}
     return InMemoryLoader(bags, spec, counter.counts, listed)
-
-
-def open_split(data_cfg, manifest: Manifest, spec: LoaderSpec, options: StorageOptions | None = None) -> SplitLoader:
-    """The loader ``data.loader`` names ('memory' or 'stream') for one split and rank."""
-    if data_cfg.loader == "stream":
-        from .stream import open_stream  # noqa: PLC0415  (optional heavier dependency path)
-
-        return open_stream(data_cfg, manifest, spec, options)
-    return open_memory(data_cfg.root, manifest, spec, options)

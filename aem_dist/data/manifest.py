@@ -22,6 +22,8 @@ SPLITS = ("train", "val", "test")
 # '.' or '-', backslashes and control characters would read outside it or reach a terminal.
 SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 BAG_KEY = re.compile(r"[A-Za-z0-9_-]{1,255}")  # what schema.safe_key produces
+MAX_MANIFEST_BYTES = 256 << 20  # ~80 bytes per bag as written: a million bags with folds and cases fit
+VALUES_PER_BAG = 16  # JSON values a bag adds at most: its row (3), its case (1), one per fold (k <= 12)
 
 
 class ManifestError(ValueError):
@@ -125,6 +127,9 @@ class Manifest(BaseModel):
         for name in self.class_names:
             if not name.isprintable():
                 raise ValueError(f"class name {name!r} holds control characters")
+        n_bags = sum(len(s.bags) for entry in self.splits.values() for s in entry.shards)
+        if n_bags > limits.max_bags:
+            raise ValueError(f"lists {n_bags:,} bags, more than a dataset may hold ({limits.max_bags:,})")
         seen: set[str] = set()
         for split, entry in self.splits.items():
             if len(entry.class_counts) != self.n_classes:
@@ -178,12 +183,25 @@ class Manifest(BaseModel):
         return json.dumps(data, indent=1, sort_keys=False)
 
 
+def check_entry_count(text: str | bytes, limits: Limits, where: str) -> None:
+    """Refuse a manifest that holds more JSON values than a dataset of ``limits.max_bags`` bags can,
+    before it is parsed: parsing materialises every value (10^7 bag rows took 7 GB and a minute).
+    The count is of commas — one per value in a list or object, found at C speed without parsing."""
+    values = (text.encode() if isinstance(text, str) else text).count(b",") + 1
+    allowed = VALUES_PER_BAG * limits.max_bags + 10_000
+    if values > allowed:
+        raise ManifestError(f"{where}: holds about {values:,} entries, more than a manifest of at most {limits.max_bags:,} bags can ({allowed:,})")
+
+
 def parse_manifest(text: str | bytes, where: str = MANIFEST, limits: Limits | None = None) -> Manifest:
     """Validate a manifest (counts, names, sizes within ``limits``); raises ManifestError naming the field."""
+    check_entry_count(text, limits or Limits(), where)
     try:
         data = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ManifestError(f"{where}: not valid JSON: {err}") from None
+    except RecursionError:
+        raise ManifestError(f"{where}: not valid JSON: nested too deeply") from None
     try:
         return Manifest.model_validate(data, context={"limits": limits})
     except ValidationError as err:
@@ -198,7 +216,9 @@ def load_manifest(root: str, options: StorageOptions | None = None, limits: Limi
     """Read and validate ``<root>/manifest.json`` (sizes against ``limits``, default :class:`Limits`)."""
     url = storage.join(root, MANIFEST)
     try:
-        text = storage.read_bytes(url, options)
+        text = storage.read_bytes(url, options, cap=MAX_MANIFEST_BYTES, what="manifest")
     except FileNotFoundError:
         raise ManifestError(f"{storage.redact(url, options)}: no manifest (not a dataset, or its writing never finished)") from None
+    except (storage.NotRegularFile, storage.FileTooLarge) as err:
+        raise ManifestError(str(err)) from None
     return parse_manifest(text, storage.redact(url, options), limits)

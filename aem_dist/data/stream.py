@@ -27,10 +27,7 @@ on. A shard whose bytes do not match the manifest's sha256 is never read (its ba
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
-import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -46,6 +43,7 @@ from .cache import ShardCache
 from .loader import LoaderSpec, SkipCounter
 from .manifest import Manifest
 from .packing import PackedBatch, pack
+from .prefetch import in_background
 from .schema import Bag, BadSampleError
 from .shards import TarIndex, decode_sample, index_tar
 from .streamplan import Batch, EpochPlan, plan_epoch
@@ -230,51 +228,6 @@ def build_pipeline(src: StreamSource) -> wds.DataPipeline:
 
 # --- running the pipeline --------------------------------------------------------------------------
 
-_END = object()
-
-
-def _in_thread(iterable: Iterable[Item], depth: int) -> Iterator[Item]:
-    """Run ``iterable`` in a background thread, ``depth`` items ahead of the consumer."""
-    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(x: Any) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def run() -> None:
-        try:
-            for item in iterable:
-                if not put(item):
-                    return
-        except BaseException as err:  # re-raised in the consumer
-            put(err)
-        finally:
-            put(_END)
-
-    t = threading.Thread(target=run, name="stream-prefetch", daemon=True)
-    t.start()
-    try:
-        while True:
-            x = q.get()
-            if x is _END:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
-        with contextlib.suppress(queue.Empty):
-            while True:
-                q.get_nowait()
-        t.join(timeout=30)
-
-
 class StreamLoader:
     """One split on one rank, streamed from ``data.root`` (see module docstring)."""
 
@@ -307,6 +260,9 @@ class StreamLoader:
     def lost(self) -> set[tuple[str, str]]:
         """(shard, key) of bags this rank's share could not use so far."""
         return set(self._lost)
+
+    def in_memory(self) -> None:
+        return None  # shards are read as training goes: nothing to keep on a device
 
     def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
@@ -351,7 +307,7 @@ class StreamLoader:
     def _items(self, epoch: int) -> Iterator[Item]:
         pipeline = build_pipeline(self.source(epoch))
         if self.num_workers == 0:
-            return _in_thread(pipeline, self.prefetch)
+            return in_background(pipeline, self.prefetch, "stream-prefetch")
         loader = torch.utils.data.DataLoader(
             pipeline,
             batch_size=None,  # items are already packed batches
@@ -393,5 +349,5 @@ def _rebuild(error: tuple[str, str, str | None, str | None]) -> Exception:
 
 
 def open_stream(data_cfg: Any, manifest: Manifest, spec: LoaderSpec, options: StorageOptions | None = None) -> StreamLoader:
-    """The streaming :class:`SplitLoader` for ``spec`` (see :func:`aem_dist.data.loader.open_split`)."""
+    """The streaming :class:`SplitLoader` for ``spec`` (``data.loader: stream``, see :mod:`aem_dist.data.registry`)."""
     return StreamLoader(data_cfg, manifest, spec, options)

@@ -17,6 +17,9 @@ import torch
 from .. import storage
 
 STATE_FILE = "state.pt"
+# A 64-member population of the largest model (weights + AdamW moments) is ~2 GB; the cap only stops a
+# path that is no checkpoint (a device, a huge foreign file) from being read whole.
+MAX_CHECKPOINT_BYTES = 16 << 30
 
 
 def state_to_bytes(state: dict[str, Any]) -> bytes:
@@ -42,7 +45,7 @@ def save_dir(state: dict[str, Any], folder: str) -> str:
 def load_dir(folder: str, options: storage.StorageOptions | None = None) -> dict[str, Any]:
     """Read ``folder/state.pt`` from a path or URL."""
     url = storage.join(folder, STATE_FILE)
-    return state_from_bytes(storage.read_bytes(url, options), storage.redact(url, options))
+    return state_from_bytes(storage.read_bytes(url, options, cap=MAX_CHECKPOINT_BYTES, what="checkpoint"), storage.redact(url, options))
 
 
 def write_best_states(report, blob: bytes | None, best_dirs: list[str], options: storage.StorageOptions | None = None) -> None:

@@ -26,9 +26,8 @@ import torch
 
 from .. import storage
 from ..config import Config
-from ..data.folds import fold_view
+from ..data.folds import open_manifest
 from ..data.loader import LoaderSpec, open_memory
-from ..data.manifest import load_manifest
 from ..storage import StorageOptions
 from .checkpoint import load_dir
 from .dist import DistContext
@@ -52,7 +51,7 @@ def stage1_config(cfg: Config) -> Config:
 def bag_features(state: dict, cfg: Config, options: StorageOptions | None) -> np.ndarray:
     """(n_train_bags, D) float32: the stage-1 model's bag features M of every training bag, by key."""
     model = model_from_state(state)
-    manifest = fold_view(load_manifest(cfg.data.root, options), cfg.data.fold, cfg.data.root)
+    manifest = open_manifest(cfg.data, options)
     loader = open_memory(cfg.data.root, manifest, LoaderSpec("train", max_bags=16, max_instances=cfg.train.max_instances_per_batch), options)
     rows: list[tuple[str, np.ndarray]] = []
     for batch in loader.epoch(0):

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import ModelConfig
-from ..data.folds import fold_view
+from ..config import DataConfig, ModelConfig
+from ..data.folds import open_manifest
 from ..data.loader import LoaderSpec, open_memory
-from ..data.manifest import load_manifest
 from ..models import MILModel, build_model
 from ..storage import StorageOptions
 from .dist import DistContext
@@ -35,7 +34,8 @@ def evaluate_state(
 ) -> EvalResult:
     """Metrics (and per-bag predictions) of a checkpoint on ``split`` of ``data_root`` (of cross-validation
     fold ``fold``, when given), in this process."""
-    manifest = fold_view(load_manifest(data_root, options), fold, data_root)
+    data = DataConfig(root=data_root, fold=fold)
+    manifest = open_manifest(data, options)
     meta = state["model_meta"]
     if int(meta["dim"]) != manifest.dim or int(meta["n_classes"]) != manifest.n_classes:
         raise ValueError(f"checkpoint expects dim {meta['dim']} / {meta['n_classes']} classes; dataset has {manifest.dim} / {manifest.n_classes}")

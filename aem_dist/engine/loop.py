@@ -21,10 +21,10 @@ import torch
 
 from ..config import Config
 from ..data.devicecache import place_on_device
-from ..data.limits import Limits
-from ..data.folds import fold_view
-from ..data.loader import LoaderSpec, SplitLoader, open_split
-from ..data.manifest import Manifest, load_manifest
+from ..data.folds import open_manifest
+from ..data.loader import LoaderSpec, SplitLoader
+from ..data.manifest import Manifest
+from ..data.registry import open_split
 from ..data.packing import PackedBatch, subsample
 from ..models import MILModel, build_model
 from ..storage import StorageOptions
@@ -144,7 +144,7 @@ def data_seed(cfg: Config) -> int:
 
 def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = None) -> Data:
     """The manifest and this rank's loaders for train, val and test."""
-    manifest = fold_view(load_manifest(cfg.data.root, options, Limits.from_config(cfg.data)), cfg.data.fold, cfg.data.root)
+    manifest = open_manifest(cfg.data, options)
     t = cfg.train
 
     def loader(split: str, train: bool) -> SplitLoader | None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import __version__, storage
 from ..config import Config, mask_userinfo
-from ..data.manifest import MANIFEST
+from ..data.manifest import MANIFEST, MAX_MANIFEST_BYTES
 from ..storage import StorageOptions
 from .loop import FitResult
 
@@ -86,7 +86,7 @@ def git_commit(path: str | None = None) -> str | None:
 
 def manifest_sha256(root: str, options: StorageOptions | None = None) -> str | None:
     try:
-        return hashlib.sha256(storage.read_bytes(storage.join(root, MANIFEST), options)).hexdigest()
+        return hashlib.sha256(storage.read_bytes(storage.join(root, MANIFEST), options, cap=MAX_MANIFEST_BYTES, what="manifest")).hexdigest()
     except (FileNotFoundError, storage.StorageError):
         return None
 

@@ -189,22 +189,22 @@ def predict_split(
     """
     import torch
 
-    from ..data.folds import fold_view
-    from ..data.loader import LoaderSpec, open_split
-    from ..data.manifest import load_manifest
+    from ..data.folds import open_manifest
+    from ..data.loader import LoaderSpec
+    from ..data.registry import open_split
     from ..data.synthetic import unpack_mask
     from ..engine.dist import DistContext
     from ..engine.evaluate import predict
     from ..progress import progress as progress_bar
 
     where = storage.redact(data_root, options)
+    data_cfg = (data or DataConfig()).model_copy(update={"root": data_root})
     # A run trained on a fold is predicted on that fold's splits (its test bags are the fold's).
-    manifest = fold_view(load_manifest(data_root, options), data.fold if data is not None else None, where)
+    manifest = open_manifest(data_cfg, options)
     if manifest.dim != int(run.meta["dim"]):
         raise ValueError(f"{where}: feature dim {manifest.dim} != the checkpoint's {run.meta['dim']} ({storage.redact(run.url, options)})")
     if manifest.n_classes != int(run.meta["n_classes"]):
         raise ValueError(f"{where}: {manifest.n_classes} classes != the checkpoint's {run.meta['n_classes']}")
-    data_cfg = (data or DataConfig()).model_copy(update={"root": data_root})
     spec = LoaderSpec(split, 0, 1, train=False, max_instances=max_instances, max_bags=max_bags, on_bad_sample=data_cfg.on_bad_sample, with_coords=True)
     loader = open_split(data_cfg, manifest, spec, options)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))

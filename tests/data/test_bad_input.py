@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from aem_dist.config import DataConfig
-from aem_dist.data.loader import LoaderSpec, open_split
+from aem_dist.data.loader import LoaderSpec
+from aem_dist.data.registry import open_split
 from aem_dist.data.manifest import load_manifest
 from aem_dist.data.schema import BadSampleError
 from aem_dist.data.shards import write_dataset

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from aem_dist.config import DataConfig
-from aem_dist.data.loader import LoaderSpec, open_memory, open_split
+from aem_dist.data.loader import LoaderSpec, open_memory
+from aem_dist.data.registry import open_split
 from aem_dist.data.manifest import load_manifest
 from aem_dist.data.synthetic import get_spec, write_synthetic
 from aem_dist.data.verify import verify_dataset

@@ -12,6 +12,7 @@ slide at a time (so ingestion memory is one bag, whatever the dataset size)::
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -83,38 +84,36 @@ class FolderSource:
         pass
 
 
-FORMATS = ("clam", "trident", "pt", "acmil", "zarr", "mil-csv")
+@dataclass(frozen=True)
+class SourceFormat:
+    """One ``--format``: the reader class (in a module of this package, imported only when used, so h5py,
+    zarr and torch load only for their own formats), constructed with the source path."""
+
+    module: str
+    reader: str
+    help: str  # what ``ingest --help`` says about the format
+
+
+FORMATS: dict[str, SourceFormat] = {
+    "clam": SourceFormat("h5_folder", "H5FolderSource", "folder of <slide>.h5 with features, coords"),
+    "trident": SourceFormat("h5_folder", "H5FolderSource", "the same, as TRIDENT writes it"),
+    "pt": SourceFormat("pt_folder", "PtFolderSource", "folder of <slide>.pt"),
+    "acmil": SourceFormat("acmil_h5", "AcmilH5Source", "one HDF5: <slide>/feat, coords, attrs label"),
+    "zarr": SourceFormat("zarr_store", "ZarrSource", "group per slide: features, coords, attrs label"),
+    "mil-csv": SourceFormat("mil_csv", "MilCsvSource", "rows: label, bag id, features…"),
+}
 
 
 def open_source(fmt: str, src: str, limits: Limits | None = None) -> Source:
     """The source for format ``fmt`` at local path ``src``; declared shapes are checked against ``limits``."""
-    source = _open_source(fmt, src)
+    entry = FORMATS.get(fmt)
+    if entry is None:
+        raise SourceError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    reader = getattr(importlib.import_module(f"{__name__}.{entry.module}"), entry.reader)
+    source = reader(src)
+    source.fmt = fmt
     source.limits = limits or Limits()
     return source
-
-
-def _open_source(fmt: str, src: str) -> Source:
-    if fmt in ("clam", "trident"):
-        from .h5_folder import H5FolderSource
-
-        return H5FolderSource(src, fmt)
-    if fmt == "pt":
-        from .pt_folder import PtFolderSource
-
-        return PtFolderSource(src)
-    if fmt == "acmil":
-        from .acmil_h5 import AcmilH5Source
-
-        return AcmilH5Source(src)
-    if fmt == "zarr":
-        from .zarr_store import ZarrSource
-
-        return ZarrSource(src)
-    if fmt == "mil-csv":
-        from .mil_csv import MilCsvSource
-
-        return MilCsvSource(src)
-    raise SourceError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
 
 
 def as_matrix(arr: object, origin: str, field: str) -> np.ndarray:

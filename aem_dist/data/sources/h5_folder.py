@@ -12,11 +12,8 @@ from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, read_matrix
 
 
 class H5FolderSource(FolderSource):
+    fmt = "clam"  # or "trident": set by open_source
     suffix = ".h5"
-
-    def __init__(self, folder: str, fmt: str = "clam"):
-        self.fmt = fmt
-        super().__init__(folder)
 
     def dim_of(self, slide_id: str) -> int:
         """The feature dim from the file's header (no features read)."""
