@@ -11,6 +11,7 @@ Unknown keys and bad values raise :class:`ConfigError` naming the dotted key at 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import math
 import re
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
@@ -67,45 +68,27 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field("abmil", description="Model from the registry: abmil, mha, dsmil, acmil, dtfd, maxpool, meanpool, clam_sb, transmil, lossattn, ilra, mhim, ibmil, c2c.")
+    """Options every model has. A model's own options extend this class next to the model (``models/<name>.py``)
+    and are registered with it; ``model.name`` picks the class a config's ``model`` section validates with."""
+
+    name: str = Field("abmil", description="Model from the registry (aem_dist.models); each model's own options are listed below as model.<key> [<model>].")
     hidden: int = Field(128, ge=1, description="Width of the instance embedding (the paper's 128).")
     attn_hidden: int | None = Field(None, ge=1, description="Width of the gated-attention network, and of dsmil's queries (default: same as hidden).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on instance embeddings during training.")
-    n_heads: int = Field(8, ge=1, description="Attention heads (mha; transmil's Nystrom attention). model.hidden must be divisible by it.")
-    n_branches: int = Field(5, ge=1, description="Attention branches (acmil).")
-    n_pseudo_bags: int = Field(4, ge=1, description="Pseudo-bags per bag (dtfd).")
-    mask_top_k: int = Field(10, ge=0, description="Top-attended instances considered for random masking (acmil, training only).")
-    mask_prob: float = Field(0.6, ge=0.0, le=1.0, description="Share of the top-k instances masked at random in each branch: floor(k·p) of them, so each is masked with probability ~p (acmil, training only).")
     bias: bool = Field(False, description="Bias in the instance embedding layer (the paper's code has none).")
-    k_sample: int = Field(8, ge=1, description="Instances sampled from each end of the attention ranking for the instance-level clustering loss (clam_sb; CLAM's B).")
-    bag_weight: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the bag cross-entropy in clam_sb's loss; the instance loss gets 1 - bag_weight (CLAM's default 0.7).")
-    lossattn_weight: float = Field(2.0, ge=0.0, description="Weight of lossattn's attention-weighted instance cross-entropy (the official code's 2.0).")
-    ilra_layers: int = Field(2, ge=1, description="Gated attention blocks (GAB) stacked in ilra (the paper's 2).")
-    ilra_rank: int = Field(1, ge=1, description="Rank of ilra's low-rank latent matrix: latent vectors per block (the official CAMELYON16 config's topk=1).")
-    ilra_layer_norm: bool = Field(True, description="LayerNorms inside ilra's attention blocks (the official config's ln: true).")
-    mhim_mask_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="mhim: share of each bag's instances masked uniformly at random for the student (the official CAMELYON16 ABMIL recipe's 0.5).")
-    mhim_mask_ratio_low: float = Field(0.0, ge=0.0, lt=1.0, description="mhim: share of the lowest-teacher-attention instances masked (official CAMELYON16 ABMIL: 0).")
-    mhim_mask_ratio_high: float = Field(0.01, ge=0.0, lt=1.0, description="mhim: share of the highest-teacher-attention (hard/salient) instances considered for masking (official CAMELYON16 ABMIL: 0.01).")
-    mhim_mask_ratio_high_random: float = Field(0.5, gt=0.0, le=1.0, description="mhim: of the high-attention candidates (ceil(n·high/this) top instances) this share, ceil'd, is masked at random (official: 0.5).")
-    mhim_high_decay: bool = Field(True, description="mhim: decay the high-attention mask ratio by cosine to 0 over the run's steps (official --mrh_sche).")
-    mhim_consistency_weight: float = Field(0.1, ge=0.0, description="mhim: weight of the teacher-student consistency loss (official CAMELYON16 ABMIL cl_alpha 0.1).")
-    mhim_ce_weight: float = Field(1.0, ge=0.0, description="mhim: weight of the student's bag cross-entropy (official cls_alpha 1.0).")
-    mhim_temp_teacher: float = Field(0.1, gt=0.0, description="mhim: temperature of the teacher's bag embedding in the consistency loss (official temp_t 0.1).")
-    mhim_temp_student: float = Field(1.0, gt=0.0, description="mhim: temperature of the student's bag embedding in the consistency loss (official temp_s 1.0).")
-    mhim_momentum: float = Field(0.9999, ge=0.0, le=1.0, description="mhim: EMA decay of the teacher after every optimizer step (official mm 0.9999).")
-    mhim_momentum_final: float = Field(1.0, ge=0.0, le=1.0, description="mhim: final EMA decay when mhim_momentum_decay is on (official mm_final 1.0).")
-    mhim_momentum_decay: bool = Field(False, description="mhim: cosine schedule of the EMA decay from mhim_momentum to mhim_momentum_final (official --mm_sche; off for CAMELYON16).")
-    mhim_teacher_init: str | None = Field(None, description="mhim: folder with the state.pt of a trained baseline whose encoder starts the teacher (the official --teacher_init; e.g. <run>/best of an mhim run with mhim_mask_ratio=0, mhim_mask_ratio_high=0, mhim_consistency_weight=0, the official 'pure' ABMIL). None = the teacher starts as a copy of the student (--no_tea_init).")
-    mhim_student_init: Literal["none", "fc", "all"] = Field("fc", description="mhim, with mhim_teacher_init: what of the baseline also starts the student: its instance embedding (fc, the official recipe's init_stu_type), everything (all) or nothing (none).")
-    ibmil_confounders: int = Field(8, ge=1, description="ibmil: k of the k-means confounder dictionary built from stage-1 bag features (the official example's 8).")
-    ibmil_confounder_dim: int = Field(128, ge=1, description="ibmil: width of the joint space bag queries and confounder keys are projected to (official c_dim 128).")
-    ibmil_stage: Literal[1, 2] = Field(2, description="ibmil: 2 = the interventional model (what `model.name=ibmil` trains: stage 1 runs first, see ibmil_stage1); 1 = the stage-1 base ABMIL alone (set by the pipeline).")
-    ibmil_stage1: str | None = Field(None, description="ibmil: run folder of a finished stage-1 run whose best checkpoint builds the confounders; None = <run dir>/stage1 (trained first if absent).")
-    c2c_clusters: int = Field(8, ge=1, description="c2c: k-means clusters per slide (the official num_cluster 8).")
-    c2c_per_cluster: int = Field(8, ge=1, description="c2c: instances sampled from each cluster per training step (the official num_img_per_cluster 8).")
-    c2c_instance_weight: float = Field(0.01, ge=0.0, description="c2c: weight of the instance (patch) cross-entropy (the official beta 0.01).")
-    c2c_kl_weight: float = Field(0.01, ge=0.0, description="c2c: weight of the within-cluster KL(uniform ‖ attention) term (the official gamma 0.01).")
-    c2c_min_cluster: int = Field(5, ge=1, description="c2c: clusters with fewer sampled instances get no KL term (the official code skips clusters of <= 4).")
+
+
+MODEL_OPTIONS: dict[str, type[ModelConfig]] = {}  # model.name → its options class, filled by models.registry.register
+
+
+def model_options(name: str) -> type[ModelConfig]:
+    """The options class of model ``name`` (the base class for a name no model has: build_model refuses it, naming the known ones).
+
+    The registry is filled when :mod:`aem_dist.models` is imported; it is loaded by name on first use, so that
+    this bottom layer never imports the models (torch) and a config can be validated anywhere."""
+    if not MODEL_OPTIONS:
+        importlib.import_module("aem_dist.models")
+    return MODEL_OPTIONS.get(name, ModelConfig)
 
 
 class LossConfig(_Section):
@@ -222,7 +205,7 @@ class Config(_Section):
     """Everything a run needs; see each section's field descriptions (``aem-dist config --help``)."""
 
     data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: SerializeAsAny[ModelConfig] = Field(default_factory=lambda: model_options("abmil")())
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     scaling: ScalingSection = Field(default_factory=ScalingSection)
@@ -231,6 +214,12 @@ class Config(_Section):
     metrics: MetricsSection = Field(default_factory=MetricsSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     debug: DebugSection = Field(default_factory=DebugSection)
+
+    @field_validator("model", mode="wrap")
+    @classmethod
+    def _model_options(cls, value: Any, handler: Any) -> ModelConfig:
+        """The ``model`` section validates with the options class of its ``model.name``."""
+        return model_options(value.get("name", "abmil")).model_validate(value) if isinstance(value, dict) else handler(value)
 
     @model_validator(mode="after")
     def _grid_keys_exist(self) -> "Config":
@@ -254,12 +243,19 @@ class Config(_Section):
         return data
 
 
+def _fields(node: BaseModel) -> set[str]:
+    """Keys a section may hold; for ``model``, those of any model (the model a key belongs to is checked on validation)."""
+    if isinstance(node, ModelConfig):
+        return {k for options in (ModelConfig, *MODEL_OPTIONS.values()) for k in options.model_fields}
+    return set(type(node).model_fields)
+
+
 def _check_dotted_key(cfg: BaseModel, dotted: str) -> None:
     node: Any = cfg
     for part in dotted.split("."):
-        if not isinstance(node, BaseModel) or part not in type(node).model_fields:
+        if not isinstance(node, BaseModel) or part not in _fields(node):
             raise ConfigError(f"unknown config key {dotted!r} (no field {part!r})")
-        node = getattr(node, part)
+        node = getattr(node, part, None)
 
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -371,7 +367,10 @@ def _format_error(err: ValidationError, prefix: str = "") -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         key = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "<root>"
-        if e["type"] == "extra_forbidden":
+        owners = [n for n, options in MODEL_OPTIONS.items() if loc.startswith("model.") and loc[6:] in options.model_fields]
+        if e["type"] == "extra_forbidden" and owners:
+            lines.append(f"{key} is an option of model.name={'|'.join(owners)} only, not of the model chosen")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"unknown config key {key!r}")
         elif not loc or (e["type"] == "value_error" and str(e["msg"]).removeprefix("Value error, ").startswith(key)):
             lines.append(str(e["msg"]).removeprefix("Value error, "))  # a check whose message names the key itself
@@ -535,11 +534,19 @@ def config_json(cfg: Config) -> str:
 
 
 def describe_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted key, default, description) for every leaf field."""
+    """(dotted key, default, description) for every leaf field; a model's own options say which models have them."""
     rows: list[tuple[str, Any, str]] = []
     for name, info in model.model_fields.items():
         ann = info.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if ann is ModelConfig:  # the options every model has, then each model's own (with the models that have it)
+            rows += describe_keys(ModelConfig, f"{prefix}{name}.")
+            owners: dict[str, tuple[Any, list[str]]] = {}
+            for model_name, options in (model_options("abmil") and MODEL_OPTIONS).items():
+                for key, field in options.model_fields.items():
+                    if key not in ModelConfig.model_fields:
+                        owners.setdefault(key, (field, []))[1].append(model_name)
+            rows += [(f"{prefix}{name}.{k}", f.get_default(call_default_factory=True), f"[{', '.join(ns)}] {f.description}") for k, (f, ns) in owners.items()]
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
             rows += describe_keys(ann, f"{prefix}{name}.")
         else:
             default = info.get_default(call_default_factory=True)

@@ -1,6 +1,6 @@
 """IBMIL's first stage, run before the interventional model trains (``model.name: ibmil``).
 
-:func:`stage_init` is called (through :mod:`aem_dist.engine.stages`) by a run — ``engine.local.run_local``,
+Registered as IBMIL's stage (:mod:`aem_dist.engine.stages`), :func:`stage_init` is called by a run — ``engine.local.run_local``,
 the Ray worker — before ``fit``:
 
 1. stage 1 — the same config with ``model.ibmil_stage: 1`` (the base ABMIL), trained in
@@ -34,6 +34,7 @@ from .dist import DistContext
 from .inference import model_from_state
 from .local import LocalCheckpoints
 from .loop import fit, resolve_device
+from .stages import stage
 
 log = logging.getLogger(__name__)
 CONFOUNDERS_FILE = "confounders.npy"
@@ -72,13 +73,14 @@ def confounder_dictionary(features: np.ndarray, k: int, seed: int = 66) -> np.nd
     return np.stack([features[labels == j].mean(axis=0) if (labels == j).any() else np.zeros(features.shape[1], np.float32) for j in range(k)]).astype(np.float32)
 
 
+@stage("ibmil")
 def stage_init(cfg: Config, run_dir: str | None, options: StorageOptions | None = None, ctx: DistContext | None = None) -> dict[str, torch.Tensor] | None:
     """Tensors to load into the model before training: IBMIL's confounders (stage 1 run or reused);
-    None for every other model or for IBMIL's stage 1 itself.
+    None for IBMIL's stage 1 itself.
 
     Raises ValueError when stage 2 has no run folder to keep stage 1 in.
     """
-    if cfg.model.name != "ibmil" or cfg.model.ibmil_stage != 2:
+    if cfg.model.ibmil_stage != 2:
         return None
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
     stage1 = cfg.model.ibmil_stage1 or (storage.join(run_dir, "stage1") if run_dir is not None else None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import DataConfig, ModelConfig
+from ..config import DataConfig, model_options
 from ..data.folds import open_manifest
 from ..data.loader import LoaderSpec, open_memory
 from ..models import MILModel, build_model
@@ -16,7 +16,8 @@ from .evaluate import EvalResult, evaluate
 def model_from_state(state: dict[str, Any]) -> MILModel:
     """The model a checkpoint state describes (``model_meta``), with its weights, in eval mode."""
     meta = state["model_meta"]
-    model = build_model(ModelConfig(**meta["model"]), int(meta["dim"]), int(meta["n_classes"]))
+    options = model_options(meta["model"]["name"])  # a checkpoint written before per-model options holds every model's keys
+    model = build_model(options(**{k: v for k, v in meta["model"].items() if k in options.model_fields}), int(meta["dim"]), int(meta["n_classes"]))
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -18,6 +18,7 @@ from .dist import DistContext
 from .checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best_states
 from .loop import EpochReport, FitResult, fit, fit_members
 from .runrecord import check_same_run
+from .stages import model_init
 
 log = logging.getLogger(__name__)
 _EPOCH_DIR = re.compile(r"^epoch-(\d{6})$")
@@ -81,8 +82,6 @@ def run_local(
     Raises :class:`~aem_dist.engine.runrecord.RunConfigMismatch` when the latest checkpoint was trained
     with a config that differs from ``cfg`` in a result-relevant key; ``force_new`` clears the run's
     checkpoints, best state and results first and starts over."""
-    from .stages import model_init  # noqa: PLC0415  (engine.ibmil imports this module)
-
     if run_dir is None:
         return fit(cfg, options=options, on_epoch=on_epoch, model_init=model_init(cfg, None, options))
     if force_new:

@@ -2,7 +2,8 @@
 
 Called by a run (``engine.local.run_local``, the Ray worker) and handed to ``fit(model_init=...)``,
 which loads the tensors into the freshly built model (a resumed run then overrides them from its
-checkpoint):
+checkpoint). A model with such a stage registers it under its ``model.name`` with :func:`stage`; this
+module imports none of them (the engine package imports :mod:`.ibmil`, which registers itself):
 
 * IBMIL (stage 2): the confounder dictionary, training stage 1 first when needed
   (:mod:`aem_dist.engine.ibmil`);
@@ -13,6 +14,8 @@ checkpoint):
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .. import storage
@@ -20,15 +23,30 @@ from ..config import Config
 from ..storage import StorageOptions
 from .checkpoint import load_dir
 from .dist import DistContext
-from .ibmil import stage_init
+
+Stage = Callable[..., "dict[str, torch.Tensor] | None"]  # (cfg, run_dir, options, ctx)
+STAGES: dict[str, Stage] = {}  # model.name → what it needs before training
 
 
-def mhim_init(cfg: Config, options: StorageOptions | None = None) -> dict[str, torch.Tensor]:
-    """Teacher buffers (and student weights) from the baseline checkpoint ``model.mhim_teacher_init``.
+def stage(name: str) -> Callable[[Stage], Stage]:
+    """Register ``fn(cfg, run_dir, options, ctx) -> tensors | None`` as what model ``name`` needs before it trains."""
+
+    def deco(fn: Stage) -> Stage:
+        STAGES[name] = fn
+        return fn
+
+    return deco
+
+
+@stage("mhim")
+def mhim_init(cfg: Config, run_dir: str | None = None, options: StorageOptions | None = None, ctx: DistContext | None = None) -> dict[str, torch.Tensor] | None:
+    """Teacher buffers (and student weights) from the baseline checkpoint ``model.mhim_teacher_init`` (None: unset).
 
     Raises ValueError when that checkpoint is not of an ``mhim`` model.
     """
     folder = cfg.model.mhim_teacher_init
+    if not folder:
+        return None
     state = load_dir(folder, options)
     if state.get("model_meta", {}).get("name") != "mhim":
         raise ValueError(f"model.mhim_teacher_init: {storage.redact(folder, options)} holds a {state.get('model_meta', {}).get('name')!r} checkpoint, not an mhim baseline")
@@ -43,8 +61,5 @@ def mhim_init(cfg: Config, options: StorageOptions | None = None) -> dict[str, t
 
 def model_init(cfg: Config, run_dir: str | None, options: StorageOptions | None = None, ctx: DistContext | None = None) -> dict[str, torch.Tensor] | None:
     """Tensors to load into the model before training, or None (most models)."""
-    if cfg.model.name == "ibmil":
-        return stage_init(cfg, run_dir, options, ctx)
-    if cfg.model.name == "mhim" and cfg.model.mhim_teacher_init:
-        return mhim_init(cfg, options)
-    return None
+    fn = STAGES.get(cfg.model.name)
+    return fn(cfg, run_dir, options, ctx) if fn is not None else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pydantic import Field
 
 from ..config import ModelConfig
 from .abmil import GatedAttention, instance_embedding
@@ -48,11 +49,20 @@ def stkim_keep(scores: torch.Tensor, bag_index: torch.Tensor, n_bags: int, top_k
     return ~(in_top & picked)
 
 
-@register("acmil")
+class ACMILOptions(ModelConfig):
+    """Options of acmil (``model.<key>``)."""
+
+    n_branches: int = Field(5, ge=1, description="Attention branches (acmil).")
+    mask_top_k: int = Field(10, ge=0, description="Top-attended instances considered for random masking (acmil, training only).")
+    mask_prob: float = Field(0.6, ge=0.0, le=1.0, description="Share of the top-k instances masked at random in each branch: floor(k·p) of them, so each is "
+        "masked with probability ~p (acmil, training only).")
+
+
+@register("acmil", ACMILOptions)
 class ACMIL(MILModel):
     input_linear = "embed.0"
 
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: ACMILOptions, in_dim: int, n_classes: int):
         super().__init__()
         self.branches = cfg.n_branches
         self.top_k = cfg.mask_top_k

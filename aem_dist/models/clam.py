@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pydantic import Field
 
 from ..config import ModelConfig
 from .abmil import GatedAttention, instance_embedding
@@ -28,11 +29,20 @@ from .registry import register
 from .segment import segment_count, segment_rank, segment_softmax, segment_sum
 
 
-@register("clam_sb")
+class CLAMOptions(ModelConfig):
+    """Options of clam_sb (``model.<key>``)."""
+
+    k_sample: int = Field(8, ge=1, description="Instances sampled from each end of the attention ranking for the instance-level clustering loss (clam_sb; "
+        "CLAM's B).")
+    bag_weight: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the bag cross-entropy in clam_sb's loss; the instance loss gets 1 - bag_weight "
+        "(CLAM's default 0.7).")
+
+
+@register("clam_sb", CLAMOptions)
 class CLAMSB(MILModel):
     input_linear = "embed.0"
 
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: CLAMOptions, in_dim: int, n_classes: int):
         super().__init__()
         self.n_classes = n_classes
         self.k_sample = cfg.k_sample

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pydantic import Field
 
 from ..config import ModelConfig
 from .abmil import GatedAttention, instance_embedding
@@ -50,11 +51,17 @@ def pseudo_bags(bag_index: torch.Tensor, n_bags: int, n_pseudo: int, random: boo
     return segment, segment_bag
 
 
-@register("dtfd")
+class DTFDOptions(ModelConfig):
+    """Options of dtfd (``model.<key>``)."""
+
+    n_pseudo_bags: int = Field(4, ge=1, description="Pseudo-bags per bag (dtfd).")
+
+
+@register("dtfd", DTFDOptions)
 class DTFD(MILModel):
     input_linear = "embed.0"
 
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: DTFDOptions, in_dim: int, n_classes: int):
         super().__init__()
         attn_hidden = cfg.attn_hidden or cfg.hidden
         self.n_pseudo = cfg.n_pseudo_bags

@@ -18,9 +18,11 @@ AEM attaches to the instance attention a (segments = bags), in both stages.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import nn
+from pydantic import Field
 
 from ..config import ModelConfig
 from .base import MILModel, MILOutput
@@ -28,11 +30,24 @@ from .registry import register
 from .segment import segment_log_softmax, segment_sum
 
 
-@register("ibmil")
+class IBMILOptions(ModelConfig):
+    """Options of ibmil (``model.<key>``)."""
+
+    ibmil_confounders: int = Field(8, ge=1, description="ibmil: k of the k-means confounder dictionary built from stage-1 bag features (the official example's "
+        "8).")
+    ibmil_confounder_dim: int = Field(128, ge=1, description="ibmil: width of the joint space bag queries and confounder keys are projected to (official c_dim "
+        "128).")
+    ibmil_stage: Literal[1, 2] = Field(2, description="ibmil: 2 = the interventional model (what `model.name=ibmil` trains: stage 1 runs first, see "
+        "ibmil_stage1); 1 = the stage-1 base ABMIL alone (set by the pipeline).")
+    ibmil_stage1: str | None = Field(None, description="ibmil: run folder of a finished stage-1 run whose best checkpoint builds the confounders; None = <run "
+        "dir>/stage1 (trained first if absent).")
+
+
+@register("ibmil", IBMILOptions)
 class IBMIL(MILModel):
     population_note = "two-stage training: each member needs its own stage-1 run and confounder dictionary"
 
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: IBMILOptions, in_dim: int, n_classes: int):
         super().__init__()
         self.stage = cfg.ibmil_stage
         self.attention = nn.Sequential(nn.Linear(in_dim, in_dim), nn.Tanh(), nn.Linear(in_dim, 1))

@@ -24,9 +24,10 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pydantic import Field
 
-from ..config import ModelConfig
 from .base import MILModel, MILOutput
+from .mha import HeadsOptions
 from .registry import register
 from .segment import segment_log_softmax, segment_sum
 
@@ -107,9 +108,17 @@ class GAB(nn.Module):
         return self.project_backward.spread(x, h, bag_index)  # (T, dim)
 
 
-@register("ilra")
+class ILRAOptions(HeadsOptions):
+    """Options of ilra (``model.<key>``)."""
+
+    ilra_layers: int = Field(2, ge=1, description="Gated attention blocks (GAB) stacked in ilra (the paper's 2).")
+    ilra_rank: int = Field(1, ge=1, description="Rank of ilra's low-rank latent matrix: latent vectors per block (the official CAMELYON16 config's topk=1).")
+    ilra_layer_norm: bool = Field(True, description="LayerNorms inside ilra's attention blocks (the official config's ln: true).")
+
+
+@register("ilra", ILRAOptions)
 class ILRA(MILModel):
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: ILRAOptions, in_dim: int, n_classes: int):
         super().__init__()
         d, heads = cfg.hidden, cfg.n_heads
         self.gab_blocks = nn.ModuleList(

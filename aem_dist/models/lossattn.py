@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from pydantic import Field
 
 from ..config import ModelConfig
 from .abmil import instance_embedding
@@ -24,11 +25,17 @@ from .registry import register
 from .segment import segment_log_softmax, segment_mean, segment_sum
 
 
-@register("lossattn")
+class LossAttnOptions(ModelConfig):
+    """Options of lossattn (``model.<key>``)."""
+
+    lossattn_weight: float = Field(2.0, ge=0.0, description="Weight of lossattn's attention-weighted instance cross-entropy (the official code's 2.0).")
+
+
+@register("lossattn", LossAttnOptions)
 class LossAttn(MILModel):
     input_linear = "embed.0"
 
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: LossAttnOptions, in_dim: int, n_classes: int):
         super().__init__()
         self.weight = cfg.lossattn_weight
         self.embed = instance_embedding(in_dim, cfg)

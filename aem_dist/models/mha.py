@@ -14,6 +14,7 @@ import math
 
 import torch
 from torch import nn
+from pydantic import Field
 
 from ..config import ModelConfig
 from .abmil import instance_embedding
@@ -22,11 +23,17 @@ from .registry import register
 from .segment import segment_softmax, segment_sum
 
 
-@register("mha")
+class HeadsOptions(ModelConfig):
+    """Options of the multi-head models (mha, transmil, ilra) (``model.<key>``)."""
+
+    n_heads: int = Field(8, ge=1, description="Attention heads (mha; transmil's Nystrom attention). model.hidden must be divisible by it.")
+
+
+@register("mha", HeadsOptions)
 class MHA(MILModel):
     input_linear = "embed.0"
 
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: HeadsOptions, in_dim: int, n_classes: int):
         super().__init__()
         if cfg.hidden % cfg.n_heads:
             raise ValueError(f"model.hidden ({cfg.hidden}) must be divisible by model.n_heads ({cfg.n_heads}) for mha")

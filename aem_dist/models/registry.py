@@ -1,20 +1,22 @@
-"""Model registry: ``model.name`` → class. Models register themselves with :func:`register`."""
+"""Model registry: ``model.name`` → class (and its options class). Models register themselves with :func:`register`."""
 
 from __future__ import annotations
 
 from typing import Callable
 
-from ..config import ModelConfig
+from ..config import MODEL_OPTIONS, ModelConfig
 from .base import MILModel
 
 MODELS: dict[str, type[MILModel]] = {}
 
 
-def register(name: str) -> Callable[[type[MILModel]], type[MILModel]]:
+def register(name: str, options: type[ModelConfig] = ModelConfig) -> Callable[[type[MILModel]], type[MILModel]]:
+    """Register a model class under ``name`` with the options class its ``model`` config section validates with."""
+
     def deco(cls: type[MILModel]) -> type[MILModel]:
         if name in MODELS:
             raise ValueError(f"model {name!r} registered twice")
-        MODELS[name] = cls
+        MODELS[name], MODEL_OPTIONS[name] = cls, options
         return cls
 
     return deco

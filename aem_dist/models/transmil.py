@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
 from .abmil import instance_embedding
 from .base import MILModel, MILOutput
+from .mha import HeadsOptions
 from .registry import register
 from .segment import segment_count
 
@@ -97,11 +97,11 @@ class PPEG(nn.Module):
         return torch.cat([cls, grid.flatten(2)[0].t()], dim=0)
 
 
-@register("transmil")
+@register("transmil", HeadsOptions)
 class TransMIL(MILModel):
     input_linear = "embed.0"
 
-    def __init__(self, cfg: ModelConfig, in_dim: int, n_classes: int):
+    def __init__(self, cfg: HeadsOptions, in_dim: int, n_classes: int):
         super().__init__()
         if cfg.hidden % cfg.n_heads:
             raise ValueError(f"model.hidden ({cfg.hidden}) must be divisible by model.n_heads ({cfg.n_heads}) for transmil")

@@ -19,15 +19,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from aem_dist.config import ModelConfig
+from aem_dist.config import model_options
 from aem_dist.losses import attention_regulariser, total_loss
 from aem_dist.models import MODELS, build_model
 from aem_dist.models.mhim import mhim_mask
 
 from .reference import ce, linear, params, relu, softmax
-from .test_contract import IN_DIM, LAM, SIZES, bag_rows, make_batch
+from .test_contract import IN_DIM, LAM, OWN_SUITE, SIZES, bag_rows, make_batch
 
-NEW = ("lossattn", "ilra", "c2c", "mhim", "ibmil")
+NEW = OWN_SUITE
 SHIFT_INVARIANT = {
     "lossattn": set(),
     "ilra": {f"gab_blocks.{i}.{p}.fc_k.bias" for i in range(2) for p in ("project_forward", "project_backward")} | {"pooling.fc_k.bias"},
@@ -44,7 +44,8 @@ DETERMINISTIC_TRAINING = {  # overrides under which training mode draws nothing 
 def make(name: str, n_classes: int = 2, **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     extra = {"ilra_rank": 2} if name == "ilra" else {}  # rank 1 makes the backward attention trivial (one key)
-    model = build_model(ModelConfig(name=name, hidden=16, n_heads=4, **extra, **overrides), IN_DIM, n_classes).double()
+    heads = {"n_heads": 4} if "n_heads" in model_options(name).model_fields else {}
+    model = build_model(model_options(name)(name=name, hidden=16, **heads, **extra, **overrides), IN_DIM, n_classes).double()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -259,7 +260,7 @@ def test_mhim_masks_the_official_counts():
 
 
 def test_mhim_teacher_is_an_ema_in_the_state_dict_not_trained():
-    model = build_model(ModelConfig(name="mhim", hidden=8, mhim_momentum=0.9), IN_DIM, 2)
+    model = build_model(model_options("mhim")(name="mhim", hidden=8, mhim_momentum=0.9), IN_DIM, 2)
     names = {n for n, _ in model.named_parameters()}
     assert not any(n.startswith("teacher") for n in names)
     state = model.state_dict()
@@ -275,7 +276,7 @@ def test_mhim_teacher_is_an_ema_in_the_state_dict_not_trained():
 
 
 def test_mhim_high_mask_ratio_decays_by_cosine():
-    model = build_model(ModelConfig(name="mhim", hidden=8), IN_DIM, 2)
+    model = build_model(model_options("mhim")(name="mhim", hidden=8), IN_DIM, 2)
     assert model.high_ratio() == pytest.approx(0.01)
     model.after_step(0.5)
     assert model.high_ratio() == pytest.approx(0.005)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from aem_dist.config import ModelConfig
+from aem_dist.config import model_options
 from aem_dist.losses import attention_regulariser
 from aem_dist.models import build_model
 from aem_dist.models.acmil import stkim_keep
@@ -28,7 +28,7 @@ def packed(sizes=SIZES, dim=5, seed=0):
 
 def acmil(**kw):
     torch.manual_seed(0)
-    return build_model(ModelConfig(name="acmil", hidden=8, **kw), 5, 2).double()
+    return build_model(model_options("acmil")(name="acmil", hidden=8, **kw), 5, 2).double()
 
 
 def removed_pairs(out, n_instances: int, branches: int) -> set[tuple[int, int]]:
@@ -135,7 +135,7 @@ def test_dtfd_split_is_random_in_training_and_fixed_in_eval():
 
 def test_dtfd_model_eval_is_deterministic_and_training_is_not():
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="dtfd", hidden=8), 5, 2).double()
+    model = build_model(model_options("dtfd")(name="dtfd", hidden=8), 5, 2).double()
     feats, bag_index = packed()
     model.eval()
     with torch.no_grad():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from aem_dist.config import ModelConfig
+from aem_dist.config import model_options
 from aem_dist.models import build_model
 from aem_dist.models.transmil import NystromAttention, iterative_pinv
 
@@ -33,7 +33,7 @@ def test_nystrom_with_one_landmark_per_token_approximates_exact_attention():
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 10, 17])
 def test_any_bag_size_forms_a_square_grid(n):
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="transmil", hidden=8, n_heads=2), 3, 2).double().eval()
+    model = build_model(model_options("transmil")(name="transmil", hidden=8, n_heads=2), 3, 2).double().eval()
     out = model(torch.randn(n, 3, dtype=torch.float64), torch.zeros(n, dtype=torch.long), 1)
     assert out.logits.shape == (1, 2) and torch.isfinite(out.logits).all()
     assert out.attn_scores is None and out.instance_attention(torch.zeros(n, dtype=torch.long), 1) is None
