@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from aem_dist.config import load_config
+from aem_dist.config import load_config, model_options
 from aem_dist.data.packing import pack
 from aem_dist.data.schema import Bag
 from aem_dist.engine.dist import DistContext
@@ -42,7 +42,8 @@ def _bags() -> list[Bag]:
 
 
 def _cfg(name: str = "abmil", *extra: str):
-    return load_config(None, [f"model.name={name}", "model.hidden=8", "model.n_heads=2", "loss.lam=0.3", "train.progress=false", "train.device=cpu", *extra])
+    heads = ["model.n_heads=2"] if "n_heads" in model_options(name).model_fields else []  # an option of the multi-head models only
+    return load_config(None, [f"model.name={name}", "model.hidden=8", *heads, "loss.lam=0.3", "train.progress=false", "train.device=cpu", *extra])
 
 
 class _Loader:
