@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 import json
 import math
 import re
@@ -22,6 +23,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, SerializeAsAny, ValidationError, field_validator, model_validator
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+# Allowed values, written once: the config validates them and the modules that take them read them with typing.get_args.
+LossKind = Literal["neg_entropy", "kl_uniform"]
+SelectMetric = Literal["auc+f1", "auc", "f1", "loss", "last"]
+SelectTie = Literal["val_loss", "later", "earlier"]
+Precision = Literal["fp32", "tf32", "bf16"]
+CompileMode = Literal["off", "on"]
+DeviceCacheMode = Literal["auto", "on", "off"]
 
 
 class ConfigError(ValueError):
@@ -61,7 +71,7 @@ class DataConfig(_Section):
     max_instances_per_bag: int = Field(1_000_000, ge=1, description="Largest bag accepted (instances); a manifest, shard or source declaring more is refused before anything is allocated.")
     max_dim: int = Field(16_384, ge=1, description="Largest feature dim accepted; a manifest or file declaring more is refused before the model or any array is built.")
     fold: int | None = Field(None, ge=0, description="Cross-validation fold to train on (0..K-1; record folds with `aem-dist splits DATASET --folds K`). None = the dataset's fixed train/val/test splits. Sweep it like any key: sweep.grid={data.fold: [0, 1, 2]}.")
-    device_cache: Literal["auto", "on", "off"] = Field("auto", description="Keep the decoded split on the GPU for the whole run and pack batches there (memory loader): auto = when it fits in half the free device memory; on = always; off = never. A no-op on CPU (logged).")
+    device_cache: DeviceCacheMode = Field("auto", description="Keep the decoded split on the GPU for the whole run and pack batches there (memory loader): auto = when it fits in half the free device memory; on = always; off = never. A no-op on CPU (logged).")
 
     _absolute = field_validator("root", "cache_dir")(_absolute_local)
     _on_off = field_validator("device_cache", mode="before")(_yaml_on_off)
@@ -93,7 +103,7 @@ def model_options(name: str) -> type[ModelConfig]:
 
 class LossConfig(_Section):
     lam: float = Field(0.0, ge=0.0, description="AEM weight λ: total = CE + λ·Σ a log a (mean over bags). 0 disables AEM.")
-    kind: Literal["neg_entropy", "kl_uniform"] = Field("neg_entropy", description="Regulariser: the AEM negative entropy, or KL(uniform ‖ a) for the paper's ablation (C2C's KL loss).")
+    kind: LossKind = Field("neg_entropy", description="Regulariser: the AEM negative entropy, or KL(uniform ‖ a) for the paper's ablation (C2C's KL loss).")
 
 
 class TrainConfig(_Section):
@@ -106,14 +116,14 @@ class TrainConfig(_Section):
     max_instances_per_batch: int | None = Field(None, ge=1, description="Instance budget of a packed step; a bag larger than it is trained alone, never truncated. None = no budget.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for a local run; under Ray Train the worker's assigned device is used.")
     eval_every: int = Field(1, ge=1, description="Evaluate val/test every this many epochs (and always at the last).")
-    select_metric: Literal["auc+f1", "auc", "f1", "loss", "last"] = Field("auc+f1", description="Validation score for picking the reported epoch: auc+f1 (official), auc, f1 (higher wins), loss (val NLL, lower wins) or last (the last evaluated epoch). A NaN score never wins.")
-    select_tie: Literal["val_loss", "later", "earlier"] = Field("val_loss", description="Equal selection scores: val_loss (lower val loss wins, then the later epoch), later, or earlier (the official strict '>').")
+    select_metric: SelectMetric = Field("auc+f1", description="Validation score for picking the reported epoch: auc+f1 (official), auc, f1 (higher wins), loss (val NLL, lower wins) or last (the last evaluated epoch). A NaN score never wins.")
+    select_tie: SelectTie = Field("val_loss", description="Equal selection scores: val_loss (lower val loss wins, then the later epoch), later, or earlier (the official strict '>').")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value (None = off).")
     progress: bool = Field(True, description="Show progress bars.")
 
     log_every: int = Field(0, ge=0, description="Read the device-side step statistics (loss terms, NaN/Inf check) every this many steps; 0 = once per epoch (and every 256 steps). A non-finite loss stops the run at most this many steps late, before any checkpoint of the poisoned weights.")
-    precision: Literal["fp32", "tf32", "bf16"] = Field("fp32", description="Matmul precision: fp32; tf32 (CUDA tensor cores, float32 tensors); bf16 (autocast for the linear layers; softmax, entropy, AEM and loss stay float32).")
-    compile: Literal["off", "on"] = Field("off", description="torch.compile the model forward + loss with dynamic shapes (recompiles capped and logged); same numbers as eager within 1e-4 relative.")
+    precision: Precision = Field("fp32", description="Matmul precision: fp32; tf32 (CUDA tensor cores, float32 tensors); bf16 (autocast for the linear layers; softmax, entropy, AEM and loss stay float32).")
+    compile: CompileMode = Field("off", description="torch.compile the model forward + loss with dynamic shapes (recompiles capped and logged); same numbers as eager within 1e-4 relative.")
     deterministic: bool = Field(False, description="Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, no atomics in segment sums on CUDA) so a GPU run repeats bit for bit; off by default for speed. CPU runs repeat either way.")
 
     _on_off = field_validator("compile", mode="before")(_yaml_on_off)
@@ -499,22 +509,27 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list
     return build_config(data, str(path or "defaults"))
 
 
-def check_sweep_grid(cfg: Config) -> int:
-    """Validate every point of ``sweep.grid`` against the config (before Ray starts); returns the number
-    of points. Raises ConfigError naming the grid point and the key."""
-    import itertools
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every point of a ``sweep.grid`` (dotted key → values), in grid order: the one place the grid is expanded."""
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
-    keys = list(cfg.sweep.grid)
-    n = 0
-    for combo in itertools.product(*(cfg.sweep.grid[k] for k in keys)):
-        point = dict(zip(keys, combo))
+
+def grid_configs(cfg: Config) -> list[Config]:
+    """The config of every point of ``sweep.grid``. Raises ConfigError naming the grid point and the key."""
+    configs = []
+    for point in grid_points(cfg.sweep.grid):
         try:
-            config_with(cfg, point)
+            configs.append(config_with(cfg, point))
         except ConfigError as err:
             shown = ", ".join(f"{k}: {'***' if k in SECRET_KEYS else repr(mask_userinfo(v))}" for k, v in point.items())
             raise ConfigError(f"sweep.grid point {{{shown}}}: {str(err).removeprefix('override: ')}") from None
-        n += 1
-    return n
+    return configs
+
+
+def check_sweep_grid(cfg: Config) -> int:
+    """Validate every point of ``sweep.grid`` against the config (before Ray starts); returns the number of points."""
+    return len(grid_configs(cfg))
 
 
 def config_with(cfg: Config, overrides: dict[str, Any]) -> Config:

@@ -15,13 +15,15 @@ term is the mean over its bags, so every term in the loss is a mean over bags.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 
+from .config import LossKind
 from .models.base import MILOutput
 from .models.segment import segment_count, segment_mean, segment_sum
 
-KINDS = ("neg_entropy", "kl_uniform")
+KINDS = get_args(LossKind)
 
 
 def segment_neg_entropy(log_a: torch.Tensor, index: torch.Tensor, n_segments: int) -> torch.Tensor:

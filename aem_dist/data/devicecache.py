@@ -20,18 +20,19 @@ interface, so the engine does not know which one it got; their batches are alrea
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, get_args
 
 import numpy as np
 import torch
 
+from ..config import DeviceCacheMode
 from .loader import InMemoryLoader, SplitLoader
 from .packing import PackedBatch, pack
 from .prefetch import in_background
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "on", "off")
+MODES = get_args(DeviceCacheMode)
 FREE_FRACTION = 0.5  # share of the device's free memory a cached split may take (``auto``)
 PREFETCH = 2  # batches packed ahead by the host thread of the pinned path
 

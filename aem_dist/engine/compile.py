@@ -16,16 +16,17 @@ order inside fused kernels. The tests hold losses and metrics to :data:`COMPILE_
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 import torch
 
+from ..config import CompileMode
 from ..losses import attention_regulariser, total_loss
 from . import precision as prec
 
 log = logging.getLogger(__name__)
 
-MODES = ("off", "on")
+MODES = get_args(CompileMode)
 RECOMPILE_LIMIT = 8  # graphs per compiled step: bag-count 1 vs many, size-1 specialisations, a few spare
 COMPILE_RTOL = 1e-4  # compiled vs eager: relative tolerance on the loss of a step and on epoch stats
 

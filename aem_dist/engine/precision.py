@@ -25,15 +25,16 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, get_args
 
 import torch
 
+from ..config import Precision
 from ..models.base import MILOutput
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "tf32", "bf16")
+PRECISIONS = get_args(Precision)
 CUBLAS_WORKSPACE = ":4096:8"
 
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from typing import Any, Sequence, get_args
+
+from ..config import SelectMetric, SelectTie
 
 log = logging.getLogger(__name__)
 
-SELECT_METRICS = ("auc+f1", "auc", "f1", "loss", "last")
-TIE_BREAKS = ("val_loss", "later", "earlier")
+SELECT_METRICS, TIE_BREAKS = get_args(SelectMetric), get_args(SelectTie)
 MIN_VAL_BAGS = 20
 
 
