@@ -124,10 +124,10 @@ def demo(
         if not storage.exists(storage.join(data, "manifest.json")):
             write_synthetic(get_spec("demo"), data, seed)
         cfg = load_config("demo", [f"data.root={data}", *(set_ or [])])
-        check_config(cfg, sweep_out, sweep=True)
+        plan = check_config(cfg, sweep_out, sweep=True)
         typer.echo(f"demo data: {data}; sweeping {cfg.sweep.grid} with {cfg.scaling.num_workers} Ray Train worker(s) per trial")
         with ray_session(None, cfg):
-            run_sweep(cfg, sweep_out, resume=True, announce=typer.echo)
+            run_sweep(cfg, sweep_out, resume=True, announce=typer.echo, plan=plan)
         typer.echo(storage.read_bytes(storage.join(sweep_out, "summary.md")).decode())
         typer.echo(f"results: {sweep_out}/trials.csv, summary.csv, summary.md; report with plots: {sweep_out}/report.md")
 

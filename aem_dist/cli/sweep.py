@@ -35,9 +35,9 @@ def sweep(
         from ..storage import StorageOptions, join, read_bytes
 
         cfg = load_config(config, set_)
-        check_config(cfg, out, sweep=True)  # bad grid, model, dataset or output: fails here, before Ray starts
+        plan = check_config(cfg, out, sweep=True)  # bad grid, model, dataset or output: fails here, before Ray starts
         with ray_session(address, cfg):
-            run_sweep(cfg, out, resume=resume, announce=typer.echo)
+            run_sweep(cfg, out, resume=resume, announce=typer.echo, plan=plan)
         typer.echo(read_bytes(join(out, "summary.md"), StorageOptions.from_config(cfg.storage)).decode())
 
     run_guarded(body)

@@ -36,7 +36,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from ..losses import attention_regulariser, total_loss
-from ..models import MODELS, MILModel, build_model
+from ..models import MILModel, build_model
+from ..models.registry import population_note
 from . import precision as prec
 from .dist import parallelize
 
@@ -295,7 +296,7 @@ class Members:
 
     def __init__(self, cfgs: list, manifest, ctx):
         check_fusable(cfgs)
-        note = getattr(MODELS.get(cfgs[0].model.name), "population_note", None)
+        note = population_note(cfgs[0].model.name)
         if note:
             raise ValueError(f"model.name={cfgs[0].model.name} cannot train as a population: {note}")
         self.cfgs = cfgs

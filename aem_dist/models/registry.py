@@ -22,6 +22,12 @@ def register(name: str, options: type[ModelConfig] = ModelConfig) -> Callable[[t
     return deco
 
 
+def population_note(name: str) -> str | None:
+    """Why model ``name`` cannot train as one member of a population (None: it can, or no such model) — the one
+    fusability rule besides the config keys members may differ in (:func:`aem_dist.engine.population.population_key`)."""
+    return getattr(MODELS.get(name), "population_note", None)
+
+
 def build_model(cfg: ModelConfig, in_dim: int, n_classes: int) -> MILModel:
     """Instantiate ``cfg.name`` for features of width ``in_dim`` and ``n_classes`` classes."""
     if cfg.name not in MODELS:

@@ -21,37 +21,23 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from .. import storage
-from ..config import Config, check_sweep_grid, check_sweep_space, config_with, space_points
+from ..config import Config
 from ..storage import StorageOptions
 from .errors import PreflightError
+from .plan import SweepPlan
+from .resources import bundle
 
 # A node that has not answered its storage probe by then is reported, not waited for (starting a worker
 # process on a busy node takes seconds, not minutes).
 PROBE_TIMEOUT_S = 120.0
 
 
-def point_configs(cfg: Config, sweep: bool) -> list[Config]:
-    """The configs the run will train: every grid point of a sweep (grid keys and values validated, a bad
-    one raises :class:`~aem_dist.config.ConfigError` naming it), for a random/optuna search the bounds and
-    choices of ``sweep.space`` (checked the same way), or ``cfg`` alone for a single run."""
-    if sweep and cfg.sweep.search != "grid":  # a search: each distribution's bounds and choices stand for its points
-        check_sweep_space(cfg)
-        return [cfg] + [config_with(cfg, point) for point in space_points(cfg)]
-    if not sweep or not cfg.sweep.grid:
-        return [cfg]
-    import itertools
-
-    check_sweep_grid(cfg)
-    keys = list(cfg.sweep.grid)
-    return [config_with(cfg, dict(zip(keys, combo))) for combo in itertools.product(*(cfg.sweep.grid[k] for k in keys))]
-
-
 def _unique(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(v for v in values if v is not None))
 
 
-def check_config(cfg: Config, out: str, *, sweep: bool) -> list[Config]:
-    """Ray-free checks of everything the run will read or write; returns the point configs.
+def check_config(cfg: Config, out: str, *, sweep: bool) -> SweepPlan:
+    """Ray-free checks of everything the run will read or write; returns the plan it checked (built here, once).
 
     Raises :class:`PreflightError` with one line listing every problem found ("; "-separated), each
     naming its config key (``model.name``, ``data.root``, ``--out``, ``run.storage_path``) and value.
@@ -60,7 +46,8 @@ def check_config(cfg: Config, out: str, *, sweep: bool) -> list[Config]:
     from ..data.manifest import load_manifest
     from ..models import MODELS
 
-    cfgs = point_configs(cfg, sweep)
+    plan = SweepPlan.build(cfg, sweep)
+    cfgs = plan.configs
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     problems = []
     for name in _unique(c.model.name for c in cfgs):
@@ -81,7 +68,7 @@ def check_config(cfg: Config, out: str, *, sweep: bool) -> list[Config]:
             problems.append(f"{key}={storage.redact(url, options)} is not writable: {_one_line(err)}")
     if problems:
         raise PreflightError("; ".join(problems))
-    return cfgs
+    return plan
 
 
 def _one_line(err: BaseException) -> str:
@@ -92,15 +79,15 @@ def alive_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [n for n in nodes if n.get("Alive")]
 
 
-def check_cluster(cfg: Config, out: str, nodes: list[dict[str, Any]], *, sweep: bool) -> None:
+def check_cluster(plan: SweepPlan, out: str, nodes: list[dict[str, Any]]) -> None:
     """Checks against the running cluster (``nodes`` as returned by ``ray.nodes()``), before any trial.
 
     Raises :class:`PreflightError`: a local path on a cluster of more than one alive node, or a trial
     bundle (resources of the trial, or of one Ray Train worker) that no alive node can hold."""
-    alive = alive_nodes(nodes)
+    cfg, alive = plan.cfg, alive_nodes(nodes)
     if len(alive) > 1:
         local = []
-        for c in point_configs(cfg, sweep):
+        for c in plan.configs:
             for key, url in (("data.root", c.data.root), ("--out", out), ("run.storage_path", c.run.storage_path)):
                 if url is not None and not storage.is_remote(url) and (key, url) not in local:
                     local.append((key, url))
@@ -111,28 +98,13 @@ def check_cluster(cfg: Config, out: str, nodes: list[dict[str, Any]], *, sweep: 
                 "a trial on another node would not see the data or its results would stay on that node's disk. "
                 "Put data and results on object storage (e.g. data.root=s3://bucket/dataset --out s3://bucket/sweep)"
             )
-    need, keys = _bundle(cfg)
+    need, keys = bundle(cfg)
     if not need:
         return
     if not any(all(n.get("Resources", {}).get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for n in alive):
         offered = "; ".join(_node_summary(n, need) for n in alive) or "no alive node"
         what = "one trial" if cfg.scaling.num_workers == 0 else "one Ray Train worker"
         raise PreflightError(f"{what} needs {_fmt(need)} ({keys}) but no node of this Ray cluster has that much: {offered}")
-
-
-def _bundle(cfg: Config) -> tuple[dict[str, float], str]:
-    """Resources that must fit on one node (positive amounts only), and the keys that set them."""
-    if cfg.scaling.num_workers == 0:
-        need = {"CPU": cfg.sweep.trial_cpus}
-        if cfg.sweep.trial_gpus:
-            need["GPU"] = cfg.sweep.trial_gpus
-        keys = "sweep.trial_cpus, sweep.trial_gpus"
-    else:
-        from .worker import worker_resources
-
-        need = worker_resources(cfg)
-        keys = "scaling.resources_per_worker" if cfg.scaling.resources_per_worker else "sweep.trial_cpus, scaling.use_gpu, sweep.trial_gpus"
-    return {k: float(v) for k, v in need.items() if v > 0}, keys
 
 
 def _fmt(res: dict[str, float]) -> str:
@@ -144,11 +116,11 @@ def _node_summary(node: dict[str, Any], need: dict[str, float]) -> str:
     return f"node {str(node.get('NodeID', '?'))[:8]}: {_fmt({k: res.get(k, 0.0) for k in need})}"
 
 
-def storage_locations(cfg: Config, out: str, *, sweep: bool) -> list[tuple[str, str, bool]]:
+def storage_locations(plan: SweepPlan, out: str) -> list[tuple[str, str, bool]]:
     """``(key, url, write)`` of every object-storage location a trial reads or writes: each point's
     ``data.root`` (read), ``--out`` and ``run.storage_path`` (written). Local paths are left out."""
     found: list[tuple[str, str, bool]] = []
-    for c in point_configs(cfg, sweep):
+    for c in plan.configs:
         for key, url, write in (("data.root", c.data.root, False), ("--out", out, True), ("run.storage_path", c.run.storage_path, True)):
             if url is not None and storage.is_remote(url) and (key, url, write) not in found:
                 found.append((key, url, write))
@@ -170,15 +142,15 @@ def probe_storage(section: dict[str, Any], retries: int, locations: list[tuple[s
     return None
 
 
-def check_nodes_reach_storage(cfg: Config, out: str, nodes: list[dict[str, Any]], *, sweep: bool, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+def check_nodes_reach_storage(plan: SweepPlan, out: str, nodes: list[dict[str, Any]], timeout_s: float = PROBE_TIMEOUT_S) -> None:
     """On a cluster of more than one alive node, probe the trials' object storage from every alive node
     (the head too: trial functions that only supervise a TorchTrainer may run there), in parallel.
 
     Raises :class:`PreflightError` naming each node that cannot reach it (node id, address, endpoint and
     the storage error; no credential), or that did not answer within ``timeout_s`` — instead of trials
     that hang or fail on that node a minute later. Requires Ray to be initialised."""
-    alive = alive_nodes(nodes)
-    locations = storage_locations(cfg, out, sweep=sweep)
+    cfg, alive = plan.cfg, alive_nodes(nodes)
+    locations = storage_locations(plan, out)
     if len(alive) <= 1 or not locations:
         return
     import ray

@@ -36,6 +36,8 @@ from ..engine.loop import EpochReport
 from ..engine.results import results_dict, stored_config
 from ..engine.runrecord import result_relevant_diff
 from ..storage import StorageOptions
+from .resources import trial_device
+from .trials import STOPPED_FILE, progress_metrics
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,6 @@ def stopped_record(run_dir: str, cfg: Config, options: StorageOptions) -> dict[s
     """The trial's ``stopped.json`` (a scheduler stopped it; written by the driver, see
     :class:`.search.EarlyStopRecorder`) if it was trained under this very configuration: a resumed sweep
     keeps such a trial as it is rather than training it on."""
-    from .search import STOPPED_FILE
-
     return finished_results(run_dir, cfg, options, STOPPED_FILE)
 
 
@@ -84,12 +84,8 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
     import ray
     import ray.tune
 
-    from .worker import trial_device
-
     # Progress is the driver's live trial table and metrics; a bar per trial would interleave.
     quiet = [build_config(apply_overrides(c.to_dict(redact=False), {"train.progress": False}), "trial config") for c in cfgs]
-
-    from .search import progress_metrics
 
     node_id = ray.get_runtime_context().get_node_id()
 

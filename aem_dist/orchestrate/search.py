@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ray import tune
@@ -39,24 +39,9 @@ from ..config import Config, config_with
 from ..engine.results import stored_config, write_json
 from ..storage import StorageOptions
 from .errors import SweepError
+from .trials import PROGRESS_KEY, SCORE_KEY, SEARCH_FILE, STOPPED_FILE, plain, sample_name, trial_spec
 
 log = logging.getLogger(__name__)
-
-SCORE_KEY = "best/val_score"  # reported every epoch (engine.loop.EpochReport.flat) and in a trial's final report
-PROGRESS_KEY = "progress/epochs"  # epochs done: ASHA's time attribute; absent from the last epoch's report
-SEARCH_FILE = "search.json"
-STOPPED_FILE = "stopped.json"
-
-
-def unfused_reason(cfg: Config) -> str | None:
-    """Why the sweep's trials cannot be populations (None: they can): a scheduler decides per trial and a
-    searcher proposes one point per trial, so each point must be its own trial."""
-    if cfg.sweep.search != "grid":
-        return f"sweep.search={cfg.sweep.search} proposes one point per trial"
-    if cfg.sweep.scheduler != "none":
-        return f"sweep.scheduler={cfg.sweep.scheduler} stops trials one by one"
-    return None
-
 
 def tune_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     """``sweep.space`` (as :func:`aem_dist.config.parse_distribution` left it) → Tune sampling domains,
@@ -69,17 +54,12 @@ def tune_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     return out
 
 
-def progress_metrics(metrics: dict[str, Any], epoch: int, epochs: int) -> dict[str, Any]:
-    """``metrics`` of epoch ``epoch`` (0-based) with :data:`PROGRESS_KEY` — except at the last epoch."""
-    if epoch + 1 < epochs:
-        metrics[PROGRESS_KEY] = epoch + 1
-    return metrics
-
-
 def make_scheduler(cfg: Config) -> Any:
-    """Tune's ASHAScheduler for ``sweep.scheduler: asha`` (None for ``none``)."""
-    if cfg.sweep.scheduler == "none":
-        return None
+    """Tune's scheduler for ``sweep.scheduler`` (None for ``none``)."""
+    return SCHEDULERS[cfg.sweep.scheduler](cfg) if cfg.sweep.scheduler != "none" else None
+
+
+def _asha(cfg: Config) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(
@@ -97,43 +77,37 @@ def optuna_seed(seed: int, drawn: int) -> int:
     return seed if drawn == 0 else int(np.random.SeedSequence([seed, drawn]).generate_state(1)[0])
 
 
-def make_searcher(cfg: Config, recorded: list["Sample"], concurrency: int) -> Any:
-    """Tune's search algorithm for ``sweep.search`` random/optuna."""
-    if cfg.sweep.search == "random":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
+def make_searcher(cfg: Config, recorded: list["Sample"], concurrency: int) -> tuple[Any, int | None]:
+    """Tune's search algorithm for ``sweep.search`` (random/optuna) and the ``max_concurrent_trials`` Tune should apply
+    (None where the searcher limits concurrency itself)."""
+    return SEARCHERS[cfg.sweep.search](cfg, recorded, concurrency)
 
-        # no points_to_evaluate on resume: they would not advance the generator, which would then draw its
-        # first points again; the same seed regenerates the same sequence and SampleBook renames it
-        return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.sweep.search_seed)
+
+def _random(cfg: Config, recorded: list["Sample"], concurrency: int) -> tuple[Any, int | None]:
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # no points_to_evaluate on resume: they would not advance the generator, which would then draw its
+    # first points again; the same seed regenerates the same sequence and SampleBook renames it.
+    # BasicVariantGenerator limits concurrency itself (Tune ignores max_concurrent_trials for it).
+    return BasicVariantGenerator(max_concurrent=concurrency, random_state=cfg.sweep.search_seed), None
+
+
+def _optuna(cfg: Config, recorded: list["Sample"], concurrency: int) -> tuple[Any, int | None]:
     from ray.tune.search.optuna import OptunaSearch
 
-    return OptunaSearch(
-        metric=SCORE_KEY,
-        mode="max",
-        seed=optuna_seed(cfg.sweep.search_seed, len(recorded)),
-        points_to_evaluate=[dict(s.values) for s in recorded] or None,
-    )
+    seed = optuna_seed(cfg.sweep.search_seed, len(recorded))
+    return OptunaSearch(metric=SCORE_KEY, mode="max", seed=seed, points_to_evaluate=[dict(s.values) for s in recorded] or None), concurrency
+
+
+# sweep.search / sweep.scheduler → the Tune object (one registration each; the names the config accepts are its Literals)
+SEARCHERS: dict[str, Callable[[Config, list["Sample"], int], tuple[Any, int | None]]] = {"random": _random, "optuna": _optuna}
+SCHEDULERS: dict[str, Callable[[Config], Any]] = {"asha": _asha}
 
 
 @dataclass
 class Sample:
     name: str  # its folder trials/<name>
     values: dict[str, Any]  # dotted key → drawn value
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _short(value: Any) -> Any:
-    return float(f"{value:.4g}") if isinstance(value, float) else value
-
-
-def sample_name(index: int, values: dict[str, Any]) -> str:
-    """'s003_lam=0.00123_lr=0.0004': the index keeps names unique, the rounded values make them readable."""
-    from .sweep import trial_name
-
-    return f"s{index:03d}_{trial_name({k: _short(v) for k, v in values.items()})}"
 
 
 _BOOKS: dict[str, "SampleBook"] = {}  # the driver's open books, by token (see SampleBook.namer)
@@ -191,7 +165,7 @@ class SampleBook:
         write_json(self.url, self.header | {"samples": [{"name": s.name, "values": s.values} for s in self.samples]}, self.options)
 
     def __call__(self, trial: Any) -> str:
-        values = {k: _plain(trial.config.get(k)) for k in self.keys}
+        values = {k: plain(trial.config.get(k)) for k in self.keys}
         for s in self.samples:
             if s.name not in self.claimed and s.values == values:
                 self.claimed.add(s.name)
@@ -214,14 +188,6 @@ class TrialNamer:
         if book is None:
             raise SweepError("a searched sweep created a trial after its record was closed")
         return book(trial)
-
-
-def trial_points(trial: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(folder name, values) of each grid point / sample a Tune trial trains."""
-    pop = (trial.config or {}).get("_population")
-    if pop:
-        return [(m["name"], dict(m["values"])) for m in pop["members"]]
-    return [(str(trial), {k: _plain(v) for k, v in (trial.config or {}).items()})]
 
 
 def _split_metrics(result: dict[str, Any], split: str) -> dict[str, float]:
@@ -258,8 +224,8 @@ class EarlyStopRecorder(Callback):
         if last is None or self.options is None:
             return
         best = self._best.get(trial.trial_id, {})
-        for name, values in trial_points(trial):
-            run_dir = storage.join(self.out, "trials", name)
+        for member in trial_spec(trial.config, str(trial)).members:
+            run_dir = storage.join(self.out, "trials", member.name)
             if any(storage.exists(storage.join(run_dir, f), self.options) for f in ("results.json", STOPPED_FILE)):
                 continue
             record = {
@@ -268,7 +234,7 @@ class EarlyStopRecorder(Callback):
                 "best_epoch": best.get("epoch"),
                 "val": _split_metrics(best, "val"),
                 "test": _split_metrics(best, "test"),
-                "config": stored_config(config_with(self.base, values)),
+                "config": stored_config(config_with(self.base, member.values)),
             }
             write_json(storage.join(run_dir, STOPPED_FILE), record, self.options)
-            log.info("trial %s stopped early by sweep.scheduler=%s after %d epoch(s)", name, self.base.sweep.scheduler, record["epochs"])
+            log.info("trial %s stopped early by sweep.scheduler=%s after %d epoch(s)", member.name, self.base.sweep.scheduler, record["epochs"])

@@ -21,6 +21,8 @@ from ..engine.runrecord import check_same_run, recorded_config
 from ..observe.metrics import epoch_hook, run_labels, serve_run_metrics
 from ..storage import StorageOptions
 from .errors import TrainingFailed
+from .plan import SweepPlan
+from .resources import ray_storage
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,6 @@ def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Ca
     if cfg.data.fold is not None:  # a fold the dataset lacks fails here, before Ray or any worker starts
         check_folds(load_manifest(cfg.data.root, options), [cfg.data.fold], storage.redact(cfg.data.root, options))
     if force_new:
-        from .sweep import ray_storage
-
         clear_run(out, options, extra=(ray_storage(cfg, out, "train", "run"), ray_storage(cfg, out, cfg.run.name)))
     else:
         check_same_run(recorded_config(out, options), cfg.to_dict(), storage.redact(out, options))
@@ -59,7 +59,7 @@ def _train_on_ray(cfg: Config, out: str, address: str | None, exporter, options:
 
     callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: "")
     with ray_session(address, cfg):
-        grid_results = run_trials(cfg, out, grid={}, resume=True, single=True, callbacks=[callback])
+        grid_results = run_trials(SweepPlan.build(cfg, sweep=False), out, resume=True, callbacks=[callback])
     errors = [r.error for r in grid_results if r.error is not None]
     try:
         return json.loads(storage.read_bytes(storage.join(out, "results.json"), options))

@@ -27,7 +27,8 @@ from ..engine.loop import EpochReport, fit_members
 from ..engine.results import results_dict
 from ..engine.stages import model_init
 from ..storage import StorageOptions
-from .search import progress_metrics
+from .resources import trial_device, worker_resources
+from .trials import progress_metrics
 
 
 class RayReporter:
@@ -113,37 +114,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     epochs_s = sum(row["time"]["epoch_s"] for row in results[0].history if row["epoch"] > after)  # this process's epochs
     timing = {"worker_started": started, "worker_ended": ended, "members": len(cfgs), "setup_s": ended - fit_start - epochs_s - reporter.total_s, "epochs_s": epochs_s, "reports_s": reporter.total_s}
     return [results_dict(r, c) | {"timing": timing, "worker_node_ids": node_ids} for r, c in zip(results, cfgs)] if ctx.is_main else None
-
-
-def trial_device(requested: str, gpu_ids: list, visible: str | None) -> torch.device:
-    """The device of a Tune trial that trains in its own process (``scaling.num_workers: 0``).
-
-    The GPU Ray assigned to the trial (``sweep.trial_gpus``, fractions included) as numbered inside
-    ``CUDA_VISIBLE_DEVICES`` (which Ray sets to the assigned ids), else the CPU. Ray ≥ 2.5x no longer
-    hides GPUs from a task that reserved none, so ``auto`` must not mean "CUDA if visible" here:
-    every GPU-less trial on a GPU node would land on GPU 0 without Ray counting it.
-    Raises ValueError for ``train.device: cuda`` in a trial that reserved no GPU.
-    """
-    if requested == "cpu" or (requested == "auto" and not gpu_ids):
-        return torch.device("cpu")
-    if not gpu_ids:
-        raise ValueError("train.device=cuda but this trial reserved no GPU: set sweep.trial_gpus (e.g. 0.25 to share a GPU four ways)")
-    order = [v.strip() for v in visible.split(",")] if visible else []
-    first = str(gpu_ids[0])
-    return torch.device("cuda", order.index(first) if first in order else 0)
-
-
-def worker_resources(cfg: Config) -> dict[str, float]:
-    """Ray resources of one training worker: scaling.resources_per_worker, else sweep.trial_cpus/gpus."""
-    if cfg.scaling.resources_per_worker:
-        return dict(cfg.scaling.resources_per_worker)
-    res = {"CPU": cfg.sweep.trial_cpus}
-    if cfg.scaling.use_gpu:
-        res["GPU"] = cfg.sweep.trial_gpus or 1.0
-    if cfg.scaling.use_gpu and cfg.scaling.num_workers > 1 and 0 < res.get("GPU", 1.0) < 1.0:
-        # Ray may place two ranks of one trial on the same GPU, and nccl refuses duplicate GPUs.
-        raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} DDP ranks with {res['GPU']} GPU each: nccl needs a whole GPU per rank (fractional GPUs are for 1-worker trials)")
-    return res
 
 
 def make_trainer(cfgs: list[Config], run_dirs: list[str], name: str, storage_path: str, callbacks: list | None = None) -> TorchTrainer:

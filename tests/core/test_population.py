@@ -12,8 +12,7 @@ from aem_dist.engine.checkpoint import state_from_bytes, state_to_bytes
 from aem_dist.engine.loop import fit, fit_members
 from aem_dist.engine.population import Members, Population, StackedAdamW, check_fusable, clip_member_grads_
 from aem_dist.models import MODELS, build_model
-from aem_dist.orchestrate.populations import plan_populations
-from aem_dist.orchestrate.sweep import grid_points, trial_name
+from aem_dist.orchestrate.plan import SweepPlan
 from tests.core.test_train import metrics_only
 
 # Members differ in every key that may differ: λ, init seed, lr, weight decay and the regulariser.
@@ -154,8 +153,7 @@ def test_members_initialised_as_their_standalone_runs():
 
 def _plan(*overrides, grid):
     cfg = load_config("demo", ["data.root=/nonexistent", *overrides, f"sweep.grid={grid}"])
-    points = grid_points(cfg.sweep.grid)
-    return plan_populations(cfg, points, [trial_name(p) for p in points], manifest=None, announce=lambda _: None)
+    return SweepPlan.build(cfg).populations  # no dataset at data.root: auto fuses up to its cap
 
 
 def test_grid_points_fuse_only_when_shapes_and_data_agree():

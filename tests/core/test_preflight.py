@@ -13,6 +13,7 @@ import pytest
 from aem_dist.config import ConfigError, load_config
 from aem_dist.models import MODELS
 from aem_dist.orchestrate.errors import PreflightError
+from aem_dist.orchestrate.plan import SweepPlan
 from aem_dist.orchestrate.preflight import check_cluster, check_config, storage_locations
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,32 +102,32 @@ def test_cluster_bundle_must_fit_one_node(demo_data):
     # 4 CPUs in the cluster, but no one node has the 3 a trial asks for (the dead one does not count).
     cfg = load_config("demo", {**s3_cfg, "scaling.num_workers": 0, "sweep.trial_cpus": 3})
     with pytest.raises(PreflightError, match=r"one trial needs CPU 3 \(sweep\.trial_cpus, sweep\.trial_gpus\) but no node .*node aa: CPU 2; node bb: CPU 2$"):
-        check_cluster(cfg, "s3://b/out", two_small, sweep=True)
+        check_cluster(SweepPlan.build(cfg, sweep=True), "s3://b/out", two_small)
     # A GPU per Ray Train worker on a CPU-only cluster.
     cfg = load_config("demo", {**s3_cfg, "scaling.num_workers": 1, "scaling.use_gpu": True})
     with pytest.raises(PreflightError, match=r"one Ray Train worker needs CPU 1, GPU 1 \(sweep\.trial_cpus, scaling\.use_gpu, sweep\.trial_gpus\)"):
-        check_cluster(cfg, "s3://b/out", two_small, sweep=False)
+        check_cluster(SweepPlan.build(cfg, sweep=False), "s3://b/out", two_small)
     # A custom resource that only one node has is fine.
     cfg = load_config("demo", {**s3_cfg, "scaling.num_workers": 1, "scaling.resources_per_worker": {"CPU": 1, "node_b": 1}})
-    check_cluster(cfg, "s3://b/out", [_node("aa", CPU=2.0), _node("bb", CPU=1.0, node_b=1.0)], sweep=False)
+    check_cluster(SweepPlan.build(cfg, sweep=False), "s3://b/out", [_node("aa", CPU=2.0), _node("bb", CPU=1.0, node_b=1.0)])
 
 
 def test_local_paths_refused_only_on_several_nodes(demo_data, tmp_path):
     cfg = _cfg(demo_data, **{"sweep.grid": {"loss.lam": [0.0, 0.1]}})
-    check_cluster(cfg, str(tmp_path), [_node("aa", CPU=2.0), _node("gone", alive=False)], sweep=True)  # one alive node
+    check_cluster(SweepPlan.build(cfg), str(tmp_path), [_node("aa", CPU=2.0), _node("gone", alive=False)])  # one alive node
     with pytest.raises(PreflightError) as info:
-        check_cluster(cfg, str(tmp_path), [_node("head"), _node("aa", CPU=2.0)], sweep=True)
+        check_cluster(SweepPlan.build(cfg), str(tmp_path), [_node("head"), _node("aa", CPU=2.0)])
     msg = str(info.value)
     assert f"data.root={demo_data}" in msg and f"--out={tmp_path}" in msg and "s3://" in msg and "2 nodes" in msg
     remote = load_config("demo", {"data.root": "s3://b/d"})
     with pytest.raises(PreflightError, match=r"--out=.* is a local path"):
-        check_cluster(remote, str(tmp_path), [_node("head"), _node("aa", CPU=2.0)], sweep=False)
-    check_cluster(remote, "s3://b/out", [_node("head"), _node("aa", CPU=2.0)], sweep=False)
+        check_cluster(SweepPlan.build(remote, sweep=False), str(tmp_path), [_node("head"), _node("aa", CPU=2.0)])
+    check_cluster(SweepPlan.build(remote, sweep=False), "s3://b/out", [_node("head"), _node("aa", CPU=2.0)])
 
 
 def test_storage_locations_probed_from_every_node(demo_data, tmp_path):
     """What each node's probe checks: every point's remote data.root (read), a remote --out and
     run.storage_path (written); local paths are not probed (check_cluster refuses them on a cluster)."""
     cfg = load_config("demo", {"data.root": "s3://b/d", "run.storage_path": "s3://b/ray", "sweep.grid": {"data.root": ["s3://b/d", "s3://b/e", str(demo_data)], "loss.lam": [0.0, 0.1]}})
-    assert storage_locations(cfg, "s3://b/out", sweep=True) == [("data.root", "s3://b/d", False), ("--out", "s3://b/out", True), ("run.storage_path", "s3://b/ray", True), ("data.root", "s3://b/e", False)]
-    assert storage_locations(cfg, str(tmp_path), sweep=False) == [("data.root", "s3://b/d", False), ("run.storage_path", "s3://b/ray", True)]
+    assert storage_locations(SweepPlan.build(cfg), "s3://b/out") == [("data.root", "s3://b/d", False), ("--out", "s3://b/out", True), ("run.storage_path", "s3://b/ray", True), ("data.root", "s3://b/e", False)]
+    assert storage_locations(SweepPlan.build(cfg, sweep=False), str(tmp_path)) == [("data.root", "s3://b/d", False), ("run.storage_path", "s3://b/ray", True)]

@@ -128,7 +128,8 @@ def test_synth_records_folds(tmp_path):
 
 def test_drivers_refuse_a_missing_fold_before_starting_workers(tmp_path):
     """`aem-dist train` and a sweep's plan name data.fold before any worker (or Ray) starts."""
-    from aem_dist.orchestrate.sweep import plan
+    from aem_dist.config import config_with
+    from aem_dist.orchestrate.plan import SweepPlan
     from aem_dist.orchestrate.train import train_run
 
     root = tmp_path / "data"
@@ -139,11 +140,11 @@ def test_drivers_refuse_a_missing_fold_before_starting_workers(tmp_path):
         train_run(cfg, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "run.json").exists()
     base = load_config("demo", [f"data.root={root}"])
-    specs = plan(base, {"data.fold": [0, 1, 2], "loss.lam": [0.0, 0.1]})
+    specs = SweepPlan.build(config_with(base, {"sweep.grid": {"data.fold": [0, 1, 2], "loss.lam": [0.0, 0.1]}})).populations
     assert sorted(m.values["data.fold"] for s in specs for m in s.members) == [0, 0, 1, 1, 2, 2]
     assert all(len({m.values["data.fold"] for m in s.members}) == 1 for s in specs)  # a population never mixes folds
     with pytest.raises(ConfigError, match=r"data\.fold=3: .* has 3 folds"):
-        plan(base, {"data.fold": [0, 3]})
+        SweepPlan.build(config_with(base, {"sweep.grid": {"data.fold": [0, 3]}})).populations
 
 
 def test_ingest_with_case_column_records_folds_that_keep_patients_whole(tmp_path):

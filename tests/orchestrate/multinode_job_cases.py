@@ -18,7 +18,8 @@ from aem_dist.config import load_config
 from aem_dist.engine.loop import fit
 from aem_dist.engine.results import results_dict
 from aem_dist.observe.tables import read_csv, trial_row, write_tables
-from aem_dist.orchestrate.sweep import grid_points, trial_name
+from aem_dist.config import grid_points
+from aem_dist.orchestrate.trials import trial_name
 from tests.fixtures.ray_cluster import ray_bin
 from tests.orchestrate.test_job_submit import CLUSTER_CONFIG, CLUSTER_OUT, documented_entrypoint
 

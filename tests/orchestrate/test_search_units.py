@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from aem_dist.config import load_config
-from aem_dist.orchestrate.search import PROGRESS_KEY, SCORE_KEY, EarlyStopRecorder, SampleBook, make_scheduler, make_searcher, optuna_seed, progress_metrics, sample_name, tune_space
+from aem_dist.orchestrate.search import EarlyStopRecorder, SampleBook, make_scheduler, make_searcher, optuna_seed, tune_space
+from aem_dist.orchestrate.trials import PROGRESS_KEY, SCORE_KEY, progress_metrics, sample_name
 from aem_dist.storage import StorageOptions
 
 SPACE = "sweep.space={loss.lam: {loguniform: [1.0e-4, 1]}, model.hidden: {randint: [8, 64]}, loss.kind: {choice: [neg_entropy, kl_uniform]}}"
@@ -84,7 +85,8 @@ def test_asha_never_sees_progress_of_the_last_epoch():
 
 
 def _optuna_points(cfg, drawn=()):
-    searcher = make_searcher(cfg, list(drawn), 1)
+    searcher, limit = make_searcher(cfg, list(drawn), 1)
+    assert limit == 1  # OptunaSearch leaves the concurrency limit to Tune
     searcher.set_search_properties(None, None, tune_space(cfg.sweep.space))
     return [searcher.suggest(f"t{i}") for i in range(6)]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from aem_dist.config import load_config
-from aem_dist.orchestrate.worker import trial_device, worker_resources
+from aem_dist.orchestrate.resources import trial_device, worker_resources
 
 
 def test_trial_without_gpu_stays_on_cpu_even_when_gpus_are_visible():
