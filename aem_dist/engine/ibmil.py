@@ -70,7 +70,8 @@ def confounder_dictionary(features: np.ndarray, k: int, seed: int = 66) -> np.nd
         raise ValueError(f"model.ibmil_confounders is {k} but the training split has only {len(features)} bags")
     normed = features / (np.linalg.norm(features, axis=1, keepdims=True) + 1e-10)
     labels = KMeans(n_clusters=k, n_init=1, max_iter=20, random_state=seed).fit_predict(normed)
-    return np.stack([features[labels == j].mean(axis=0) if (labels == j).any() else np.zeros(features.shape[1], np.float32) for j in range(k)]).astype(np.float32)
+    centroids = [features[labels == j].mean(axis=0) if (labels == j).any() else np.zeros(features.shape[1], np.float32) for j in range(k)]
+    return np.stack(centroids).astype(np.float32)
 
 
 @stage("ibmil")

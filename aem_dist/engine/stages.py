@@ -49,7 +49,8 @@ def mhim_init(cfg: Config, run_dir: str | None = None, options: StorageOptions |
         return None
     state = load_dir(folder, options)
     if state.get("model_meta", {}).get("name") != "mhim":
-        raise ValueError(f"model.mhim_teacher_init: {storage.redact(folder, options)} holds a {state.get('model_meta', {}).get('name')!r} checkpoint, not an mhim baseline")
+        name = state.get("model_meta", {}).get("name")
+        raise ValueError(f"model.mhim_teacher_init: {storage.redact(folder, options)} holds a {name!r} checkpoint, not an mhim baseline")
     weights = {k: v for k, v in state["model"].items() if not k.startswith("teacher.") and k != "progress"}
     init = {f"teacher.{k.removeprefix('encoder.').replace('.', '__')}": v for k, v in weights.items() if k.startswith("encoder.")}
     if cfg.model.mhim_student_init == "fc":

@@ -50,8 +50,6 @@ def stkim_keep(scores: torch.Tensor, bag_index: torch.Tensor, n_bags: int, top_k
 
 
 class ACMILOptions(ModelConfig):
-    """Options of acmil (``model.<key>``)."""
-
     n_branches: int = Field(5, ge=1, description="Attention branches (acmil).")
     mask_top_k: int = Field(10, ge=0, description="Top-attended instances considered for random masking (acmil, training only).")
     mask_prob: float = Field(0.6, ge=0.0, le=1.0, description="Share of the top-k instances masked at random in each branch: floor(k·p) of them, so each is "

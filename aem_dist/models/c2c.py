@@ -69,13 +69,11 @@ def kmeans_labels(x: np.ndarray, k: int, seed: int) -> np.ndarray:
 
 
 class C2COptions(ModelConfig):
-    """Options of c2c (``model.<key>``)."""
-
-    c2c_clusters: int = Field(8, ge=1, description="c2c: k-means clusters per slide (the official num_cluster 8).")
-    c2c_per_cluster: int = Field(8, ge=1, description="c2c: instances sampled from each cluster per training step (the official num_img_per_cluster 8).")
-    c2c_instance_weight: float = Field(0.01, ge=0.0, description="c2c: weight of the instance (patch) cross-entropy (the official beta 0.01).")
-    c2c_kl_weight: float = Field(0.01, ge=0.0, description="c2c: weight of the within-cluster KL(uniform ‖ attention) term (the official gamma 0.01).")
-    c2c_min_cluster: int = Field(5, ge=1, description="c2c: clusters with fewer sampled instances get no KL term (the official code skips clusters of <= 4).")
+    c2c_clusters: int = Field(8, ge=1, description="k-means clusters per slide (the official num_cluster 8).")
+    c2c_per_cluster: int = Field(8, ge=1, description="instances sampled from each cluster per training step (the official num_img_per_cluster 8).")
+    c2c_instance_weight: float = Field(0.01, ge=0.0, description="weight of the instance (patch) cross-entropy (the official beta 0.01).")
+    c2c_kl_weight: float = Field(0.01, ge=0.0, description="weight of the within-cluster KL(uniform ‖ attention) term (the official gamma 0.01).")
+    c2c_min_cluster: int = Field(5, ge=1, description="clusters with fewer sampled instances get no KL term (the official code skips clusters of <= 4).")
 
 
 @register("c2c", C2COptions)

@@ -30,8 +30,6 @@ from .segment import segment_count, segment_rank, segment_softmax, segment_sum
 
 
 class CLAMOptions(ModelConfig):
-    """Options of clam_sb (``model.<key>``)."""
-
     k_sample: int = Field(8, ge=1, description="Instances sampled from each end of the attention ranking for the instance-level clustering loss (clam_sb; "
         "CLAM's B).")
     bag_weight: float = Field(0.7, ge=0.0, le=1.0, description="Weight of the bag cross-entropy in clam_sb's loss; the instance loss gets 1 - bag_weight "
@@ -70,7 +68,8 @@ class CLAMSB(MILModel):
         )
 
     def loss_terms(self, out: MILOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        inst_loss = clam_instance_loss(out.attn_scores[:, 0].detach(), out.extras["instance_logits"], out.extras["bag_index"], labels, self.k_sample, self.subtyping)
+        extras = out.extras
+        inst_loss = clam_instance_loss(out.attn_scores[:, 0].detach(), extras["instance_logits"], extras["bag_index"], labels, self.k_sample, self.subtyping)
         return {
             "ce": self.bag_weight * F.cross_entropy(out.logits, labels),
             "instance": (1.0 - self.bag_weight) * inst_loss.mean(),
@@ -97,7 +96,8 @@ def clam_instance_loss(
     if subtyping:
         # out-of-class: top-k → 0 for every other class's classifier
         logits_top = inst_logits[top]  # (R, C, 2)
-        ce_out = F.cross_entropy(logits_top.flatten(0, 1), torch.zeros(logits_top.shape[0] * n_classes, dtype=torch.long, device=scores.device), reduction="none").view(-1, n_classes)
+        zeros = torch.zeros(logits_top.shape[0] * n_classes, dtype=torch.long, device=scores.device)
+        ce_out = F.cross_entropy(logits_top.flatten(0, 1), zeros, reduction="none").view(-1, n_classes)
         other = torch.ones_like(ce_out, dtype=torch.bool)
         other[torch.arange(ce_out.shape[0], device=scores.device), y_row[top]] = False
         per_bag = per_bag + segment_sum((ce_out * other).sum(1), bag_index[top], n_bags) / k.clamp(min=1)

@@ -52,8 +52,6 @@ def pseudo_bags(bag_index: torch.Tensor, n_bags: int, n_pseudo: int, random: boo
 
 
 class DTFDOptions(ModelConfig):
-    """Options of dtfd (``model.<key>``)."""
-
     n_pseudo_bags: int = Field(4, ge=1, description="Pseudo-bags per bag (dtfd).")
 
 

@@ -31,15 +31,11 @@ from .segment import segment_log_softmax, segment_sum
 
 
 class IBMILOptions(ModelConfig):
-    """Options of ibmil (``model.<key>``)."""
-
-    ibmil_confounders: int = Field(8, ge=1, description="ibmil: k of the k-means confounder dictionary built from stage-1 bag features (the official example's "
-        "8).")
-    ibmil_confounder_dim: int = Field(128, ge=1, description="ibmil: width of the joint space bag queries and confounder keys are projected to (official c_dim "
-        "128).")
-    ibmil_stage: Literal[1, 2] = Field(2, description="ibmil: 2 = the interventional model (what `model.name=ibmil` trains: stage 1 runs first, see "
-        "ibmil_stage1); 1 = the stage-1 base ABMIL alone (set by the pipeline).")
-    ibmil_stage1: str | None = Field(None, description="ibmil: run folder of a finished stage-1 run whose best checkpoint builds the confounders; None = <run "
+    ibmil_confounders: int = Field(8, ge=1, description="k of the k-means confounder dictionary built from stage-1 bag features (the official example's 8).")
+    ibmil_confounder_dim: int = Field(128, ge=1, description="width of the joint space bag queries and confounder keys are projected to (official c_dim 128).")
+    ibmil_stage: Literal[1, 2] = Field(2, description="2 = the interventional model (what `model.name=ibmil` trains: stage 1 runs first, see ibmil_stage1); 1 "
+        "= the stage-1 base ABMIL alone (set by the pipeline).")
+    ibmil_stage1: str | None = Field(None, description="run folder of a finished stage-1 run whose best checkpoint builds the confounders; None = <run "
         "dir>/stage1 (trained first if absent).")
 
 
@@ -68,7 +64,8 @@ class IBMIL(MILModel):
         if self.stage == 2:
             if self.training and not self._checked:
                 if not bool(self.confounders.abs().sum() > 0):
-                    raise RuntimeError("ibmil (stage 2) has no confounder dictionary: train it with `aem-dist train` or engine.local.run_local with a run folder, which runs stage 1 first")
+                    raise RuntimeError("ibmil (stage 2) has no confounder dictionary: train it with `aem-dist train` or engine.local.run_local "
+                                       "with a run folder, which runs stage 1 first")
                 self._checked = True
             q = self.W_q(m)  # (B, c)
             k = self.W_k(self.confounders)  # (K, c)

@@ -109,8 +109,6 @@ class GAB(nn.Module):
 
 
 class ILRAOptions(HeadsOptions):
-    """Options of ilra (``model.<key>``)."""
-
     ilra_layers: int = Field(2, ge=1, description="Gated attention blocks (GAB) stacked in ilra (the paper's 2).")
     ilra_rank: int = Field(1, ge=1, description="Rank of ilra's low-rank latent matrix: latent vectors per block (the official CAMELYON16 config's topk=1).")
     ilra_layer_norm: bool = Field(True, description="LayerNorms inside ilra's attention blocks (the official config's ln: true).")

@@ -26,8 +26,6 @@ from .segment import segment_log_softmax, segment_mean, segment_sum
 
 
 class LossAttnOptions(ModelConfig):
-    """Options of lossattn (``model.<key>``)."""
-
     lossattn_weight: float = Field(2.0, ge=0.0, description="Weight of lossattn's attention-weighted instance cross-entropy (the official code's 2.0).")
 
 

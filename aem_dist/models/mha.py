@@ -24,8 +24,6 @@ from .segment import segment_softmax, segment_sum
 
 
 class HeadsOptions(ModelConfig):
-    """Options of the multi-head models (mha, transmil, ilra) (``model.<key>``)."""
-
     n_heads: int = Field(8, ge=1, description="Attention heads (mha; transmil's Nystrom attention). model.hidden must be divisible by it.")
 
 

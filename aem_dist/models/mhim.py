@@ -100,29 +100,26 @@ def mhim_mask(
 
 
 class MHIMOptions(ModelConfig):
-    """Options of mhim (``model.<key>``)."""
-
-    mhim_mask_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="mhim: share of each bag's instances masked uniformly at random for the student (the "
-        "official CAMELYON16 ABMIL recipe's 0.5).")
-    mhim_mask_ratio_low: float = Field(0.0, ge=0.0, lt=1.0, description="mhim: share of the lowest-teacher-attention instances masked (official CAMELYON16 "
-        "ABMIL: 0).")
-    mhim_mask_ratio_high: float = Field(0.01, ge=0.0, lt=1.0, description="mhim: share of the highest-teacher-attention (hard/salient) instances considered "
-        "for masking (official CAMELYON16 ABMIL: 0.01).")
-    mhim_mask_ratio_high_random: float = Field(0.5, gt=0.0, le=1.0, description="mhim: of the high-attention candidates (ceil(n·high/this) top instances) this "
+    mhim_mask_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="share of each bag's instances masked uniformly at random for the student (the official "
+        "CAMELYON16 ABMIL recipe's 0.5).")
+    mhim_mask_ratio_low: float = Field(0.0, ge=0.0, lt=1.0, description="share of the lowest-teacher-attention instances masked (official CAMELYON16 ABMIL: "
+        "0).")
+    mhim_mask_ratio_high: float = Field(0.01, ge=0.0, lt=1.0, description="share of the highest-teacher-attention (hard/salient) instances considered for "
+        "masking (official CAMELYON16 ABMIL: 0.01).")
+    mhim_mask_ratio_high_random: float = Field(0.5, gt=0.0, le=1.0, description="of the high-attention candidates (ceil(n·high/this) top instances) this "
         "share, ceil'd, is masked at random (official: 0.5).")
-    mhim_high_decay: bool = Field(True, description="mhim: decay the high-attention mask ratio by cosine to 0 over the run's steps (official --mrh_sche).")
-    mhim_consistency_weight: float = Field(0.1, ge=0.0, description="mhim: weight of the teacher-student consistency loss (official CAMELYON16 ABMIL cl_alpha "
-        "0.1).")
-    mhim_ce_weight: float = Field(1.0, ge=0.0, description="mhim: weight of the student's bag cross-entropy (official cls_alpha 1.0).")
-    mhim_temp_teacher: float = Field(0.1, gt=0.0, description="mhim: temperature of the teacher's bag embedding in the consistency loss (official temp_t 0.1).")
-    mhim_temp_student: float = Field(1.0, gt=0.0, description="mhim: temperature of the student's bag embedding in the consistency loss (official temp_s 1.0).")
-    mhim_momentum: float = Field(0.9999, ge=0.0, le=1.0, description="mhim: EMA decay of the teacher after every optimizer step (official mm 0.9999).")
-    mhim_momentum_final: float = Field(1.0, ge=0.0, le=1.0, description="mhim: final EMA decay when mhim_momentum_decay is on (official mm_final 1.0).")
-    mhim_momentum_decay: bool = Field(False, description="mhim: cosine schedule of the EMA decay from mhim_momentum to mhim_momentum_final (official "
-        "--mm_sche; off for CAMELYON16).")
-    mhim_teacher_init: str | None = Field(None, description="mhim: folder with the state.pt of a trained baseline whose encoder starts the teacher (the "
-        "official --teacher_init; e.g. <run>/best of an mhim run with mhim_mask_ratio=0, mhim_mask_ratio_high=0, mhim_consistency_weight=0, the official "
-        "'pure' ABMIL). None = the teacher starts as a copy of the student (--no_tea_init).")
+    mhim_high_decay: bool = Field(True, description="decay the high-attention mask ratio by cosine to 0 over the run's steps (official --mrh_sche).")
+    mhim_consistency_weight: float = Field(0.1, ge=0.0, description="weight of the teacher-student consistency loss (official CAMELYON16 ABMIL cl_alpha 0.1).")
+    mhim_ce_weight: float = Field(1.0, ge=0.0, description="weight of the student's bag cross-entropy (official cls_alpha 1.0).")
+    mhim_temp_teacher: float = Field(0.1, gt=0.0, description="temperature of the teacher's bag embedding in the consistency loss (official temp_t 0.1).")
+    mhim_temp_student: float = Field(1.0, gt=0.0, description="temperature of the student's bag embedding in the consistency loss (official temp_s 1.0).")
+    mhim_momentum: float = Field(0.9999, ge=0.0, le=1.0, description="EMA decay of the teacher after every optimizer step (official mm 0.9999).")
+    mhim_momentum_final: float = Field(1.0, ge=0.0, le=1.0, description="final EMA decay when mhim_momentum_decay is on (official mm_final 1.0).")
+    mhim_momentum_decay: bool = Field(False, description="cosine schedule of the EMA decay from mhim_momentum to mhim_momentum_final (official --mm_sche; off "
+        "for CAMELYON16).")
+    mhim_teacher_init: str | None = Field(None, description="folder with the state.pt of a trained baseline whose encoder starts the teacher (the official "
+        "--teacher_init; e.g. <run>/best of an mhim run with mhim_mask_ratio=0, mhim_mask_ratio_high=0, mhim_consistency_weight=0, the official 'pure' ABMIL). "
+        "None = the teacher starts as a copy of the student (--no_tea_init).")
     mhim_student_init: Literal["none", "fc", "all"] = Field("fc", description="mhim, with mhim_teacher_init: what of the baseline also starts the student: its "
         "instance embedding (fc, the official recipe's init_stu_type), everything (all) or nothing (none).")
 

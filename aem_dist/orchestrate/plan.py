@@ -92,7 +92,8 @@ class SweepPlan:
         specs = [PopulationSpec(population_name(ms[i : i + limit]), ms[i : i + limit]) for ms in groups.values() for i in range(0, len(ms), limit)]
         if limit > 1:
             sizes = [len(s.members) for s in specs]
-            self.notes.append(f"{len(self.points)} grid point(s) in {len(specs)} population(s) of {min(sizes)}–{max(sizes)} member(s) (sweep.population={setting})")
+            self.notes.append(f"{len(self.points)} grid point(s) in {len(specs)} population(s) of {min(sizes)}–{max(sizes)} member(s) "
+                              f"(sweep.population={setting})")
         return specs
 
 

@@ -178,7 +178,8 @@ def check_nodes_reach_storage(plan: SweepPlan, out: str, nodes: list[dict[str, A
         raise PreflightError(
             f"{len(problems)} of {len(alive)} nodes of this Ray cluster cannot reach the run's object storage, which the driver reaches: "
             + "; ".join(problems)
-            + ". Give every node the same endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: on KubeRay, the pods' Secret) or set storage.endpoint_url"
+            + ". Give every node the same endpoint and credentials (AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY: "
+            "on KubeRay, the pods' Secret) or set storage.endpoint_url"
         )
 
 

@@ -43,6 +43,7 @@ from .trials import PROGRESS_KEY, SCORE_KEY, SEARCH_FILE, STOPPED_FILE, plain, s
 
 log = logging.getLogger(__name__)
 
+
 def tune_space(space: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     """``sweep.space`` (as :func:`aem_dist.config.parse_distribution` left it) → Tune sampling domains,
     with the same dotted keys (a trial's config is then ``{dotted key: value}``)."""
@@ -156,9 +157,11 @@ class SampleBook:
         # under another search, seed or space are not this search's points
         changed = [f"sweep.{k}" for k in ("search", "search_seed", "space") if data.get(k) != book.header[k]]
         if changed:
-            raise SweepError(f"{storage.redact(url, options)} records points drawn with other {', '.join(changed)} than this config: choose another --out (or run.name) for a new search")
+            raise SweepError(f"{storage.redact(url, options)} records points drawn with other {', '.join(changed)} than this config: "
+                             "choose another --out (or run.name) for a new search")
         if len(samples) > cfg.sweep.num_samples:
-            raise SweepError(f"{storage.redact(url, options)} records {len(samples)} points drawn, more than sweep.num_samples={cfg.sweep.num_samples}: a resumed search can grow, not shrink")
+            raise SweepError(f"{storage.redact(url, options)} records {len(samples)} points drawn, more than sweep.num_samples={cfg.sweep.num_samples}: "
+                             "a resumed search can grow, not shrink")
         return book
 
     def save(self) -> None:

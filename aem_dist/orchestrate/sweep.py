@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single: bool, searched: bool = False) -> None:
     """Tune function trainable: one population of grid points (often one point), or one point a search
-    drew (its ``searched`` keys; its name is the Tune trial's, see :class:`.search.SampleBook`), start to
+    drew (``searched``; its name is the Tune trial's, see :class:`.search.SampleBook`), start to
     finish (resuming from its last checkpoint). Each member writes its own ``trials/<name>/results.json``."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
@@ -126,7 +126,8 @@ def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | Non
         param_space = {POPULATION: tune.grid_search([s.as_config() for s in plan.populations])}
         search = {"max_concurrent_trials": concurrency}
         naming = {"trial_name_creator": _population_name, "trial_dirname_creator": _population_name}
-        log.info("%d trial(s) for %d grid point(s), at most %d at once (per trial: %s)", len(plan.populations), len(plan.points), concurrency, trial_resources(cfg))
+        log.info("%d trial(s) for %d grid point(s), at most %d at once (per trial: %s)",
+                 len(plan.populations), len(plan.points), concurrency, trial_resources(cfg))
     scheduler = make_scheduler(cfg) if not plan.single else None
     if scheduler is not None:  # stopped trials get their stopped.json from the driver (see .search)
         callbacks = [*(callbacks or []), EarlyStopRecorder(cfg, out, options)]
@@ -135,7 +136,8 @@ def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | Non
     # our own JSON records and weights-only checkpoints instead (see .resume).
     if experiment_exists(fs, exp_path):
         if not resume:
-            raise SweepError(f"{storage.redact(out, options)} already holds sweep {cfg.run.name!r}: pass --resume to continue it, or choose another --out / run.name")
+            raise SweepError(f"{storage.redact(out, options)} already holds sweep {cfg.run.name!r}: "
+                             "pass --resume to continue it, or choose another --out / run.name")
         log.info("resuming sweep in %s: finished trials are kept, the others continue from their checkpoints", storage.redact(exp_path, options))
     tuner = tune.Tuner(
         trainable,

@@ -112,7 +112,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     node_ids = ctx.gather_objects(reporter.node_id)
     after = -1 if results[0].resumed_after is None else results[0].resumed_after
     epochs_s = sum(row["time"]["epoch_s"] for row in results[0].history if row["epoch"] > after)  # this process's epochs
-    timing = {"worker_started": started, "worker_ended": ended, "members": len(cfgs), "setup_s": ended - fit_start - epochs_s - reporter.total_s, "epochs_s": epochs_s, "reports_s": reporter.total_s}
+    timing = {"worker_started": started, "worker_ended": ended, "members": len(cfgs), "setup_s": ended - fit_start - epochs_s - reporter.total_s,
+              "epochs_s": epochs_s, "reports_s": reporter.total_s}
     return [results_dict(r, c) | {"timing": timing, "worker_node_ids": node_ids} for r, c in zip(results, cfgs)] if ctx.is_main else None
 
 
