@@ -21,6 +21,7 @@ from functools import cached_property
 from .. import storage
 from ..config import Config, check_sweep_space, config_with, grid_configs, grid_points, space_points
 from ..data.folds import FOLD_KEY, check_folds
+from ..data.limits import Limits
 from ..data.manifest import Manifest, load_manifest
 from ..engine.population import population_key
 from ..models.registry import population_note
@@ -73,7 +74,7 @@ class SweepPlan:
                               "so every grid point is its own trial (unfused)")
             setting = "off"
         try:
-            manifest = load_manifest(cfg.data.root, StorageOptions.from_config(cfg.storage, cfg.data.retries))
+            manifest = load_manifest(cfg.data.root, StorageOptions.from_config(cfg.storage, cfg.data.retries), Limits.from_config(cfg.data))
         except Exception:  # noqa: BLE001  (the trials report an unreadable dataset with its own clear error)
             manifest = None
         if manifest is not None:  # a data.fold the dataset lacks: one clear error now, not one per trial
