@@ -60,18 +60,25 @@ def _yaml_on_off(value: Any) -> Any:
 
 class DataConfig(_Section):
     root: str = Field("data/demo", description="Dataset folder or URL (path, file://, s3://bucket/prefix) holding manifest.json and shards.")
-    loader: Literal["memory", "stream"] = Field("memory", description="'memory' loads every bag into RAM; 'stream' reads WebDataset shards from storage with a node-local cache.")
-    on_bad_sample: Literal["error", "skip"] = Field("error", description="What a reader does with a bad bag: stop with an error naming shard, key and problem, or skip it and count the reason.")
-    subsample_ratio: float = Field(1.0, gt=0.0, le=1.0, description="Training-time Subsampling: keep this random fraction of each bag's instances per step (1.0 = off). Evaluation always sees full bags.")
+    loader: Literal["memory", "stream"] = Field("memory", description="'memory' loads every bag into RAM; 'stream' reads WebDataset shards from storage with a "
+        "node-local cache.")
+    on_bad_sample: Literal["error", "skip"] = Field("error", description="What a reader does with a bad bag: stop with an error naming shard, key and problem, "
+        "or skip it and count the reason.")
+    subsample_ratio: float = Field(1.0, gt=0.0, le=1.0, description="Training-time Subsampling: keep this random fraction of each bag's instances per step "
+        "(1.0 = off). Evaluation always sees full bags.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank for the streaming loader.")
     prefetch: int = Field(4, ge=1, description="Batches prepared ahead of the training step (streaming loader).")
     cache_dir: str | None = Field(None, description="Node-local shard cache folder for the streaming loader (default: a folder under the system temp dir).")
     cache_max_gb: float = Field(20.0, gt=0, description="Upper bound of the node-local shard cache, in GiB; least recently used shards are evicted.")
     retries: int = Field(5, ge=0, description="Bounded retries for object-storage reads before a shard read fails.")
-    max_instances_per_bag: int = Field(1_000_000, ge=1, description="Largest bag accepted (instances); a manifest, shard or source declaring more is refused before anything is allocated.")
-    max_dim: int = Field(16_384, ge=1, description="Largest feature dim accepted; a manifest or file declaring more is refused before the model or any array is built.")
-    fold: int | None = Field(None, ge=0, description="Cross-validation fold to train on (0..K-1; record folds with `aem-dist splits DATASET --folds K`). None = the dataset's fixed train/val/test splits. Sweep it like any key: sweep.grid={data.fold: [0, 1, 2]}.")
-    device_cache: DeviceCacheMode = Field("auto", description="Keep the decoded split on the GPU for the whole run and pack batches there (memory loader): auto = when it fits in half the free device memory; on = always; off = never. A no-op on CPU (logged).")
+    max_instances_per_bag: int = Field(1_000_000, ge=1, description="Largest bag accepted (instances); a manifest, shard or source declaring more is refused "
+        "before anything is allocated.")
+    max_dim: int = Field(16_384, ge=1, description="Largest feature dim accepted; a manifest or file declaring more is refused before the model or any array "
+        "is built.")
+    fold: int | None = Field(None, ge=0, description="Cross-validation fold to train on (0..K-1; record folds with `aem-dist splits DATASET --folds K`). None "
+        "= the dataset's fixed train/val/test splits. Sweep it like any key: sweep.grid={data.fold: [0, 1, 2]}.")
+    device_cache: DeviceCacheMode = Field("auto", description="Keep the decoded split on the GPU for the whole run and pack batches there (memory loader): "
+        "auto = when it fits in half the free device memory; on = always; off = never. A no-op on CPU (logged).")
 
     _absolute = field_validator("root", "cache_dir")(_absolute_local)
     _on_off = field_validator("device_cache", mode="before")(_yaml_on_off)
@@ -111,20 +118,28 @@ class TrainConfig(_Section):
     lr: float = Field(1e-4, gt=0.0, description="Peak learning rate of AdamW; decays per iteration by cosine to 0.")
     weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
     seed: int = Field(0, ge=0, description="Seeds model init and dropout/masking draws; also data order and subsampling unless train.data_seed is set.")
-    data_seed: int | None = Field(None, ge=0, description="Seeds data order per epoch and subsampling draws (default: train.seed). Sweep grid points fuse into one population only when their data seeds are equal, so set it to vary initialisation alone across seeds.")
+    data_seed: int | None = Field(None, ge=0, description="Seeds data order per epoch and subsampling draws (default: train.seed). Sweep grid points fuse into "
+        "one population only when their data seeds are equal, so set it to vary initialisation alone across seeds.")
     max_bags_per_batch: int = Field(1, ge=1, description="Bags packed into one step (1 = the paper's batch of one bag).")
-    max_instances_per_batch: int | None = Field(None, ge=1, description="Instance budget of a packed step; a bag larger than it is trained alone, never truncated. None = no budget.")
+    max_instances_per_batch: int | None = Field(None, ge=1, description="Instance budget of a packed step; a bag larger than it is trained alone, never "
+        "truncated. None = no budget.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device for a local run; under Ray Train the worker's assigned device is used.")
     eval_every: int = Field(1, ge=1, description="Evaluate val/test every this many epochs (and always at the last).")
-    select_metric: SelectMetric = Field("auc+f1", description="Validation score for picking the reported epoch: auc+f1 (official), auc, f1 (higher wins), loss (val NLL, lower wins) or last (the last evaluated epoch). A NaN score never wins.")
-    select_tie: SelectTie = Field("val_loss", description="Equal selection scores: val_loss (lower val loss wins, then the later epoch), later, or earlier (the official strict '>').")
+    select_metric: SelectMetric = Field("auc+f1", description="Validation score for picking the reported epoch: auc+f1 (official), auc, f1 (higher wins), loss "
+        "(val NLL, lower wins) or last (the last evaluated epoch). A NaN score never wins.")
+    select_tie: SelectTie = Field("val_loss", description="Equal selection scores: val_loss (lower val loss wins, then the later epoch), later, or earlier "
+        "(the official strict '>').")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value (None = off).")
     progress: bool = Field(True, description="Show progress bars.")
 
-    log_every: int = Field(0, ge=0, description="Read the device-side step statistics (loss terms, NaN/Inf check) every this many steps; 0 = once per epoch (and every 256 steps). A non-finite loss stops the run at most this many steps late, before any checkpoint of the poisoned weights.")
-    precision: Precision = Field("fp32", description="Matmul precision: fp32; tf32 (CUDA tensor cores, float32 tensors); bf16 (autocast for the linear layers; softmax, entropy, AEM and loss stay float32).")
-    compile: CompileMode = Field("off", description="torch.compile the model forward + loss with dynamic shapes (recompiles capped and logged); same numbers as eager within 1e-4 relative.")
-    deterministic: bool = Field(False, description="Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, no atomics in segment sums on CUDA) so a GPU run repeats bit for bit; off by default for speed. CPU runs repeat either way.")
+    log_every: int = Field(0, ge=0, description="Read the device-side step statistics (loss terms, NaN/Inf check) every this many steps; 0 = once per epoch "
+        "(and every 256 steps). A non-finite loss stops the run at most this many steps late, before any checkpoint of the poisoned weights.")
+    precision: Precision = Field("fp32", description="Matmul precision: fp32; tf32 (CUDA tensor cores, float32 tensors); bf16 (autocast for the linear layers; "
+        "softmax, entropy, AEM and loss stay float32).")
+    compile: CompileMode = Field("off", description="torch.compile the model forward + loss with dynamic shapes (recompiles capped and logged); same numbers "
+        "as eager within 1e-4 relative.")
+    deterministic: bool = Field(False, description="Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, no atomics in segment "
+        "sums on CUDA) so a GPU run repeats bit for bit; off by default for speed. CPU runs repeat either way.")
 
     _on_off = field_validator("compile", mode="before")(_yaml_on_off)
 
@@ -140,7 +155,8 @@ class RunSection(_Section):
     storage_path: str | None = Field(None, description="Where Ray keeps checkpoints and results (path or s3:// URL); default: the --out folder.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts Ray Train may do from the last checkpoint (-1 = unlimited).")
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the best-scoring and latest survive).")
-    checkpoint_every: int = Field(1, ge=1, description="Ray runs: attach a checkpoint to every N-th epoch's report (and the last); metrics are reported every epoch. A failure resumes from the last checkpointed epoch.")
+    checkpoint_every: int = Field(1, ge=1, description="Ray runs: attach a checkpoint to every N-th epoch's report (and the last); metrics are reported every "
+        "epoch. A failure resumes from the last checkpointed epoch.")
 
     _absolute = field_validator("storage_path")(_absolute_local)
 
@@ -150,16 +166,29 @@ class SweepSection(_Section):
     max_concurrent_trials: int | None = Field(None, ge=1, description="Trials at once (default: derived from cluster resources and resources_per_trial).")
     trial_cpus: float = Field(1.0, gt=0.0, description="CPUs reserved per trial (with num_workers 0) or per Ray Train worker.")
     trial_gpus: float = Field(0.0, ge=0.0, description="GPUs per trial; fractions pack several trials on one GPU.")
-    population: int | Literal["auto", "off"] = Field("auto", description="Fuse grid points that differ only in loss.lam, loss.kind, train.seed, train.lr, train.weight_decay (and share train.data_seed) into populations trained as one stacked model in one trial: 'auto' (as many members as fit, see docs/ARCHITECTURE.md), 'off' (one trial per grid point), or N (at most N members per population).")
-    report: bool = Field(True, description="Write report.md and its plots (aem-dist report) when the sweep ends. Off: the tables only (the report's UMAP alone compiles for ~10-13 s, docs/observability.md); `aem-dist report OUT` writes it later.")
+    population: int | Literal["auto", "off"] = Field("auto", description="Fuse grid points that differ only in loss.lam, loss.kind, train.seed, train.lr, "
+        "train.weight_decay (and share train.data_seed) into populations trained as one stacked model in one trial: 'auto' (as many members as fit, see "
+            "docs/ARCHITECTURE.md), 'off' (one trial per grid point), or N (at most N members per population).")
+    report: bool = Field(True, description="Write report.md and its plots (aem-dist report) when the sweep ends. Off: the tables only (the report's UMAP alone "
+        "compiles for ~10-13 s, docs/observability.md); `aem-dist report OUT` writes it later.")
 
-    search: Literal["grid", "random", "optuna"] = Field("grid", description="How trial points are chosen: 'grid' (every point of sweep.grid), 'random' (sweep.num_samples points drawn from sweep.space by Ray Tune's random search) or 'optuna' (sweep.num_samples points proposed one after another by Optuna's TPE through Ray Tune's OptunaSearch, maximising the best validation score by train.select_metric). random and optuna never fuse trials into populations.")
-    space: dict[str, dict[str, Any]] = Field(default_factory=dict, description="For search random/optuna: dotted key → distribution, one of {loguniform: [low, high]}, {uniform: [low, high]}, {randint: [low, high]} (integers, high excluded) or {choice: [v1, v2, ...]}; e.g. {loss.lam: {loguniform: [1.0e-4, 1]}, train.lr: {loguniform: [1.0e-5, 1.0e-3]}}.")
-    num_samples: int = Field(0, ge=0, description="For search random/optuna: how many points are drawn and trained (required, ≥ 1). A grid runs each of its points once and leaves this 0.")
-    search_seed: int = Field(0, ge=0, description="Seeds the random/optuna search: the same seed draws the same points (optuna: the same first points; later ones depend on the results, which repeat when trials finish in the same order).")
-    scheduler: Literal["none", "asha"] = Field("none", description="Early stopping of trials: 'none', or 'asha' (Ray Tune's ASHAScheduler on the best validation score so far by train.select_metric, judged after each epoch but the last). Stopped trials are marked STOPPED_EARLY in trials.csv and never give the chosen λ. Trials run unfused under a scheduler.")
+    search: Literal["grid", "random", "optuna"] = Field("grid", description="How trial points are chosen: 'grid' (every point of sweep.grid), 'random' "
+        "(sweep.num_samples points drawn from sweep.space by Ray Tune's random search) or 'optuna' (sweep.num_samples points proposed one after another by "
+            "Optuna's TPE through Ray Tune's OptunaSearch, maximising the best validation score by train.select_metric). random and optuna never fuse trials "
+                "into populations.")
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict, description="For search random/optuna: dotted key → distribution, one of "
+        "{loguniform: [low, high]}, {uniform: [low, high]}, {randint: [low, high]} (integers, high excluded) or {choice: [v1, v2, ...]}; "
+        "e.g. {loss.lam: {loguniform: [1.0e-4, 1]}, train.lr: {loguniform: [1.0e-5, 1.0e-3]}}.")
+    num_samples: int = Field(0, ge=0, description="For search random/optuna: how many points are drawn and trained (required, ≥ 1). A grid runs each of its "
+        "points once and leaves this 0.")
+    search_seed: int = Field(0, ge=0, description="Seeds the random/optuna search: the same seed draws the same points (optuna: the same first points; later "
+        "ones depend on the results, which repeat when trials finish in the same order).")
+    scheduler: Literal["none", "asha"] = Field("none", description="Early stopping of trials: 'none', or 'asha' (Ray Tune's ASHAScheduler on the best "
+        "validation score so far by train.select_metric, judged after each epoch but the last). Stopped trials are marked STOPPED_EARLY in trials.csv and "
+            "never give the chosen λ. Trials run unfused under a scheduler.")
     asha_grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial trains before it can be stopped (the first rung); must be < train.epochs.")
-    asha_reduction_factor: float = Field(3.0, gt=1.0, description="ASHA: rungs lie at grace_period × factor^k epochs; at each rung a trial continues only if its score is in the top 1/factor of the trials that reached that rung before it.")
+    asha_reduction_factor: float = Field(3.0, gt=1.0, description="ASHA: rungs lie at grace_period × factor^k epochs; at each rung a trial continues only if "
+        "its score is in the top 1/factor of the trials that reached that rung before it.")
 
     @field_validator("space", mode="before")
     @classmethod
@@ -193,8 +222,10 @@ class MetricsSection(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics from the driver.")
     host: str = Field("127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 on a cluster).")
     port: int = Field(9464, ge=0, le=65535, description="Port of the metrics endpoint (0 = any free port).")
-    grace_s: float = Field(15.0, ge=0.0, description="Keep serving this long after the run ends so the last values get scraped — only if the endpoint was scraped during the run, or with metrics.grace_always.")
-    grace_always: bool = Field(False, description="Apply metrics.grace_s even when nothing scraped the endpoint during the run (e.g. runs shorter than the scrape interval).")
+    grace_s: float = Field(15.0, ge=0.0, description="Keep serving this long after the run ends so the last values get scraped — only if the endpoint was "
+        "scraped during the run, or with metrics.grace_always.")
+    grace_always: bool = Field(False, description="Apply metrics.grace_s even when nothing scraped the endpoint during the run (e.g. runs shorter than the "
+        "scrape interval).")
     pushgateway: str | None = Field(None, description="Pushgateway address (host:port) for final results; None = no push.")
 
 
@@ -306,7 +337,8 @@ def _check_search(cfg: "Config") -> None:
     sw = cfg.sweep
     if sw.search == "grid":
         if sw.space:
-            raise ConfigError(f"sweep.space holds distributions ({', '.join(sw.space)}) but sweep.search is 'grid': set sweep.search=random or optuna, or list values in sweep.grid")
+            raise ConfigError(f"sweep.space holds distributions ({', '.join(sw.space)}) but sweep.search is 'grid': set sweep.search=random or optuna, or list "
+                f"values in sweep.grid")
         if sw.num_samples:
             raise ConfigError("sweep.num_samples is for sweep.search=random or optuna; a grid runs each of its points once")
     else:
@@ -315,12 +347,14 @@ def _check_search(cfg: "Config") -> None:
         if sw.num_samples < 1:
             raise ConfigError(f"sweep.search={sw.search} needs sweep.num_samples >= 1 (points to draw), got {sw.num_samples}")
         if sw.grid:
-            raise ConfigError(f"sweep.search={sw.search} samples sweep.space only; sweep.grid must be empty (a discrete key goes in sweep.space as {{choice: [...]}})")
+            raise ConfigError(f"sweep.search={sw.search} samples sweep.space only; sweep.grid must be empty (a discrete key goes in sweep.space as {{choice: "
+                f"[...]}})")
     if (sw.scheduler != "none" or sw.search == "optuna") and cfg.train.select_metric == "last":
         what = "sweep.scheduler=asha" if sw.scheduler != "none" else "sweep.search=optuna"
         raise ConfigError(f"{what} needs a validation score, but train.select_metric=last has none: choose auc+f1, auc, f1 or loss")
     if sw.scheduler == "asha" and sw.asha_grace_period >= cfg.train.epochs:
-        raise ConfigError(f"sweep.asha_grace_period={sw.asha_grace_period} must be < train.epochs={cfg.train.epochs}: ASHA judges trials before their last epoch")
+        raise ConfigError(f"sweep.asha_grace_period={sw.asha_grace_period} must be < train.epochs={cfg.train.epochs}: ASHA judges trials before their last "
+            f"epoch")
 
 
 def space_points(cfg: "Config") -> list[dict[str, Any]]:

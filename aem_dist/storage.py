@@ -42,7 +42,8 @@ _ENV_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Credentials this process has seen in a config, so that log lines (botocore's DEBUG output carries the
 # key id in every Authorization header) can be redacted even when they never were in the environment.
 _SEEN_SECRETS: set[str] = set()
-_TRANSIENT_ERRNOS = {None, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.EPIPE}
+_TRANSIENT_ERRNOS = {None, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+    errno.EPIPE}
 
 
 class StorageError(RuntimeError):
@@ -220,7 +221,8 @@ def _chain(err: BaseException) -> Iterator[BaseException]:
 def _is_connect_error(err: BaseException) -> bool:
     for e in _chain(err):
         name = type(e).__name__
-        if isinstance(e, ConnectionError) or name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError", "ConnectionClosedError", "ProxyConnectionError"):
+        if isinstance(e, ConnectionError) or name in ("EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError", "ServerDisconnectedError",
+            "ConnectionClosedError", "ProxyConnectionError"):
             return True
     return False
 
@@ -251,7 +253,8 @@ def describe_error(err: BaseException, url: str, options: StorageOptions | None 
         hint = "check the access key and secret (storage.key/storage.secret or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY) and the bucket policy"
         text = f"access denied to {action} {where} at {endpoint}: {err}; {hint}"
     elif _is_connect_error(err):
-        text = f"cannot connect to object storage at {endpoint} to {action} {where}: {type(err).__name__}: {err}; check storage.endpoint_url / AWS_ENDPOINT_URL_S3 and that the server is up"
+        text = (f"cannot connect to object storage at {endpoint} to {action} {where}: {type(err).__name__}: {err}; "
+                "check storage.endpoint_url / AWS_ENDPOINT_URL_S3 and that the server is up")
     elif _is_timeout(err):
         text = f"object storage at {endpoint} timed out while trying to {action} {where}: {type(err).__name__}: {err}"
     elif isinstance(err, FileNotFoundError):
@@ -282,7 +285,8 @@ def with_retries(
                 raise
             delay = min(max_backoff_s, backoff_s * 2**attempt)
             attempt += 1
-            log.warning("%s failed (%s); retry %d/%d in %.1f s", redact(what, options), redact(f"{type(err).__name__}: {err}", options), attempt, retries, delay)
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", redact(what, options), redact(f"{type(err).__name__}: {err}", options), attempt, retries,
+                delay)
             sleep(delay)
 
 

@@ -8,7 +8,8 @@ import typer
 
 from .app import app, run_guarded
 
-ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config file, or a packaged config name: demo, demo-search, demo-asha, camelyon16, camelyon17, lbc.")]
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config file, or a packaged config name: demo, demo-search, demo-asha, camelyon16, "
+    "camelyon17, lbc.")]
 AddressOpt = Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a private local Ray started for this command).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Dotted override, repeatable: --set loss.lam=0.1 --set train.epochs=5.")]
 
@@ -16,10 +17,12 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Dotted
 @app.command()
 def synth(
     out: Annotated[str, typer.Option(help="Dataset folder or URL to write (path, file://, s3://bucket/prefix).")],
-    preset: Annotated[str, typer.Option(help="Preset: demo (seconds), mil-small (~10 instances/bag), wsi-small (median ~1 000, D=384), wsi-c16 (CAMELYON16-shaped, median ~8 000).")] = "demo",
+    preset: Annotated[str, typer.Option(help="Preset: demo (seconds), mil-small (~10 instances/bag), wsi-small (median ~1 000, D=384), wsi-c16 "
+        "(CAMELYON16-shaped, median ~8 000).")] = "demo",
     seed: Annotated[int, typer.Option(help="Seed: the same seed rebuilds the same dataset bit for bit.")] = 0,
     scale: Annotated[float, typer.Option(help="Multiply the preset's bag counts (bag sizes keep their law).")] = 1.0,
-    size_scale: Annotated[float, typer.Option(help="Multiply the preset's bag sizes (median, min and max instances; same spread), e.g. 0.125 runs wsi-c16 on a CPU.")] = 1.0,
+    size_scale: Annotated[float, typer.Option(help="Multiply the preset's bag sizes (median, min and max instances; same spread), e.g. 0.125 runs wsi-c16 on a "
+        "CPU.")] = 1.0,
     shard_mb: Annotated[int, typer.Option(help="Target shard size in MiB.")] = 256,
     folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K`).")] = None,
     val_frac: Annotated[float, typer.Option(help="With --folds: share of each fold's non-test bags drawn for validation.")] = 0.1,
@@ -46,10 +49,12 @@ def synth(
 @app.command()
 def train(
     config: ConfigOpt,
-    out: Annotated[str, typer.Option(help="Run folder or URL: results.json, run.json, best/state.pt and checkpoints go here. Re-running with the same --out and config resumes; a different config is refused.")],
+    out: Annotated[str, typer.Option(help="Run folder or URL: results.json, run.json, best/state.pt and checkpoints go here. Re-running with the same --out "
+        "and config resumes; a different config is refused.")],
     set_: SetOpt = None,
     address: AddressOpt = None,
-    force_new: Annotated[bool, typer.Option("--force-new", help="Start over in --out: remove the checkpoints, best state and results a previous run left there (also when its config differs).")] = False,
+    force_new: Annotated[bool, typer.Option("--force-new", help="Start over in --out: remove the checkpoints, best state and results a previous run left there "
+        "(also when its config differs).")] = False,
 ) -> None:
     """Train one model: in this process (scaling.num_workers 0) or as a Ray Train DDP run.
 
@@ -86,7 +91,8 @@ app.add_typer(config_app, name="config")
 
 
 @config_app.command("show")
-def config_show(config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file or packaged name (default: built-in defaults).")] = None, set_: SetOpt = None) -> None:
+def config_show(config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file or packaged name (default: built-in "
+    "defaults).")] = None, set_: SetOpt = None) -> None:
     """Print the resolved configuration as YAML (secrets redacted)."""
     from ..config import dump_yaml, load_config
 

@@ -32,20 +32,27 @@ def ingest(
     format: Annotated[str, typer.Option("--format", "-f", help=FORMAT_HELP)],
     src: Annotated[str, typer.Option(help="Local folder or file holding the features.")],
     out: Annotated[str, typer.Option(help="Dataset folder or URL to write (path, file://, s3://bucket/prefix).")],
-    labels: Annotated[Optional[str], typer.Option(help="CSV with header slide_id,label[,split]. Required unless the format carries labels (acmil, zarr, mil-csv).")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="CSV with header slide_id,label[,split]. Required unless the format carries labels (acmil, zarr, "
+        "mil-csv).")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names in index order (default: sorted labels; integers numerically).")] = None,
     val_frac: Annotated[float, typer.Option(help="Validation fraction of the stratified split (used when the CSV has no split column).")] = 0.1,
     test_frac: Annotated[float, typer.Option(help="Test fraction of the stratified split.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split and of the bag order inside shards.")] = 0,
     shard_mb: Annotated[int, typer.Option(help="Target shard size in MiB.")] = 256,
-    on_bad: Annotated[str, typer.Option(help="error: stop at the first bad bag (NaN/Inf, 0 instances, wrong dim, missing features); skip: leave it out and count it.")] = "error",
-    max_instances_per_bag: Annotated[int, typer.Option(help="Largest bag a source file may declare (instances); larger ones are refused before they are read (data.max_instances_per_bag).")] = 1_000_000,
+    on_bad: Annotated[str, typer.Option(help="error: stop at the first bad bag (NaN/Inf, 0 instances, wrong dim, missing features); skip: leave it out and "
+        "count it.")] = "error",
+    max_instances_per_bag: Annotated[int, typer.Option(help="Largest bag a source file may declare (instances); larger ones are refused before they are read "
+        "(data.max_instances_per_bag).")] = 1_000_000,
     max_dim: Annotated[int, typer.Option(help="Largest feature dim a source file may declare (data.max_dim).")] = 16_384,
-    case_column: Annotated[Optional[str], typer.Option(help="Labels CSV column grouping slides by case/patient (default: case_id when present); a case's slides always share one split.")] = None,
-    label_map: Annotated[Optional[str], typer.Option(help="Map raw labels to class names first, e.g. 'Tumor=tumor,ITC=tumor'. Without it, labels differing only by case/whitespace are an error.")] = None,
-    dim: Annotated[Optional[int], typer.Option(help="Feature dim of the dataset (default: the dim most slides' headers agree on; the others are reported as bad).")] = None,
+    case_column: Annotated[Optional[str], typer.Option(help="Labels CSV column grouping slides by case/patient (default: case_id when present); a case's "
+        "slides always share one split.")] = None,
+    label_map: Annotated[Optional[str], typer.Option(help="Map raw labels to class names first, e.g. 'Tumor=tumor,ITC=tumor'. Without it, labels differing "
+        "only by case/whitespace are an error.")] = None,
+    dim: Annotated[Optional[int], typer.Option(help="Feature dim of the dataset (default: the dim most slides' headers agree on; the others are reported as "
+        "bad).")] = None,
     all_: Annotated[bool, typer.Option("--all", help="With --on-bad error: report every bad slide in one pass instead of stopping at the first.")] = False,
-    folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K --val-frac VAL_FRAC --seed SEED`).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K --val-frac VAL_FRAC --seed "
+        "SEED`).")] = None,
     stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help="With --folds: stratify folds by class.")] = True,
 ) -> None:
     """Convert extracted features (CLAM/TRIDENT, .pt, AEM/ACMIL HDF5, zarr, MIL CSV) into a dataset."""
@@ -61,7 +68,8 @@ def ingest(
         options = StorageOptions.from_config()
         probe(out, options, write=True)  # wrong endpoint or key: fail now, not after the first shard
         names = [c.strip() for c in classes.split(",")] if classes else None
-        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20, on_bad=on_bad, options=options,
+        result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20,
+            on_bad=on_bad, options=options,
                             case_column=case_column, label_map=parse_label_map(label_map), dim=dim, report_all=all_,
                             limits=Limits(max_instances_per_bag, max_dim))
         m = result.manifest
@@ -147,7 +155,8 @@ def splits(
                 raise
             raise typer.BadParameter(str(err)) from None
         grouped = f", cases kept together by {m.folds.grouped_by!r}" if m.folds.grouped_by else ""
-        typer.echo(f"recorded {folds} folds (seed {seed}, val {val_frac}, {'stratified' if stratify else 'unstratified'}{grouped}) in {redact(dataset, options)}")
+        typer.echo(f"recorded {folds} folds (seed {seed}, val {val_frac}, {'stratified' if stratify else 'unstratified'}{grouped}) in "
+            f"{redact(dataset, options)}")
         typer.echo(folds_text(m))
 
     _guarded(body)

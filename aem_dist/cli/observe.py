@@ -31,7 +31,9 @@ def report(
     split: Annotated[str, typer.Option(help="Split the attention-concentration curves are computed on.")] = "test",
     progress: Annotated[bool, typer.Option(help="Progress bars while predicting with the trials' checkpoints.")] = True,
 ) -> None:
-    """Write URL/report.md and URL/plots/*.png: λ sensitivity (Fig. 5), entropy vs AUC (Fig. 3), training curves (Fig. 8), attention concentration (Fig. 9), UMAP of test-bag embeddings with k-means V-measure (Fig. 11); with data.fold swept, summaries over folds × seeds."""
+    """Write URL/report.md and URL/plots/*.png: λ sensitivity (Fig. 5), entropy vs AUC (Fig. 3), training curves (Fig. 8),
+    attention concentration (Fig. 9), UMAP of test-bag embeddings with k-means V-measure (Fig. 11); with data.fold swept,
+    summaries over folds × seeds."""
 
     def body() -> None:
         from ..observe.report import write_report
@@ -70,10 +72,12 @@ def predict(
         bags = []
         for s in [p.strip() for p in split.split(",") if p.strip()]:
             bags += predict_split(model, root, s, options=options, data=data_cfg, max_instances=max_instances, device=device)
-        attrs = {"run": redact(run, options), "data": redact(root, options), "model": model.meta.get("name"), "checkpoint_epoch": model.epoch, "checkpoint": checkpoint, "fold": data_cfg.fold}
+        attrs = {"run": redact(run, options), "data": redact(root, options), "model": model.meta.get("name"), "checkpoint_epoch": model.epoch,
+            "checkpoint": checkpoint, "fold": data_cfg.fold}
         meta = write_attention(out, bags, class_names=model.meta.get("class_names") or [], attrs=attrs, options=options)
         acc = sum(int(b.probs.argmax() == b.label) for b in bags) / len(bags)
-        typer.echo(f"wrote {meta['n_bags']} bags / {meta['n_instances']:,} instances ({', '.join(meta['splits'])}; accuracy {acc:.3f}) to {redact(out, options)}")
+        typer.echo(f"wrote {meta['n_bags']} bags / {meta['n_instances']:,} instances ({', '.join(meta['splits'])}; accuracy {acc:.3f}) to "
+            f"{redact(out, options)}")
 
     _guarded(body)
 

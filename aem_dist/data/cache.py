@@ -70,7 +70,8 @@ def private_dir(root: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise StorageError(f"shard cache {root} is not a folder; {fix}")
     if link.st_uid != uid or st.st_uid != uid:
-        raise StorageError(f"shard cache {root} is owned by uid {st.st_uid if st.st_uid != uid else link.st_uid}, not by you (uid {uid}): refusing to trust its entries; {fix}")
+        raise StorageError(f"shard cache {root} is owned by uid {st.st_uid if st.st_uid != uid else link.st_uid}, not by you (uid {uid}): refusing to trust "
+            f"its entries; {fix}")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise StorageError(f"shard cache {root} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}): refusing to trust its entries; {fix}")
 
@@ -239,7 +240,8 @@ class ShardCache:
                 try:
                     storage.with_retries(copy_rest, what=f"reading shard {url}", retries=self.retries, options=self.options)
                 except FileNotFoundError:
-                    raise BadSampleError("missing_shard", f"shard listed in the manifest is missing at {storage.redact(url, self.options)}", shard=name) from None
+                    raise BadSampleError("missing_shard", f"shard listed in the manifest is missing at "
+                        f"{storage.redact(url, self.options)}", shard=name) from None
                 except BadSampleError:
                     raise
                 except Exception as err:

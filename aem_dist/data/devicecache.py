@@ -57,7 +57,8 @@ def place_on_device(loader: SplitLoader, mode: str, device: torch.device) -> Spl
         return loader
     held = loader.in_memory()
     if held is None:
-        log.info("data.device_cache=%s: split %r is read from storage as it trains (%s), so it is not cached on %s; batches use pinned copies", mode, split, type(loader).__name__, device)
+        log.info("data.device_cache=%s: split %r is read from storage as it trains (%s), so it is not cached on %s; batches use pinned "
+            "copies", mode, split, type(loader).__name__, device)
         return PinnedLoader(loader, device)
     need = split_bytes(held)
     free, _total = torch.cuda.mem_get_info(device)

@@ -56,7 +56,8 @@ def make_folds(manifest: Manifest, k: int, *, val_frac: float = 0.1, seed: int =
         rest = [i for i in range(len(keys)) if test_fold[i] != f]
         if val_frac > 0:
             # Seeded per fold so folds do not share one validation pattern.
-            split_of = grouped_stratified_split([keys[i] for i in rest], [y[i] for i in rest], None if cases is None else [cases[i] for i in rest], val_frac=val_frac, test_frac=0.0, seed=seed + 1000 * (f + 1))
+            split_of = grouped_stratified_split([keys[i] for i in rest], [y[i] for i in rest], None if cases is None else [cases[i] for i in rest],
+                val_frac=val_frac, test_frac=0.0, seed=seed + 1000 * (f + 1))
         else:
             split_of = {keys[i]: "train" for i in rest}
         folds.append(
@@ -89,7 +90,8 @@ def check_folds(manifest: Manifest, folds: Iterable[int | None], where: str = "t
         if fold is None:
             continue
         if manifest.folds is None:
-            raise ConfigError(f"{FOLD_KEY}={fold}: {where} records no cross-validation folds; add them with `aem-dist splits DATASET --folds K` (or set {FOLD_KEY}: null for the fixed splits)")
+            raise ConfigError(f"{FOLD_KEY}={fold}: {where} records no cross-validation folds; add them with `aem-dist splits DATASET --folds K` (or set "
+                f"{FOLD_KEY}: null for the fixed splits)")
         k = manifest.folds.k
         if not 0 <= fold < k:
             raise ConfigError(f"{FOLD_KEY}={fold}: {where} has {k} folds (0..{k - 1})")

@@ -110,5 +110,6 @@ def check_grid(cells: np.ndarray, what: str) -> tuple[int, int]:
         return (1, 1)
     cols, rows = (int(v) + 1 for v in cells.max(axis=0))
     if rows * cols > MAX_HEATMAP_CELLS:
-        raise SizeError(f"{what}: coordinates span a {rows:,} × {cols:,} grid of patches (more than {MAX_HEATMAP_CELLS:,} cells); are the coords patch offsets?")
+        raise SizeError(f"{what}: coordinates span a {rows:,} × {cols:,} grid of patches (more than {MAX_HEATMAP_CELLS:,} cells); are the coords patch "
+            f"offsets?")
     return rows, cols

@@ -112,14 +112,16 @@ def read_split(root: str, manifest: Manifest, split: str, *, options: StorageOpt
         problems: list[BadSampleError] = []  # held back until the shard's sha256 is known
 
         try:
-            for bag in read_shard(url, dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=problems.append, expect=(shard.bytes, shard.sha256)):
+            for bag in read_shard(url, dim=manifest.dim, n_classes=manifest.n_classes, options=options, on_bad=problems.append,
+                expect=(shard.bytes, shard.sha256)):
                 want = expected.get(bag.key)
                 if want is None and bag.key in shard._also_holds:
                     continue  # a fold view: this bag belongs to the fold's other splits
                 if want is None:
                     problems.append(BadSampleError("not_in_manifest", "bag is not listed in the manifest", shard=shard.name, key=bag.key))
                 elif (want.label, want.n) != (bag.label, bag.n):
-                    problems.append(BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({want.label}, {want.n})", shard=shard.name, key=bag.key))
+                    problems.append(BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({want.label}, "
+                        f"{want.n})", shard=shard.name, key=bag.key))
                 else:
                     got.append(bag)
         except FileNotFoundError:
@@ -188,7 +190,8 @@ class InMemoryLoader:
 
     def repeat_fraction(self, epoch: int) -> float:
         s = self.spec
-        return plan_repeat_fraction(self.sizes, world_size=s.world_size, max_instances=s.max_instances, max_bags=s.max_bags, train=s.train, seed=s.seed, epoch=epoch)
+        return plan_repeat_fraction(self.sizes, world_size=s.world_size, max_instances=s.max_instances, max_bags=s.max_bags, train=s.train, seed=s.seed,
+            epoch=epoch)
 
     def epoch(self, epoch: int) -> Iterator[PackedBatch]:
         for batch in self.plan(epoch):

@@ -155,7 +155,8 @@ def plan_rank(
     return [batches[(rank + world_size * k) % len(batches)] for k in range(steps)]
 
 
-def plan_repeat_fraction(sizes: Sequence[int], *, world_size: int, max_instances: int | None, max_bags: int, train: bool, seed: int = 0, epoch: int = 0) -> float:
+def plan_repeat_fraction(sizes: Sequence[int], *, world_size: int, max_instances: int | None, max_bags: int, train: bool, seed: int = 0,
+        epoch: int = 0) -> float:
     """Share of the epoch's bag visits (all ranks of :func:`plan_rank`) that are wrap-around repeats."""
     if not train or not sizes:
         return 0.0

@@ -220,11 +220,13 @@ class _CheckedTarInfo(tarfile.TarInfo):
 
     def _proc_member(self, tarfile_: tarfile.TarFile):  # type: ignore[override]
         if self.type in _EXTENSION_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
-            raise BadSampleError("tar_header_size", f"tar extension header before offset {self.offset} declares {self.size:,} bytes (limit {MAX_TAR_HEADER_BYTES:,})")
+            raise BadSampleError("tar_header_size", f"tar extension header before offset {self.offset} declares {self.size:,} bytes (limit "
+                f"{MAX_TAR_HEADER_BYTES:,})")
         return super()._proc_member(tarfile_)
 
     def _refuse_sparse(self, *_: Any) -> Any:
-        raise BadSampleError("sparse_member", f"tar member {self.name!r} is a sparse file (its size is expanded from a map, not stored): only regular members are read")
+        raise BadSampleError("sparse_member", f"tar member {self.name!r} is a sparse file (its size is expanded from a map, not stored): only regular members "
+            f"are read")
 
     _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
 
@@ -394,7 +396,8 @@ def read_shard(
             if (reader.nbytes, got) != (expect[0], expect[1]):
                 raise BadSampleError(
                     "sha256_mismatch",
-                    f"shard content does not match the manifest: {reader.nbytes} bytes, sha256 {got[:16]}… (manifest: {expect[0]} bytes, {expect[1][:16]}…)",
+                    f"shard content does not match the manifest: {reader.nbytes} bytes, sha256 {got[:16]}… "
+                    f"(manifest: {expect[0]} bytes, {expect[1][:16]}…)",
                     shard=name,
                 )
 

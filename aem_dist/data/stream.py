@@ -163,7 +163,8 @@ def read_bags(items: Iterable[tuple[Batch, dict[int, OpenShard]]], src: StreamSo
                 assert shard.file is not None and shard.index is not None
                 bag = decode_sample(shard.index.read(shard.file, ref.key), name, dim=src.dim, n_classes=src.n_classes)
                 if (bag.label, bag.n) != (ref.label, ref.n):
-                    raise BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({ref.label}, {ref.n})", shard=name, key=ref.key)
+                    raise BadSampleError("manifest_mismatch", f"(label, n) = ({bag.label}, {bag.n}) but manifest says ({ref.label}, "
+                        f"{ref.n})", shard=name, key=ref.key)
             except BadSampleError as err:
                 if src.policy != "skip":
                     raise
@@ -175,7 +176,8 @@ def read_bags(items: Iterable[tuple[Batch, dict[int, OpenShard]]], src: StreamSo
         yield bags, skips, lost
 
 
-def fill_empty(items: Iterable[tuple[list[Bag], list[Skip], list[tuple[str, str]]]], train: bool) -> Iterator[tuple[list[Bag] | None, list[Skip], list[tuple[str, str]]]]:
+def fill_empty(items: Iterable[tuple[list[Bag], list[Skip], list[tuple[str, str]]]],
+        train: bool) -> Iterator[tuple[list[Bag] | None, list[Skip], list[tuple[str, str]]]]:
     """Training keeps its planned step count: a batch that lost all its bags repeats the last good one."""
     last: list[Bag] | None = None
     debt = 0

@@ -54,7 +54,8 @@ class VerifyReport:
         lines += [f"  problem: {p}" for p in self.problems]
         for s in self.shards:
             status = "OK  " if s.ok else "FAIL"
-            lines.append(f"  {status} {s.name:<20} {s.bags:>5}/{s.expected_bags:<5} bags  {human_bytes(s.bytes):>10}  sha256 {'ok' if s.sha256_ok else 'MISMATCH'}")
+            lines.append(f"  {status} {s.name:<20} {s.bags:>5}/{s.expected_bags:<5} bags  {human_bytes(s.bytes):>10}  sha256 "
+                f"{'ok' if s.sha256_ok else 'MISMATCH'}")
             shown = s.problems if limit is None else s.problems[:limit]
             lines += [f"         - {p}" for p in shown]
             if len(s.problems) > len(shown):

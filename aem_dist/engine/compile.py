@@ -33,7 +33,8 @@ COMPILE_RTOL = 1e-4  # compiled vs eager: relative tolerance on the loss of a st
 StepFn = Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
-def compute_loss(model: torch.nn.Module, core: torch.nn.Module, feats, bag_index, n_bags: int, labels, *, lam: float, kind: str, precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(model: torch.nn.Module, core: torch.nn.Module, feats, bag_index, n_bags: int, labels, *, lam: float, kind: str,
+        precision: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward (under autocast for bf16) and the loss: ``(total, {"ce": …, "aem": …, …})``, float32."""
     with prec.autocast(precision, feats.device):
         out = model(feats, bag_index, n_bags)
@@ -96,6 +97,7 @@ class GraphCounter:
     def log_new(self, what: str) -> int:
         now = self.count()
         if now != self.seen:
-            log.info("torch.compile: %d new graph(s) for a step of %s (%d so far in this process; cap %d per step)", now - self.seen, what, now, RECOMPILE_LIMIT)
+            log.info("torch.compile: %d new graph(s) for a step of %s (%d so far in this process; cap %d per "
+                "step)", now - self.seen, what, now, RECOMPILE_LIMIT)
             self.seen = now
         return now

@@ -86,7 +86,8 @@ def run_local(
         return fit(cfg, options=options, on_epoch=on_epoch, model_init=model_init(cfg, None, options))
     if force_new:
         clear_run(run_dir, options)
-    return run_local_members([cfg], storage.join(run_dir, "checkpoints"), [storage.join(run_dir, "best")], options, on_epoch, model_init(cfg, run_dir, options))[0]
+    return run_local_members([cfg], storage.join(run_dir, "checkpoints"), [storage.join(run_dir, "best")], options, on_epoch,
+        model_init(cfg, run_dir, options))[0]
 
 
 def run_local_members(

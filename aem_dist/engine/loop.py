@@ -96,7 +96,8 @@ class EpochReport:
         if self.members:
             shared = {f"skipped/{k}": v for k, v in self.skipped.items()} | self.extra
             # the population's step durations are recorded once, with its first member
-            out["members"] = [_flat_row(self.epoch, m.row, m.best_epoch, m.best_score) | shared | ({"time/step_s": list(self.step_times)} if k == 0 else {}) for k, m in enumerate(self.members)]
+            out["members"] = [_flat_row(self.epoch, m.row, m.best_epoch,
+                m.best_score) | shared | ({"time/step_s": list(self.step_times)} if k == 0 else {}) for k, m in enumerate(self.members)]
         return out
 
 
@@ -354,7 +355,8 @@ def fit_members(
     def member_state(k: int, epoch: int) -> dict[str, Any]:
         """Member k as its own run would save it (weights, selection, history), for predict/heatmap."""
         t = trackers[k]
-        return {"model": trainee.member_model_state(k), "epoch": epoch, "best_epoch": t.best_epoch, "best_score": t.best_score, "selection": t.state_dict(), "history": histories[k], "model_meta": meta()}
+        return {"model": trainee.member_model_state(k), "epoch": epoch, "best_epoch": t.best_epoch, "best_score": t.best_score, "selection": t.state_dict(),
+            "history": histories[k], "model_meta": meta()}
 
     bar = _progress(cfg, ctx, start)
     for epoch in range(start, cfg.train.epochs):

@@ -128,7 +128,8 @@ class Population(nn.Module):
             pre = pre + b
         return params, pre.transpose(0, 1), 0  # (K, T, H)
 
-    def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, labels: torch.Tensor, rng: "MemberRNG | None" = None) -> dict[str, torch.Tensor]:
+    def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, labels: torch.Tensor, rng: "MemberRNG | None" = None) -> dict[str,
+            torch.Tensor]:
         """Every member's named loss terms on one packed batch: name → (K,) (``aem`` unweighted)."""
         params, x, x_dim = self._inputs(feats)
         buffers = self.buffers_stacked()
@@ -141,7 +142,8 @@ class Population(nn.Module):
         for k in range(self.size):
             with rng.member(k) if rng is not None else contextlib.nullcontext():
                 xk = x if x_dim is None else x[k]
-                per_member.append(self._member({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, xk, bag_index, n_bags, labels, bool(self.kl_mask[k])))
+                per_member.append(self._member({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, xk, bag_index, n_bags, labels,
+                    bool(self.kl_mask[k])))
         return {name: torch.stack([t[name] for t in per_member]) for name in per_member[0]}
 
     @torch.no_grad()
@@ -177,7 +179,8 @@ class Population(nn.Module):
         except Exception as err:  # noqa: BLE001  (any failure of the batching rules means: run a loop)
             self.vectorised = False
             first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
-            log.info("population of %d %s: the forward does not vectorise (%s); members run one after another on each batch", self.size, type(self.base).__name__, first)
+            log.info("population of %d %s: the forward does not vectorise (%s); members run one after another on each "
+                "batch", self.size, type(self.base).__name__, first)
         finally:
             self.train(was)
 

@@ -83,7 +83,8 @@ def float32_output(out: MILOutput) -> MILOutput:
         return t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t
 
     low = (torch.float16, torch.bfloat16)
-    changes = {f.name: up(getattr(out, f.name)) for f in dataclasses.fields(out) if isinstance(getattr(out, f.name), torch.Tensor) and getattr(out, f.name).dtype in low}
+    changes = {f.name: up(getattr(out, f.name)) for f in dataclasses.fields(out) if isinstance(getattr(out, f.name), torch.Tensor) and getattr(out,
+        f.name).dtype in low}
     extras = {k: up(v) for k, v in out.extras.items()}
     if any(v is not out.extras[k] for k, v in extras.items()):
         changes["extras"] = extras

@@ -95,7 +95,8 @@ def val_split_warnings(n_bags: int, class_counts: Sequence[int], class_names: Se
     """Why best-epoch selection on this val split is shaky: too few bags, or classes it lacks."""
     out = []
     if n_bags < min_bags:
-        out.append(f"val split has only {n_bags} bags (< {min_bags}): best-epoch selection on it is noisy (AUC saturates early); consider a larger val split or train.select_metric=last")
+        out.append(f"val split has only {n_bags} bags (< {min_bags}): best-epoch selection on it is noisy (AUC saturates early); consider a larger val split "
+            f"or train.select_metric=last")
     missing = [name for name, n in zip(class_names, class_counts) if n == 0]
     if missing:
         out.append(f"val split has no bags of class(es) {', '.join(missing)}: their AUC is undefined and left out of the macro average")

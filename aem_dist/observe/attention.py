@@ -107,7 +107,8 @@ def resolve_checkpoint(run: str, which: str = BEST_DIR, options: StorageOptions 
         raise FileNotFoundError(f"{storage.redact(run, options)}: no per-epoch checkpoints (only --checkpoint best is available)")
     epoch = max(folders) if which == "last" else int(m.group(1))
     if epoch not in folders:
-        raise FileNotFoundError(f"{storage.redact(run, options)}: no checkpoint of epoch {epoch} (kept: {', '.join(f'epoch-{e}' for e in sorted(folders))}, and best)")
+        raise FileNotFoundError(f"{storage.redact(run, options)}: no checkpoint of epoch {epoch} (kept: {', '.join(f'epoch-{e}' for e in sorted(folders))}, "
+            f"and best)")
     return folders[epoch]
 
 
@@ -125,8 +126,10 @@ def load_run_model(run: str, options: StorageOptions | None = None, checkpoint: 
     try:
         state = load_dir(folder, options)
     except FileNotFoundError:
-        hint = "no epoch had a finite validation score, so there is no best: try --checkpoint last; or " if checkpoint == BEST_DIR and checkpoint_folders(run, options) else ""
-        raise FileNotFoundError(f"{storage.redact(storage.join(folder, 'state.pt'), options)}: no checkpoint ({hint}is {storage.redact(run, options)} a finished run folder?)") from None
+        hint = "no epoch had a finite validation score, so there is no best: try --checkpoint last; or " if checkpoint == BEST_DIR and checkpoint_folders(run,
+            options) else ""
+        raise FileNotFoundError(f"{storage.redact(storage.join(folder, 'state.pt'), options)}: no checkpoint ({hint}is {storage.redact(run, options)} a "
+            f"finished run folder?)") from None
     meta = state.get("model_meta")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{storage.redact(folder, options)}/state.pt: checkpoint has no model_meta; cannot rebuild the model")

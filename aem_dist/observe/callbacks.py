@@ -210,7 +210,8 @@ class TuneMetricsCallback(Callback):
         rows = [("trial", "lam", "seed", "state", "epoch", "loss", "val_auc", "test_auc@best")]
         for tid in tids[: self.max_rows]:
             last, lab = self._last.get(tid, {}), self._labels[tid]
-            rows.append((self._names[tid], lab["lam"], lab["seed"], self._states[tid], _cell(last.get("epoch"), "d"), _cell(last.get("train/loss")), _cell(last.get("val/auc")), _cell(self._best_test.get(tid))))
+            rows.append((self._names[tid], lab["lam"], lab["seed"], self._states[tid], _cell(last.get("epoch"), "d"), _cell(last.get("train/loss")),
+                _cell(last.get("val/auc")), _cell(self._best_test.get(tid))))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [head] + ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
         if len(tids) > self.max_rows:

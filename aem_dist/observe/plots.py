@@ -68,10 +68,12 @@ def lambda_sensitivity(summary: Sequence[Mapping[str, Any]], trials: Sequence[Ma
                 ax.errorbar(x, y, yerr=e, color=colour, marker="o", capsize=4, lw=1.8, label=f"AEM, mean ± std over seeds{suffix}")
                 for r in pos:
                     if r.get("chosen"):
-                        ax.plot([_num(r[LAM])], [_num(r.get(f"{metric}_mean"))], marker="*", ms=16, color=colour, mec="black", ls="none", label=f"chosen by validation{suffix}")
+                        ax.plot([_num(r[LAM])], [_num(r.get(f"{metric}_mean"))], marker="*", ms=16, color=colour, mec="black", ls="none",
+                            label=f"chosen by validation{suffix}")
             members = [t for t in trials if group_label(t, other_keys) == glabel and _num(t.get(LAM)) > 0 and t.get("status") == "TERMINATED"]
             if members:
-                ax.plot([_num(t[LAM]) for t in members], [_num(t.get(metric)) for t in members], ".", color=colour, alpha=0.35, ms=7, label=f"single seeds{suffix}")
+                ax.plot([_num(t[LAM]) for t in members], [_num(t.get(metric)) for t in members], ".", color=colour, alpha=0.35, ms=7,
+                    label=f"single seeds{suffix}")
             zero = [r for r in rows if _num(r.get(LAM)) == 0]
             if zero:
                 m, s = _num(zero[0].get(f"{metric}_mean")), _num(zero[0].get(f"{metric}_std"))

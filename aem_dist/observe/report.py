@@ -117,7 +117,8 @@ def load_sweep(url: str, options: StorageOptions | None = None) -> Sweep:
             raise FileNotFoundError(f"{storage.redact(url, options)}: neither a sweep (no trials.csv) nor a run (no results.json)")
         config = config or res.get("config") or {}
         name = str(url).rstrip("/").rsplit("/", 1)[-1] or "run"
-        row: dict[str, Any] = {"trial": name, "status": "TERMINATED", LAM: (config.get("loss") or {}).get("lam"), SEED_KEY: (config.get("train") or {}).get("seed"), "best_epoch": res.get("best_epoch"), "path": url}
+        row: dict[str, Any] = {"trial": name, "status": "TERMINATED", LAM: (config.get("loss") or {}).get("lam"),
+            SEED_KEY: (config.get("train") or {}).get("seed"), "best_epoch": res.get("best_epoch"), "path": url}
         for split in ("val", "test"):
             for k, v in (res.get(split) or {}).items():
                 row[f"{split}_{k}"] = v
@@ -150,7 +151,8 @@ def concentration_pairs(sweep: Sweep) -> tuple[list[tuple[str, list[str]]], str 
     chosen_lam = _lam_of(chosen)
     if chosen_lam == 0:
         # λ = 0 won on validation: compare with the best λ > 0 by validation so the plot still shows AEM.
-        rest = [r for r in sweep.summary if _lam_of(r) > 0 and all(r.get(k) == chosen.get(k) for k in other) and not math.isnan(plots._num(r.get("val_score_mean")))]
+        rest = [r for r in sweep.summary
+                if _lam_of(r) > 0 and all(r.get(k) == chosen.get(k) for k in other) and not math.isnan(plots._num(r.get("val_score_mean")))]
         if not rest:
             return [("λ = 0 (chosen)", [str(t["trial"]) for t in same_group if _lam_of(t) == 0])], None
         alt = max(rest, key=lambda r: plots._num(r.get("val_score_mean")))
@@ -298,17 +300,21 @@ def trials_markdown(sweep: Sweep) -> str:
     head = ["trial", *keys, "status", "best epoch", "val AUC", "val F1", "test AUC", "test F1", "test entropy (nats)", "wall (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in sweep.trials:
-        cells = [str(t.get("trial")), *[str(t.get(k)) for k in keys], str(t.get("status")), _cell(t.get("best_epoch")), _cell(t.get("val_auc")), _cell(t.get("val_f1")), _cell(t.get("test_auc")), _cell(t.get("test_f1")), _cell(t.get("test_attn_entropy")), _cell(t.get("wall_s"), 1)]
+        cells = [str(t.get("trial")), *[str(t.get(k)) for k in keys], str(t.get("status")), _cell(t.get("best_epoch")), _cell(t.get("val_auc")),
+            _cell(t.get("val_f1")), _cell(t.get("test_auc")), _cell(t.get("test_f1")), _cell(t.get("test_attn_entropy")), _cell(t.get("wall_s"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 CAPTIONS = {
     "lambda_sensitivity": "Test AUC (left) and F1 (right), mean ± sample std over seeds, against the AEM weight λ on a log axis (the paper's Fig. 5). "
-    "λ = 0 (plain ABMIL) cannot sit on a log axis: it is the dashed line with its ± std band. Faint dots are single seeds; the star is the λ chosen by mean validation AUC + F1.",
+    "λ = 0 (plain ABMIL) cannot sit on a log axis: it is the dashed line with its ± std band. Faint dots are single seeds; the star is the λ chosen by mean "
+        "validation AUC + F1.",
     "entropy_vs_auc": "Mean attention entropy of the test bags (nats) against test AUC, one point per trial (Fig. 3).",
-    "training_curves": "Train loss, validation AUC and test AUC per epoch for every trial (Fig. 8). Dots mark the best-validation epoch, whose test metrics are reported.",
-    "attention_concentration": "Share of a bag's attention held by its top-ranked instances, averaged over the test bags, for λ = 0 and the chosen λ (Fig. 9); "
+    "training_curves": "Train loss, validation AUC and test AUC per epoch for every trial (Fig. 8). Dots mark the best-validation epoch, whose test metrics "
+        "are reported.",
+    "attention_concentration": "Share of a bag's attention held by its top-ranked instances, averaged over the test bags, for λ = 0 and the chosen λ "
+    "(Fig. 9); "
     "bands are ± std over seeds, the dotted line is uniform attention. A flatter curve means attention spread over more instances.",
     "embedding_umap": "UMAP (umap-learn, seeded) of the test bags' pooled embeddings z — the vector the classifier reads — for λ = 0 and the chosen λ, "
     "one model each (the lowest fold and seed), coloured by true class (the paper's Fig. 11). The V-measure scores a k-means clustering "
@@ -350,7 +356,8 @@ def render_markdown(sweep: Sweep, rep: Report, options: StorageOptions | None = 
             if name == "attention_concentration":
                 lines.append("Data: [plots/attention_concentration.csv](plots/attention_concentration.csv).")
             if name == "embedding_umap":
-                lines.append("V-measure: " + "; ".join(f"{label}: {v:.3f}" for label, v in rep.v_measures.items()) + ". Data: [plots/embedding_umap.csv](plots/embedding_umap.csv).")
+                lines.append("V-measure: " + "; ".join(f"{label}: {v:.3f}" for label, v in rep.v_measures.items()) + ". Data: "
+                    "[plots/embedding_umap.csv](plots/embedding_umap.csv).")
             lines.append("")
     if rep.skipped:
         lines += ["## Plots left out", ""] + [f"- {TITLES[n]}: {why}" for n, why in rep.skipped.items()] + [""]

@@ -237,12 +237,14 @@ def folds_markdown(per_fold: Sequence[dict[str, Any]], group_keys: Sequence[str]
     head = [*group_keys, "fold", "seeds", "test AUC", "test F1", "val AUC", "val F1"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in per_fold:
-        cells = [str(r.get(k)) for k in group_keys] + [str(r.get(FOLD_KEY)), str(r["n"]), _pm(r, "test_auc"), _pm(r, "test_f1"), _pm(r, "val_auc"), _pm(r, "val_f1")]
+        cells = [str(r.get(k)) for k in group_keys] + [str(r.get(FOLD_KEY)), str(r["n"]), _pm(r, "test_auc"), _pm(r, "test_f1"), _pm(r, "val_auc"),
+            _pm(r, "val_f1")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str], title: str = "Sweep summary", per_fold: Sequence[dict[str, Any]] | None = None) -> str:
+def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str], title: str = "Sweep summary",
+        per_fold: Sequence[dict[str, Any]] | None = None) -> str:
     """The per-λ table as Markdown: test AUC / F1 mean ± std over seeds, val means, p vs λ=0, the chosen λ."""
 
     def pm(row: dict[str, Any], col: str) -> str:
@@ -254,11 +256,13 @@ def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str
 
     folds = per_fold is not None
     stops = any(r.get("stopped_early") for r in summary)  # a column only when a scheduler stopped something
-    head = [*group_keys, "folds × seeds" if folds else "seeds", "test AUC", "test F1", "val AUC", "val F1", "p(AUC) vs λ=0", "p(F1) vs λ=0", *(["stopped early"] if stops else []), "chosen by val"]
+    head = [*group_keys, "folds × seeds" if folds else "seeds", "test AUC", "test F1", "val AUC", "val F1", "p(AUC) vs λ=0", "p(F1) vs λ=0",
+        *(["stopped early"] if stops else []), "chosen by val"]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in summary:
         cells = [str(r.get(k)) for k in group_keys]
-        cells += [str(r["n"]), pm(r, "test_auc"), pm(r, "test_f1"), pm(r, "val_auc"), pm(r, "val_f1"), p(r.get("p_test_auc_vs_lam0")), p(r.get("p_test_f1_vs_lam0"))]
+        cells += [str(r["n"]), pm(r, "test_auc"), pm(r, "test_f1"), pm(r, "val_auc"), pm(r, "val_f1"), p(r.get("p_test_auc_vs_lam0")),
+            p(r.get("p_test_f1_vs_lam0"))]
         cells += [str(r.get("stopped_early") or "")] if stops else []
         cells.append("**yes**" if r.get("chosen") else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -274,7 +278,8 @@ def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str
     return "\n".join(lines) + "\n"
 
 
-def write_tables(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None, searched: Sequence[str] = ()) -> list[dict[str, Any]]:
+def write_tables(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None,
+        searched: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Write trials.csv, summary.csv and summary.md (and, with ``data.fold`` swept, summary_folds.csv)
     under ``out``; returns the summary rows. ``searched``: the keys a random/optuna search drew."""
     group_keys = group_keys_of(swept_keys)

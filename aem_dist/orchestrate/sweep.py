@@ -90,7 +90,8 @@ def trial_timing(worker: dict[str, Any], started: float, ended: float) -> dict[s
     (worker done → trial function back). Shared by a population's members (``members``)."""
     out = {"trial_s": ended - started, "members": worker.get("members", 1)}
     if "worker_started" in worker:
-        out |= {"start_s": worker["worker_started"] - started, "setup_s": worker["setup_s"], "epochs_s": worker["epochs_s"], "reports_s": worker["reports_s"], "teardown_s": ended - worker["worker_ended"]}
+        out |= {"start_s": worker["worker_started"] - started, "setup_s": worker["setup_s"], "epochs_s": worker["epochs_s"], "reports_s": worker["reports_s"],
+            "teardown_s": ended - worker["worker_ended"]}
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 

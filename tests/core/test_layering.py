@@ -1,4 +1,4 @@
-"""The layering contract (.importlinter, docs/ARCHITECTURE.md) holds, and would catch a circle or an upward import.
+"""The layering contract (.importlinter, docs/ARCHITECTURE.md) holds, and would catch a circle or an upward import; no line over 160 characters.
 
 import-linter reads every import statement, also the ones inside functions, so a lazy import cannot hide a circle.
 """
@@ -36,3 +36,8 @@ def test_a_deliberate_circle_and_an_upward_import_are_caught(tmp_path):
     run = lint(tmp_path)
     assert "aem_dist.models is not allowed to import aem_dist.engine" in run.stdout, run.stdout[-4000:]
 
+
+
+def test_no_line_over_160_characters_in_the_package():  # docs/ARCHITECTURE.md; wrap a long text as adjacent literals
+    long = [f"{p.relative_to(REPO)}:{i}" for p in sorted((REPO / "aem_dist").rglob("*.py")) for i, line in enumerate(p.read_text().splitlines(), 1) if len(line) > 160]
+    assert not long, f"{len(long)} line(s) over 160 characters: {', '.join(long[:20])}"

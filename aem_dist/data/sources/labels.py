@@ -186,7 +186,8 @@ def grouped_stratified_folds(ids: list[str], y: list[int], cases: list[str] | No
     fold = [0] * len(ids)
     # One slide per case: StratifiedKFold, whose folds hold every class to within one bag
     # (StratifiedGroupKFold's greedy assignment does not promise that).
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if cases is None else StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed) if cases is None else StratifiedGroupKFold(n_splits=k, shuffle=True,
+        random_state=seed)
     for f, (_, held) in enumerate(splitter.split(ids, y, groups if cases is not None else None)):
         for i in held:
             fold[int(i)] = f

@@ -19,7 +19,8 @@ class PtFolderSource(FolderSource):
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # UnpicklingError for anything beyond tensors and containers
-            raise SourceError(f"{path}: cannot be loaded with weights_only=True (only tensors and plain containers are accepted): {type(err).__name__}: {str(err)[:200]}") from None
+            raise SourceError(f"{path}: cannot be loaded with weights_only=True (only tensors and plain containers are accepted): {type(err).__name__}: "
+                f"{str(err)[:200]}") from None
         coords = None
         if isinstance(obj, dict):
             key = next((k for k in FEATURE_KEYS if k in obj), None)
