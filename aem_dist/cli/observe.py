@@ -31,9 +31,8 @@ def report(
     split: Annotated[str, typer.Option(help="Split the attention-concentration curves are computed on.")] = "test",
     progress: Annotated[bool, typer.Option(help="Progress bars while predicting with the trials' checkpoints.")] = True,
 ) -> None:
-    """Write URL/report.md and URL/plots/*.png: λ sensitivity (Fig. 5), entropy vs AUC (Fig. 3), training curves (Fig. 8),
-    attention concentration (Fig. 9), UMAP of test-bag embeddings with k-means V-measure (Fig. 11); with data.fold swept,
-    summaries over folds × seeds."""
+    """Write URL/report.md and URL/plots/*.png: λ sensitivity (Fig. 5), entropy vs AUC (Fig. 3), training curves (Fig. 8), attention concentration (Fig. 9),
+    UMAP of test-bag embeddings with k-means V-measure (Fig. 11); with data.fold swept, summaries over folds × seeds."""
 
     def body() -> None:
         from ..observe.report import write_report

@@ -21,11 +21,11 @@ def sweep(
 ) -> None:
     """Run the sweep.grid (e.g. train.seed × loss.lam) with Ray Tune: one Ray Train run per trial, then the per-λ summary.
 
-    Beyond the grid: sweep.search=random|optuna draws sweep.num_samples points from sweep.space
-    (e.g. {loss.lam: {loguniform: [1.0e-4, 1]}}); search.json records them and --resume keeps them.
+    Beyond the grid: sweep.search=random|optuna draws sweep.num_samples points from sweep.space (e.g. {loss.lam: {loguniform: [1.0e-4, 1]}});
+    search.json records them and --resume keeps them.
 
-    Early stopping: sweep.scheduler=asha (sweep.asha_grace_period, sweep.asha_reduction_factor); stopped trials are
-    STOPPED_EARLY in trials.csv and never give the chosen λ. Every key: `aem-dist config keys`.
+    Early stopping: sweep.scheduler=asha (sweep.asha_grace_period, sweep.asha_reduction_factor); stopped trials are STOPPED_EARLY in trials.csv
+    and never give the chosen λ. Every key: `aem-dist config keys`.
 
     Example: aem-dist sweep --config configs/camelyon16.yaml --set data.root=s3://bucket/c16 --out s3://bucket/c16-sweep
     """
