@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,mlflow]'
 	touch $@
 
 demo: $(STAMP)

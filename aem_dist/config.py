@@ -221,12 +221,38 @@ class SweepSection(_Section):
 class MetricsSection(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics from the driver.")
     host: str = Field("127.0.0.1", description="Address the metrics endpoint binds (0.0.0.0 on a cluster).")
-    port: int = Field(9464, ge=0, le=65535, description="Port of the metrics endpoint (0 = any free port).")
+    port: int = Field(9464, ge=0, le=65535, description="Port of the metrics endpoint (0 = any free port). When another process holds it, "
+        "the next free port of the 100 after it serves, and the printed URL says so.")
     grace_s: float = Field(15.0, ge=0.0, description="Keep serving this long after the run ends so the last values get scraped — only if the endpoint was "
         "scraped during the run, or with metrics.grace_always.")
     grace_always: bool = Field(False, description="Apply metrics.grace_s even when nothing scraped the endpoint during the run (e.g. runs shorter than the "
         "scrape interval).")
     pushgateway: str | None = Field(None, description="Pushgateway address (host:port) for final results; None = no push.")
+
+
+class MlflowSection(_Section):
+    enabled: bool = Field(
+        False,
+        description="Log every run and sweep trial to MLflow (needs `pip install 'aem-dist[mlflow]'`): one parent run per sweep, a child run per "
+        "grid point with params (swept keys + config), metrics per epoch, results.json and best/state.pt as artifacts; the sweep's report as the "
+        "parent's. See docs/observability.md.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (an MLflow server http(s)://…, sqlite:///path, databricks, …); None = an embedded store in the output "
+        "folder (sqlite:///OUT/mlflow/mlflow.db, artifacts in OUT/mlflow/artifacts; needs a local --out). Credentials go in MLFLOW_TRACKING_USERNAME "
+        "/ MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, never in the URI.",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name (default: run.name).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        if uri and re.search(r"://[^/@\s]+:[^/@\s]*@", uri):
+            raise ValueError(
+                "holds credentials (user:password@): set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead, so they never reach run records"
+            )
+        return uri
 
 
 class StorageSection(_Section):
@@ -253,6 +279,7 @@ class Config(_Section):
     run: RunSection = Field(default_factory=RunSection)
     sweep: SweepSection = Field(default_factory=SweepSection)
     metrics: MetricsSection = Field(default_factory=MetricsSection)
+    mlflow: MlflowSection = Field(default_factory=MlflowSection)
     storage: StorageSection = Field(default_factory=StorageSection)
     debug: DebugSection = Field(default_factory=DebugSection)
 

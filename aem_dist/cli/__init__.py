@@ -1,6 +1,6 @@
 """``aem-dist`` command line. One module per command group registers its commands on :data:`app`.
 
-Commands: synth, train, demo, config (core); sweep (Ray); verify, ingest, splits (data); report, predict,
+Commands: synth, train, demo, config (core); sweep (Ray); verify, ingest, splits (data); report, predict, export,
 heatmap (observe). ``aem-dist COMMAND --help`` explains each.
 """
 

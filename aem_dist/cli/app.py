@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import typer
 
@@ -29,10 +30,22 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..data.manifest import ManifestError
     from ..data.schema import BadSampleError
     from ..engine.runrecord import RunConfigMismatch
+    from ..observe.identity import DataChanged
     from ..orchestrate.errors import PreflightError, SweepError, TrainingFailed
     from ..storage import StorageError
 
-    return (ConfigError, ManifestError, BadSampleError, StorageError, FileNotFoundError, SweepError, TrainingFailed, RunConfigMismatch, PreflightError)
+    return (
+        DataChanged,
+        ConfigError,
+        ManifestError,
+        BadSampleError,
+        StorageError,
+        FileNotFoundError,
+        SweepError,
+        TrainingFailed,
+        RunConfigMismatch,
+        PreflightError,
+    )
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -48,11 +61,32 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
     """Run a command body; known user errors exit 2 with a redacted one-line message."""
     from ..storage import redact
 
+    from ..orchestrate.interrupt import EXIT_CODE, SweepInterrupted
+
     try:
         return fn()
+    except SweepInterrupted as err:
+        typer.secho(redact(err), err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_CODE) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted (Ctrl-C); the same command continues from the last checkpoint", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(EXIT_CODE) from None
     except user_errors() as err:
         typer.secho(f"error: {redact(err)}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def run_log(out: str, command: str, cfg: Any = None) -> Iterator[None]:
+    """The command's run log under ``out/logs/`` (see :mod:`aem_dist.observe.console`), announced first:
+    the console leaves Ray's noise out, the log keeps every line."""
+    from ..observe.console import RunLog
+    from ..storage import StorageOptions
+
+    options = StorageOptions.from_config(cfg.storage) if cfg is not None else None
+    with RunLog(out, command, options) as runlog:
+        typer.echo(f"log: {runlog.shown}")
+        yield
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .app import app, run_guarded
+from .app import app, run_guarded, run_log
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="YAML config file, or a packaged config name: demo, demo-search, demo-asha, camelyon16, "
     "camelyon17, lbc.")]
@@ -72,7 +72,8 @@ def train(
 
         cfg = load_config(config, set_)
         check_config(cfg, out, sweep=False)  # a wrong dataset, model or output fails here, before Ray starts
-        result = train_run(cfg, out, address=address, announce=typer.echo, force_new=force_new)
+        with run_log(out, "train", cfg):
+            result = train_run(cfg, out, address=address, announce=typer.echo, force_new=force_new)
         _print_result(result)
 
     run_guarded(body)
@@ -132,7 +133,7 @@ def demo(
         cfg = load_config("demo", [f"data.root={data}", *(set_ or [])])
         plan = check_config(cfg, sweep_out, sweep=True)
         typer.echo(f"demo data: {data}; sweeping {cfg.sweep.grid} with {cfg.scaling.num_workers} Ray Train worker(s) per trial")
-        with ray_session(None, cfg):
+        with run_log(sweep_out, "demo", cfg), ray_session(None, cfg):
             run_sweep(cfg, sweep_out, resume=True, announce=typer.echo, plan=plan)
         typer.echo(storage.read_bytes(storage.join(sweep_out, "summary.md")).decode())
         typer.echo(f"results: {sweep_out}/trials.csv, summary.csv, summary.md; report with plots: {sweep_out}/report.md")

@@ -1,7 +1,8 @@
-"""Observe commands: report, predict, heatmap."""
+"""Observe commands: report, predict, export, heatmap."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Callable, Optional
 
 import typer
@@ -49,34 +50,108 @@ def report(
 
 @app.command()
 def predict(
-    run: Annotated[str, typer.Option(help="Run (or trial) folder holding best/state.pt; path, file:// or s3://.")],
-    out: Annotated[str, typer.Option(help="Zarr store to write (replaced if present); path, file:// or s3://.")],
+    run: Annotated[str, typer.Option(help="Run (or trial) folder holding best/state.pt, a model file from `aem-dist export` (*.safetensors), "
+                                          "or with --ensemble a sweep folder; path, file:// or s3://.")],
+    out: Annotated[str, typer.Option(help="Zarr store to write (replaced if present); path, file:// or s3://. predictions.csv goes next to it.")],
     data: Annotated[Optional[str], typer.Option(help="Dataset folder or URL (default: data.root of the run's config).")] = None,
     split: Annotated[str, typer.Option(help="Split(s) to predict, comma-separated, e.g. test or val,test.")] = "test",
     max_instances: Annotated[int, typer.Option(help="Instances per forward pass (bags are packed, never cut; a larger bag runs alone).")] = 65_536,
     device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
     checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best (the selected epoch), last (the latest kept) or epoch-N (if still kept).")] = "best",
+    ensemble: Annotated[
+        bool,
+        typer.Option(
+            "--ensemble",
+            help="--run is a sweep: predict with every trial (seeds, folds) of the λ it chose by validation and average their probabilities (and attention).",
+        ),
+    ] = False,
+    csv_out: Annotated[Optional[str], typer.Option("--csv", help="Per-slide CSV to write (default: predictions.csv in the folder of --out).")] = None,
 ) -> None:
-    """Per-bag predictions and per-instance attention with coords → a zarr store (layout: docs/observability.md)."""
+    """Per-bag predictions and per-instance attention with coords → a zarr store (layout: docs/observability.md),
+    and predictions.csv: slide_id, case_id, split, label, one probability per class, predicted class.
+
+    Unlabelled slides (`ingest --no-labels`) get predictions and no metrics. With --ensemble the sweep's
+    chosen λ predicts as the mean of its trials' probabilities, which is how a sweep's result is used.
+    """
 
     def body() -> None:
+        from .. import storage
         from ..config import DataConfig
+        from ..data.manifest import load_manifest
         from ..observe.attention import load_run_model, predict_split, write_attention
+        from ..observe.predictions import accuracy_line, case_of, ensemble_members, predictions_csv
+        from ..observe.predictions import ensemble as combine
         from ..storage import StorageOptions, redact
 
         options = StorageOptions.from_config()
-        model = load_run_model(run, options, checkpoint)
+        if ensemble:
+            members, what = ensemble_members(run, options)
+            models = [load_run_model(m, options, checkpoint) for m in members]
+            typer.echo(f"ensemble of {what}")
+        else:
+            models = [load_model(run, options, checkpoint)]
+        model = models[0]
         data_cfg = DataConfig.model_validate(model.config["data"]) if "data" in model.config else DataConfig()
+        if len({(m.config.get("data") or {}).get("fold") for m in models}) > 1:  # members of several folds: the dataset's own splits
+            data_cfg = data_cfg.model_copy(update={"fold": None})
         root = data or data_cfg.root
         bags = []
         for s in [p.strip() for p in split.split(",") if p.strip()]:
-            bags += predict_split(model, root, s, options=options, data=data_cfg, max_instances=max_instances, device=device)
-        attrs = {"run": redact(run, options), "data": redact(root, options), "model": model.meta.get("name"), "checkpoint_epoch": model.epoch,
-            "checkpoint": checkpoint, "fold": data_cfg.fold}
-        meta = write_attention(out, bags, class_names=model.meta.get("class_names") or [], attrs=attrs, options=options)
-        acc = sum(int(b.probs.argmax() == b.label) for b in bags) / len(bags)
-        typer.echo(f"wrote {meta['n_bags']} bags / {meta['n_instances']:,} instances ({', '.join(meta['splits'])}; accuracy {acc:.3f}) to "
-            f"{redact(out, options)}")
+            per_member = [predict_split(m, root, s, options=options, data=data_cfg, max_instances=max_instances, device=device) for m in models]
+            bags += combine(per_member) if len(models) > 1 else per_member[0]
+        attrs = {
+            "run": redact(run, options),
+            "data": redact(root, options),
+            "model": model.meta.get("name"),
+            "checkpoint_epoch": model.epoch,
+            "checkpoint": checkpoint,
+            "fold": data_cfg.fold,
+        }
+        if ensemble:
+            attrs["ensemble"] = [redact(m, options) for m in members]
+        class_names = model.meta.get("class_names") or []
+        meta = write_attention(out, bags, class_names=class_names, attrs=attrs, options=options)
+        table = csv_out or storage.join(out.rstrip("/").rsplit("/", 1)[0] if "/" in out.rstrip("/") else ".", "predictions.csv")
+        storage.atomic_write_text(table, predictions_csv(bags, class_names, case_of(load_manifest(root, options))), options)
+        scored = accuracy_line(bags)
+        scored = f"; {scored}" if scored else ""
+        typer.echo(f"wrote {meta['n_bags']} bags / {meta['n_instances']:,} instances ({', '.join(meta['splits'])}{scored}) to {redact(out, options)}")
+        typer.echo(f"per-slide predictions: {redact(table, options)}")
+
+    _guarded(body)
+
+
+def load_model(run: str, options, checkpoint: str = "best"):
+    """A run (or trial) folder's checkpoint, or an `aem-dist export` file."""
+    from ..observe.attention import load_run_model
+    from ..observe.export import is_export, load_exported
+
+    return load_exported(run, options) if is_export(run) else load_run_model(run, options, checkpoint)
+
+
+@app.command()
+def export(
+    run: Annotated[str, typer.Option(help="Run (or trial) folder holding best/state.pt; path, file:// or s3://.")],
+    out: Annotated[str, typer.Option(help="Model file to write, ending in .safetensors (path, file:// or s3://).")],
+    checkpoint: Annotated[str, typer.Option(help="Which checkpoint: best (the selected epoch), last or epoch-N.")] = "best",
+) -> None:
+    """Export a trained model as one safetensors file: weights, model config, class names and the run's config.
+
+    The file is used without its run folder: `aem-dist predict --run model.safetensors --data NEW --out pred.zarr`,
+    or `aem_dist.observe.export.load_exported(url)` in Python. Nothing in it is pickled.
+    """
+
+    def body() -> None:
+        from ..observe.attention import load_run_model
+        from ..observe.export import SUFFIX, export_model
+        from ..storage import StorageOptions, redact
+
+        if not out.endswith(SUFFIX):
+            raise ValueError(f"--out {out!r} must end in {SUFFIX}")
+        options = StorageOptions.from_config()
+        model = load_run_model(run, options, checkpoint)
+        meta = export_model(model, out, options)
+        typer.echo(f"wrote {redact(out, options)}: {model.meta.get('name')} (epoch {meta['epoch']}), classes {', '.join(json.loads(meta['class_names']))}")
 
     _guarded(body)
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from .app import app, run_guarded
+from .app import app, run_guarded, run_log
 from .core import AddressOpt, ConfigOpt, SetOpt
 
 
@@ -39,7 +39,7 @@ def sweep(
 
         cfg = load_config(config, set_)
         plan = check_config(cfg, out, sweep=True)  # bad grid, model, dataset or output: fails here, before Ray starts
-        with ray_session(address, cfg):
+        with run_log(out, "sweep", cfg), ray_session(address, cfg):
             run_sweep(cfg, out, resume=resume, announce=typer.echo, plan=plan)
         typer.echo(read_bytes(join(out, "summary.md"), StorageOptions.from_config(cfg.storage)).decode())
 

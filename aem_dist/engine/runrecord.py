@@ -32,6 +32,7 @@ ALLOWED_TO_DIFFER = (
     "run.",
     "sweep.",
     "metrics.",
+    "mlflow.",
     "storage.",
     "debug.",
 )

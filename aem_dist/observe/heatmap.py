@@ -14,6 +14,7 @@ Colour scales:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -26,6 +27,7 @@ from .attention import AttentionStore, BagResult
 from .figures import new_figure, save_png
 
 SCALES = ("rank", "linear", "log")
+log = logging.getLogger(__name__)
 
 
 def patch_grid(coords: np.ndarray) -> tuple[np.ndarray, int]:
@@ -59,8 +61,24 @@ def _paint(cells: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> np.
     return img
 
 
+def has_coords(bag: BagResult) -> bool:
+    """Whether the bag's patches have coordinates. ``predict`` stores zeros for a bag whose source had
+    no ``coords`` (e.g. an h5 without that dataset); patches of a real slide never all sit at (0, 0)."""
+    return len(bag.attention) <= 1 or bool(np.any(np.asarray(bag.coords) != 0))
+
+
+def no_coords_message(slide_ids: Sequence[str], store: str) -> str:
+    shown = ", ".join(repr(s) for s in slide_ids[:5]) + (f" and {len(slide_ids) - 5} more" if len(slide_ids) > 5 else "")
+    return (f"{store}: {len(slide_ids)} slide(s) have no patch coordinates ({shown}): their features were ingested without coords, "
+            "so there is no position to paint attention at (re-ingest from files with a coords dataset)")
+
+
 def render(bag: BagResult, class_names: Sequence[str] = (), scale: str = "rank"):
-    """The heatmap figure of one bag (side by side with its tumour mask when it has one)."""
+    """The heatmap figure of one bag (side by side with its tumour mask when it has one).
+
+    Raises ValueError for a bag without patch coordinates (:func:`has_coords`)."""
+    if not has_coords(bag):
+        raise ValueError(no_coords_message([bag.slide_id], "heatmap"))
     cells, patch = patch_grid(bag.coords)
     shape = check_grid(cells, f"slide {bag.slide_id!r}")  # coordinates are data: bound the image first
     values, cbar_label, (vmin, vmax) = scaled(bag.attention, scale)
@@ -115,13 +133,23 @@ def render_store(
     options: StorageOptions | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """One PNG per slide of the store (or of ``bags``, by slide id or key) under ``out``; returns their URLs."""
+    """One PNG per slide of the store (or of ``bags``, by slide id or key) under ``out``; returns their URLs.
+
+    Slides without patch coordinates (:func:`has_coords`) cannot be drawn: named in ``bags``, or when no
+    slide has any, that is a ValueError in one line; otherwise they are left out with a warning naming them."""
     from ..progress import progress as progress_bar
 
     if scale not in SCALES:
         raise ValueError(f"unknown heatmap scale {scale!r}; choose from {', '.join(SCALES)}")
     store = AttentionStore(attention_url, options)
     indices = [store.index(b) for b in bags] if bags else list(range(len(store)))
+    where = storage.redact(attention_url, options)
+    lacking = [i for i in indices if not has_coords(store.bag(i))]
+    if lacking and (bags or len(lacking) == len(indices)):
+        raise ValueError(no_coords_message([store.bag(i).slide_id for i in lacking], where))
+    if lacking:
+        log.warning("%s; left out", no_coords_message([store.bag(i).slide_id for i in lacking], where))
+        indices = [i for i in indices if i not in set(lacking)]
     if limit is not None:
         indices = indices[: max(0, limit)]
     storage.makedirs(out, options)

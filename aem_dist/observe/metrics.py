@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import threading
@@ -37,6 +38,7 @@ from ..config import Config, MetricsSection
 log = logging.getLogger(__name__)
 
 RUN_LABELS = ("run", "trial", "lam", "seed", "model")
+PORT_TRIES = 100  # metrics.port taken: the next free one of this many ports serves (printed with the URL)
 TRIAL_STATES = ("pending", "running", "terminated", "error")
 
 # Step durations go from milliseconds (tiny bags packed on a GPU) to minutes (50 000-instance bags on a CPU).
@@ -210,22 +212,34 @@ class MetricsExporter:
         self._server = None
         self._thread: threading.Thread | None = None
         self.url: str | None = None
+        self.moved_from: int | None = None  # the configured port, when it was taken and the next free one serves
 
     # --- serving -------------------------------------------------------------------------------
 
     def start(self) -> str:
-        """Serve ``/metrics`` on ``host:port``; returns the URL (with the real port when port is 0)."""
+        """Serve ``/metrics`` on ``host:port``; returns the URL (with the real port when port is 0).
+
+        A ``metrics.port`` another process holds (e.g. a second sweep on the same machine) moves to the
+        next free port among the :data:`PORT_TRIES` after it, and :attr:`moved_from` says so; OSError
+        names the range when all are taken, or the error when the address itself cannot be bound."""
         if self._server is not None:
             return self.url or ""
         host, port = self.section.host, self.section.port
-        try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
-        except OSError as err:
-            raise OSError(f"cannot serve metrics on {host}:{port} ({err}); set metrics.port to a free port or 0") from None
+        candidates = [port] if port == 0 else [p for p in range(port, port + PORT_TRIES) if p <= 65535]
+        for candidate in candidates:
+            try:
+                self._server, self._thread = start_http_server(candidate, addr=host, registry=self.registry)
+                break
+            except OSError as err:
+                if err.errno != errno.EADDRINUSE or candidate == candidates[-1]:
+                    span = f"{host}:{port}" if len(candidates) == 1 or err.errno != errno.EADDRINUSE else f"{host}:{port}-{candidates[-1]} (all in use)"
+                    raise OSError(f"cannot serve metrics on {span} ({err}); set metrics.port to a free port or 0") from None
+        self.moved_from = port if self._server.server_address[1] != port and port != 0 else None
         bound = self._server.server_address[1]
         shown = "127.0.0.1" if host in ("0.0.0.0", "") else (f"[{host}]" if ":" in host else host)
         self.url = f"http://{shown}:{bound}/metrics"
-        log.info("serving metrics at %s (bound to %s)", self.url, host)
+        moved = f"; metrics.port {port} is in use" if self.moved_from is not None else ""
+        log.info("serving metrics at %s (bound to %s%s)", self.url, host, moved)
         return self.url
 
     @property
@@ -389,8 +403,9 @@ def epoch_hook(exporter: MetricsExporter, labels: Mapping[str, Any]) -> Callable
 
 class serve_run_metrics:
     """The driver's exporter for one run or sweep: starts it (when ``metrics.enabled``), prints its URL
-    with ``announce`` and yields it (None when disabled, or when the port is taken — then training goes
-    on without metrics and a warning says how to fix it). A clean exit finishes (push + grace period);
+    with ``announce`` (saying so when ``metrics.port`` was taken and the next free port serves) and yields
+    it (None when disabled, or when no port of the range could be bound — then training goes on without
+    metrics and a warning says how to fix it). A clean exit finishes (push + grace period);
     an error stops serving at once.
 
     ``with serve_run_metrics(cfg) as exporter: run_local(cfg, out, on_epoch=epoch_hook(exporter, run_labels(cfg)))``
@@ -412,7 +427,8 @@ class serve_run_metrics:
             return None
         self.exporter = exporter
         if self.announce is not None:
-            self.announce(f"metrics: {url}")
+            moved = f" (metrics.port {exporter.moved_from} is in use)" if exporter.moved_from is not None else ""
+            self.announce(f"metrics: {url}{moved}")
         return exporter
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -5,7 +5,8 @@
   a dashed line at its mean with a shaded ± std band, labelled "λ = 0 (ABMIL)".
 * :func:`entropy_vs_auc` — mean test attention entropy against test AUC, one point per trial, with
   Pearson's r (Fig. 3).
-* :func:`training_curves` — train loss, val AUC and test AUC per epoch, one line per trial (Fig. 8).
+* :func:`training_curves` — total train loss, its CE part, val AUC and test AUC per epoch, one line per
+  trial, a row of panels per fold (Fig. 8).
 * :func:`concentration` — cumulative attention against the fraction of top-ranked instances,
   λ = 0 against the chosen λ on the test set (Fig. 9).
 """
@@ -38,6 +39,16 @@ def fmt_lam(lam: Any) -> str:
 def group_label(row: Mapping[str, Any], keys: Sequence[str]) -> str:
     """'model.name=mha' for the swept keys other than λ and the seed ('' when there are none)."""
     return ", ".join(f"{k}={row.get(k)}" for k in keys)
+
+
+def unit_ylim(ax: Any, pad: float = 0.03) -> None:
+    """Y limits of a 0-1 metric (AUC, F1): the data's range (error bars included) plus a little padding,
+    never beyond [0, 1] — no tick at 1.02 for a metric that cannot exceed 1."""
+    lo, hi = ax.dataLim.intervaly
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+        lo, hi = 0.0, 1.0
+    lo, hi = max(0.0, min(lo, 1.0) - pad), min(1.0, max(hi, 0.0) + pad)
+    ax.set_ylim(lo, hi if hi > lo else min(1.0, lo + 0.05))
 
 
 def _colours(n: int) -> list:
@@ -90,6 +101,7 @@ def lambda_sensitivity(summary: Sequence[Mapping[str, Any]], trials: Sequence[Ma
             ax.set_xlim(lo / 2, hi * 2)
         ax.set_xlabel("λ (AEM weight, log scale; λ = 0 drawn as the dashed line)")
         ax.set_ylabel(f"{name} (0-1)")
+        unit_ylim(ax)
         ax.set_title(f"{name} vs λ")
         ax.grid(alpha=0.3, which="both")
     # One legend for both panels, under them, so it never hides a point.
@@ -132,65 +144,92 @@ def entropy_vs_auc(trials: Sequence[Mapping[str, Any]], title: str = "") -> tupl
     ax.set_title(f"{title or 'Attention entropy vs test AUC'}\n{stat}", fontsize=10)
     ax.set_xlabel("mean attention entropy per test bag (nats)")
     ax.set_ylabel("test AUC (0-1)")
+    unit_ylim(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="trials", title_fontsize=8)
     return fig, r, p
 
 
-def training_curves(runs: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], title: str = "") -> Figure:
-    """Train loss, val AUC and test AUC per epoch; ``runs`` are (trials.csv row, results.json history).
+FOLD = "data.fold"
 
-    Colour = λ, line style = seed; a dot marks each trial's best-validation epoch on the AUC panels.
+
+def training_curves(runs: Sequence[tuple[Mapping[str, Any], Sequence[Mapping[str, Any]]]], title: str = "", other_keys: Sequence[str] = ()) -> Figure:
+    """Total train loss, its cross-entropy part, val AUC and test AUC per epoch; ``runs`` are (trials.csv
+    row, results.json history).
+
+    One row of panels per fold (when ``data.fold`` varies), colour = λ (and the other swept keys in
+    ``other_keys``), line style = seed, a dot on each trial's best-validation epoch; one legend names every
+    colour, line style and the marker. The CE panel leaves λ·AEM out, so runs of different λ compare on
+    the loss they classify with (the total of a λ > 0 run goes below 0 as attention entropy grows).
     """
-    fig = new_figure(15, 4.6)
-    axes = fig.subplots(1, 3)
-    lams = sorted({_num(row.get(LAM)) for row, _ in runs}, key=lambda v: (math.isnan(v), v))
-    colour_of = dict(zip(lams, _colours(len(lams))))
-    seeds = sorted({str(row.get(SEED)) for row, _ in runs})
+    folds = sorted({row.get(FOLD) for row in runs_rows(runs)}, key=lambda v: (v is None, str(v)))
+    fig = new_figure(18, 3.9 * len(folds) + 0.9)
+    axes = np.atleast_2d(fig.subplots(len(folds), 4, squeeze=False))
+
+    def colour_key(row: Mapping[str, Any]) -> str:
+        lam = f"λ = {fmt_lam(row.get(LAM))}"
+        other = group_label(row, other_keys)
+        return f"{lam}, {other}" if other else lam
+
+    order = {colour_key(row): (math.inf if math.isnan(_num(row.get(LAM))) else _num(row.get(LAM)), group_label(row, other_keys)) for row, _ in runs}
+    keys = sorted(order, key=order.__getitem__)
+    colour_of = dict(zip(keys, _colours(len(keys))))
+    seeds = sorted({row.get(SEED) for row, _ in runs}, key=lambda v: (v is None, str(v)))
     style_of = {s: LINESTYLES[i % len(LINESTYLES)] for i, s in enumerate(seeds)}
-    per_trial_legend = len(runs) <= 12
-    seen_lams: set = set()
     for row, history in runs:
-        lam = _num(row.get(LAM))
-        colour = colour_of.get(lam, "grey")
-        style = style_of[str(row.get(SEED))]
-        if per_trial_legend:
-            label = f"{row.get('trial')} (λ = {fmt_lam(lam)}, seed {row.get(SEED)})"
-        else:
-            label = None if lam in seen_lams else f"λ = {fmt_lam(lam)}"
-            seen_lams.add(lam)
+        ax_row = axes[folds.index(row.get(FOLD))]
+        colour, style = colour_of[colour_key(row)], style_of[row.get(SEED)]
         epochs = [h.get("epoch") for h in history]
-        loss = [_num((h.get("train") or {}).get("loss")) for h in history]
-        axes[0].plot(epochs, loss, color=colour, ls=style, lw=1.4, label=label)
+        for ax, term in ((ax_row[0], "loss"), (ax_row[1], "ce")):
+            ax.plot(epochs, [_num((h.get("train") or {}).get(term)) for h in history], color=colour, ls=style, lw=1.4)
         best = row.get("best_epoch")
-        for ax, split in ((axes[1], "val"), (axes[2], "test")):
+        for ax, split in ((ax_row[2], "val"), (ax_row[3], "test")):
             pts = [(h.get("epoch"), _num((h.get(split) or {}).get("auc"))) for h in history if h.get(split)]
-            ax.plot([e for e, _ in pts], [v for _, v in pts], color=colour, ls=style, lw=1.4, marker="." if len(pts) < 30 else None, label=label)
+            ax.plot([e for e, _ in pts], [v for _, v in pts], color=colour, ls=style, lw=1.4, marker="." if len(pts) < 30 else None)
             at_best = [v for e, v in pts if e == best]
             if at_best:
                 ax.plot([best], at_best, "o", color=colour, mec="black", ms=7)
-    for ax, name, unit in ((axes[0], "train loss", "CE + λ·Σ a log a (nats)"), (axes[1], "validation AUC", "AUC (0-1)"), (axes[2], "test AUC", "AUC (0-1)")):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(unit)
-        ax.grid(alpha=0.3)
-    axes[2].plot([], [], "o", color="white", mec="black", label="best-validation epoch")
-    axes[2].legend(fontsize=7, loc="lower right")
-    fig.suptitle(title or "Training curves per trial (colour: λ, line style: seed)")
+    panels = (
+        ("train loss (total)", "CE + λ·Σ a log a (nats)"),
+        ("train cross-entropy", "CE (nats)"),
+        ("validation AUC", "AUC (0-1)"),
+        ("test AUC", "AUC (0-1)"),
+    )
+    for fold, ax_row in zip(folds, axes):
+        for i, (ax, (name, unit)) in enumerate(zip(ax_row, panels)):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_title(name if fold is None else f"{name}, fold {fold}")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(unit)
+            ax.grid(alpha=0.3)
+            if i >= 2:
+                unit_ylim(ax)
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=colour_of[k], lw=2, label=k) for k in keys]
+    handles += [Line2D([], [], color="black", ls=style_of[s], lw=1.4, label=f"seed {s}") for s in seeds]
+    handles.append(Line2D([], [], color="white", marker="o", mec="black", ms=7, ls="none", label="best-validation epoch"))
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    encodings = "colour: λ" + (f" ({', '.join(other_keys)})" if other_keys else "") + ", line style: seed" + (", rows: fold" if folds != [None] else "")
+    fig.suptitle(f"{title or 'Training curves per trial'} ({encodings})")
     return fig
 
 
-def concentration(curves: Sequence[tuple[str, np.ndarray, np.ndarray, int]], grid: np.ndarray, title: str = "") -> Figure:
+def runs_rows(runs: Sequence[tuple[Mapping[str, Any], Any]]) -> list[Mapping[str, Any]]:
+    return [row for row, _ in runs]
+
+
+def concentration(curves: Sequence[tuple[str, np.ndarray, np.ndarray, int, str]], grid: np.ndarray, title: str = "") -> Figure:
     """Cumulative attention vs fraction of top-ranked instances (log x, in %).
 
-    ``curves``: (label, mean curve over seeds, std over seeds, number of seeds) per λ shown.
+    ``curves``: (label, mean curve over trials, std over trials, number of trials, what they are — e.g.
+    "3 folds × 2 seeds") per λ shown.
     """
     fig = new_figure(7, 4.8)
     ax = fig.subplots()
     pct = np.asarray(grid) * 100
-    for colour, (label, mean, std, n) in zip(_colours(len(curves)), curves):
-        ax.plot(pct, mean, color=colour, lw=2, label=f"{label} (mean of {n} seed{'s' if n != 1 else ''})")
+    for colour, (label, mean, std, n, what) in zip(_colours(len(curves)), curves):
+        ax.plot(pct, mean, color=colour, lw=2, label=f"{label} (mean of {what})")
         if n > 1:
             ax.fill_between(pct, np.clip(mean - std, 0, 1), np.clip(mean + std, 0, 1), color=colour, alpha=0.2)
     ax.plot(pct, np.asarray(grid), color="black", ls=":", lw=1, label="uniform attention")
@@ -198,10 +237,10 @@ def concentration(curves: Sequence[tuple[str, np.ndarray, np.ndarray, int]], gri
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("top-ranked instances (% of each bag, log scale)")
     ax.set_ylabel("cumulative attention (fraction of the bag's total)")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(title or "Attention concentration on the test set (mean over bags; band: ± std over seeds)", fontsize=10)
+    ax.set_title(title or "Attention concentration on the test set (mean over bags; band: ± std over trials)", fontsize=10)
     return fig
 
 

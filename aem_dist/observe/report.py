@@ -7,7 +7,7 @@ Input: a sweep folder as the sweep writes it — ``trials.csv``, ``summary.csv``
     report.md                          the summary table, a per-trial table, the plots with captions
     plots/lambda_sensitivity.png       test AUC / F1 mean ± std vs λ (Fig. 5)
     plots/entropy_vs_auc.png           attention entropy vs test AUC, Pearson r (Fig. 3)
-    plots/training_curves.png          train loss / val AUC / test AUC per epoch per trial (Fig. 8)
+    plots/training_curves.png          train loss / CE / val AUC / test AUC per epoch per trial, per fold (Fig. 8)
     plots/attention_concentration.png  cumulative attention vs top-ranked fraction, λ = 0 vs chosen λ (Fig. 9)
     plots/attention_concentration.csv  the curves behind that plot
     plots/embedding_umap.png           UMAP of test-bag embeddings, λ = 0 vs chosen λ, k-means V-measure (Fig. 11)
@@ -35,6 +35,7 @@ from .. import __version__, storage
 from ..storage import StorageOptions
 from . import plots
 from .figures import save_png
+from .identity import check_trained_on, read_record
 from .tables import FOLD_KEY, SEED_KEY, group_keys_of, read_csv, summarize, summarize_folds, summary_markdown
 
 log = logging.getLogger(__name__)
@@ -249,9 +250,10 @@ def concentration_curves(
     options: StorageOptions | None = None,
     progress: bool = False,
     cache: dict | None = None,
-) -> tuple[list[tuple[str, np.ndarray, np.ndarray, int]], np.ndarray, str | None]:
-    """Mean concentration curve per compared λ (mean ± std over seeds of the per-trial mean over bags),
-    computed by predicting ``split`` with each trial's best checkpoint; (curves, grid, why-not)."""
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray, int, str]], np.ndarray, str | None]:
+    """Mean concentration curve per compared λ (mean ± std over its trials — seeds, or folds × seeds — of
+    the per-trial mean over bags), computed by predicting ``split`` with each trial's best checkpoint;
+    (curves as (label, mean, std, n trials, what they are), grid, why-not)."""
     from .attention import concentration_grid, mean_concentration
 
     pairs, why = concentration_pairs(sweep)
@@ -260,7 +262,7 @@ def concentration_curves(
     grid = concentration_grid()
     curves = []
     for label, names in pairs:
-        per_trial = []
+        per_trial, used = [], []
         for name in names:
             got = _predicted(sweep, name, data=data, split=split, options=options, progress=progress, cache=cache)
             if got is None:
@@ -268,20 +270,36 @@ def concentration_curves(
             if isinstance(got, str):
                 return [], grid, got
             per_trial.append(mean_concentration([b.attention for b in got[1]], grid))
+            used.append(name)
         if per_trial:
             arr = np.stack(per_trial)
-            curves.append((label, arr.mean(axis=0), arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(len(grid)), len(arr)))
+            curves.append((label, arr.mean(axis=0), arr.std(axis=0, ddof=1) if len(arr) > 1 else np.zeros(len(grid)), len(arr), replicates(sweep, used)))
     if not curves:
         return [], grid, "no trial has a best/state.pt checkpoint"
     return curves, grid, None
 
 
-def _concentration_csv(curves: Sequence[tuple[str, np.ndarray, np.ndarray, int]], grid: np.ndarray) -> str:
+def replicates(sweep: Sweep, names: Sequence[str]) -> str:
+    """What ``names`` are, counted: '2 seeds', '6 trials (3 folds × 2 seeds)', '1 trial'."""
+    by_name = {str(t["trial"]): t for t in sweep.trials}
+    folds = {by_name.get(n, {}).get(FOLD_KEY) for n in names} - {None}
+    seeds = {by_name.get(n, {}).get(SEED_KEY) for n in names} - {None}
+    n = len(names)
+    if folds and len(folds) * max(len(seeds), 1) == n:
+        return (
+            f"{n} trials ({len(folds)} fold{'s' if len(folds) != 1 else ''} × {len(seeds) or 1} seed{'s' if len(seeds) != 1 else ''})" if n != 1 else "1 trial"
+        )
+    if not folds and len(seeds) == n:
+        return f"{n} seed{'s' if n != 1 else ''}"
+    return f"{n} trial{'s' if n != 1 else ''}"
+
+
+def _concentration_csv(curves: Sequence[tuple[str, np.ndarray, np.ndarray, int, str]], grid: np.ndarray) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["top_fraction", *[c for label, *_ in curves for c in (f"{label} mean", f"{label} std")]])
     for i, f in enumerate(grid):
-        w.writerow([f"{f:.6g}", *[f"{v:.6g}" for _, mean, std, _ in curves for v in (mean[i], std[i])]])
+        w.writerow([f"{f:.6g}", *[f"{v:.6g}" for _, mean, std, *_ in curves for v in (mean[i], std[i])]])
     return buf.getvalue()
 
 
@@ -309,13 +327,15 @@ def trials_markdown(sweep: Sweep) -> str:
 CAPTIONS = {
     "lambda_sensitivity": "Test AUC (left) and F1 (right), mean ± sample std over seeds, against the AEM weight λ on a log axis (the paper's Fig. 5). "
     "λ = 0 (plain ABMIL) cannot sit on a log axis: it is the dashed line with its ± std band. Faint dots are single seeds; the star is the λ chosen by mean "
-        "validation AUC + F1.",
+    "validation AUC + F1.",
     "entropy_vs_auc": "Mean attention entropy of the test bags (nats) against test AUC, one point per trial (Fig. 3).",
-    "training_curves": "Train loss, validation AUC and test AUC per epoch for every trial (Fig. 8). Dots mark the best-validation epoch, whose test metrics "
-        "are reported.",
-    "attention_concentration": "Share of a bag's attention held by its top-ranked instances, averaged over the test bags, for λ = 0 and the chosen λ "
-    "(Fig. 9); "
-    "bands are ± std over seeds, the dotted line is uniform attention. A flatter curve means attention spread over more instances.",
+    "training_curves": "Total train loss (CE + λ·AEM), its cross-entropy part, validation AUC and test AUC per epoch for every trial (Fig. 8); "
+    "colour is λ, line style the seed, one row of panels per fold when folds are swept. Dots mark the best-validation epoch, "
+    "whose test metrics are reported.",
+    "attention_concentration": "Share of a bag's attention held by its top-ranked instances, averaged over the test bags, "
+    "for λ = 0 and the chosen λ (Fig. 9); "
+    "bands are ± std over the trials (seeds, or folds × seeds), the dotted line is uniform attention. "
+    "A flatter curve means attention spread over more instances.",
     "embedding_umap": "UMAP (umap-learn, seeded) of the test bags' pooled embeddings z — the vector the classifier reads — for λ = 0 and the chosen λ, "
     "one model each (the lowest fold and seed), coloured by true class (the paper's Fig. 11). The V-measure scores a k-means clustering "
     "(k = number of classes, in the embedding space, not the 2-D map) against the true classes: 1 = the clusters are the classes, 0 = unrelated.",
@@ -402,8 +422,12 @@ def write_report(
     if not runs:
         rep.skipped["training_curves"] = "no trial has a results.json with a history"
     else:
-        save("training_curves", plots.training_curves(runs, f"Training curves: {sweep.name} (colour: λ, line style: seed)"))
+        other = [k for k in sweep.group_keys if k != LAM]
+        save("training_curves", plots.training_curves(runs, f"Training curves: {sweep.name}", other_keys=other))
 
+    root = data or (sweep.config.get("data") or {}).get("root")
+    if root:  # Figs. 9 and 11 predict with the trials' checkpoints: only on the data they were trained on
+        check_trained_on(read_record(url, options), root, storage.redact(url, options), options)
     cache: dict = {}  # one prediction per trial, shared by Fig. 9 and Fig. 11
     curves, grid, why = concentration_curves(sweep, data=data, split=split, options=options, progress=progress, cache=cache)
     if why:

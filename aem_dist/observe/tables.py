@@ -3,14 +3,16 @@
 The summary groups trials by every swept key except ``train.seed`` (and ``data.fold``) and reports,
 per group, mean ± std over seeds (sample std, ddof=1) of test AUC and F1 — the paper's presentation —
 plus the validation means used to choose λ (the λ with the best mean val AUC + val F1 among groups that
-agree on every other swept key; never chosen by test) and an unpaired two-sample Student t-test p-value
-of test AUC and F1 against λ = 0 of the same group.
+agree on every other swept key; never chosen by test; a tie goes to the smallest λ, see
+:func:`_mark_chosen`) and a p-value of test AUC and F1 against λ = 0 of the same group.
 
-Cross-validation: when ``data.fold`` is swept, a group's trials are its folds × seeds and the mean ±
-std runs over all of them. Every λ is trained on the same folds with the same seeds, so the test vs
-λ = 0 is a **paired** t-test (``scipy.stats.ttest_rel``) over the (fold, seed) pairs both groups
-finished; ``summary_folds.csv`` and a per-fold table in ``summary.md`` give each fold's mean ± std
-over seeds.
+Every λ trains the same seeds (and folds), and a (fold, seed) fixes the initialisation, data order and
+fold, so the test vs λ = 0 is **paired** (``scipy.stats.ttest_rel``) over the (fold, seed) pairs both
+groups finished — with or without folds. No p-value from fewer than 3 pairs or from differences without
+variance (see :func:`compare_to_base`); the reason goes into ``p_*_note`` and the footnote of
+summary.md. Cross-validation: when ``data.fold`` is swept, a group's trials are its folds × seeds and the
+mean ± std runs over all of them; ``summary_folds.csv`` and a per-fold table in ``summary.md`` give each
+fold's mean ± std over seeds.
 
 Searches and early stopping: a trial a scheduler (``sweep.scheduler: asha``) stopped before its last
 epoch has status ``STOPPED_EARLY`` in trials.csv (``epochs`` says how many it trained); the summary
@@ -104,32 +106,45 @@ def _mean_std(values: Iterable[Any]) -> tuple[float, float, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def _ttest(a: Sequence[float], b: Sequence[float]) -> float:
-    a = [x for x in a if isinstance(x, (int, float)) and not math.isnan(x)]
-    b = [x for x in b if isinstance(x, (int, float)) and not math.isnan(x)]
-    if len(a) < 2 or len(b) < 2:
-        return math.nan
-    if np.std(a) == 0 and np.std(b) == 0:
-        return 1.0 if np.mean(a) == np.mean(b) else 0.0
-    return float(stats.ttest_ind(a, b, equal_var=True).pvalue)
+MIN_VALUES = 3  # fewest values per group (or pairs) a p-value is computed from
+NO_SPREAD = 1e-12  # a spread this small is rounding: equal metrics computed in a different order
+TIE_TOLERANCE = 1e-9  # mean validation scores closer than this are a tie (AUC/F1 means differ by rounding only)
 
 
-def _paired_ttest(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]], col: str) -> float:
-    """Paired t-test of ``col`` between the trials of ``a`` and ``b`` that share (fold, seed); NaN with
-    fewer than two pairs."""
+def _finite_values(values: Iterable[Any]) -> list[float]:
+    return [float(x) for x in values if isinstance(x, (int, float)) and not isinstance(x, bool) and not math.isnan(x)]
+
+
+def compare_to_base(members: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]], col: str) -> tuple[float, str]:
+    """p-value of ``col`` between a group's trials and λ = 0's, and a note: which test, or why none.
+
+    Trials that share (fold, seed) pair up — same fold, same initialisation and data order — so the
+    test is paired (``scipy.stats.ttest_rel``) over the pairs both groups finished. Only groups with no
+    pair in common fall back to the unpaired two-sample t-test (``scipy.stats.ttest_ind``). No p-value
+    (NaN) from fewer than :data:`MIN_VALUES` pairs or values per group, nor when there is no variance
+    (all paired differences equal; both groups constant): a t statistic is then undefined or infinite,
+    and a p-value would claim what a handful of identical numbers cannot show."""
 
     def by_pair(rows: Sequence[dict[str, Any]]) -> dict[tuple, float]:
-        return {tuple(r.get(k) for k in PAIR_KEYS): r.get(col) for r in rows if isinstance(r.get(col), (int, float)) and not math.isnan(r.get(col))}
+        return {tuple(r.get(k) for k in PAIR_KEYS): float(r[col]) for r in rows if _finite_values([r.get(col)])}
 
-    pa, pb = by_pair(a), by_pair(b)
-    common = sorted(set(pa) & set(pb), key=str)
-    if len(common) < 2:
-        return math.nan
-    x, y = np.array([pa[c] for c in common], dtype=float), np.array([pb[c] for c in common], dtype=float)
-    d = x - y
-    if np.all(d == d[0]):  # no spread in the differences: the test is undefined (scipy gives NaN)
-        return 1.0 if d[0] == 0 else 0.0
-    return float(stats.ttest_rel(x, y).pvalue)
+    pa, pb = by_pair(members), by_pair(base)
+    keyed = all(any(r.get(k) is not None for k in PAIR_KEYS) for r in (*members, *base))  # seed or fold swept
+    common = sorted(set(pa) & set(pb), key=str) if keyed else []
+    if common:
+        if len(common) < MIN_VALUES:
+            return math.nan, f"{len(common)} pair{'s' if len(common) != 1 else ''} (fewer than {MIN_VALUES})"
+        x, y = np.array([pa[c] for c in common]), np.array([pb[c] for c in common])
+        d = x - y
+        if np.ptp(d) <= NO_SPREAD:
+            return math.nan, f"no variance: every paired difference is {d[0]:+.4g}"
+        return float(stats.ttest_rel(x, y).pvalue), f"paired over {len(common)} (fold, seed) pairs"
+    a, b = _finite_values(r.get(col) for r in members), _finite_values(r.get(col) for r in base)
+    if min(len(a), len(b)) < MIN_VALUES:
+        return math.nan, f"{min(len(a), len(b))} value(s) in a group (fewer than {MIN_VALUES})"
+    if np.ptp(a) <= NO_SPREAD and np.ptp(b) <= NO_SPREAD:
+        return math.nan, "no variance: both groups constant"
+    return float(stats.ttest_ind(a, b, equal_var=True).pvalue), f"unpaired ({len(a)} and {len(b)} values, no shared seed)"
 
 
 def group_keys_of(swept_keys: Sequence[str]) -> list[str]:
@@ -139,13 +154,12 @@ def group_keys_of(swept_keys: Sequence[str]) -> list[str]:
 
 def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], searched: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Per group (all swept keys but seed and fold): n, mean ± std of test AUC/F1 over seeds (× folds),
-    val means, p vs λ=0 (paired over (fold, seed) when folds are swept), chosen.
+    val means, p vs λ=0 (paired over (fold, seed), with a note saying which test or why none), chosen.
 
     Trials a scheduler stopped early (status STOPPED_EARLY) are counted in ``stopped_early`` and kept out
     of the means; a group with one of them is never chosen. ``searched``: keys a search drew (chosen over,
     like λ, rather than grouped by)."""
     group_keys = group_keys_of(swept_keys)
-    paired = FOLD_KEY in swept_keys
     done = [r for r in rows if r.get("status") == "TERMINATED" and r.get("test_auc") is not None]
     stopped = [r for r in rows if r.get("status") == STOPPED_EARLY]
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -170,11 +184,9 @@ def summarize(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], searche
         base_members = base[0] if base else []
         for col in ("test_auc", "test_f1"):
             if not base_members or base_members is members:
-                row[f"p_{col}_vs_lam0"] = math.nan
-            elif paired:
-                row[f"p_{col}_vs_lam0"] = _paired_ttest(members, base_members, col)
+                row[f"p_{col}_vs_lam0"], row[f"p_{col}_note"] = math.nan, ""
             else:
-                row[f"p_{col}_vs_lam0"] = _ttest([m.get(col) for m in members], [m.get(col) for m in base_members])
+                row[f"p_{col}_vs_lam0"], row[f"p_{col}_note"] = compare_to_base(members, base_members, col)
         out.append(row)
     _mark_chosen(out, [k for k in group_keys if k not in searched])
     return out
@@ -187,23 +199,33 @@ def _same(a: tuple, b: tuple) -> bool:
 def _mark_chosen(summary: list[dict[str, Any]], group_keys: Sequence[str]) -> None:
     """``chosen`` = best mean validation score among rows that agree on every key of ``group_keys`` except
     λ — and only among rows none of whose trials was stopped early: a stopped trial never reached the final
-    epoch, so neither it nor a mean it would leave a hole in can give the chosen λ."""
+    epoch, so neither it nor a mean it would leave a hole in can give the chosen λ.
+
+    Tie rule: scores within :data:`TIE_TOLERANCE` of the best tie, and the **smallest λ** among them wins
+    (λ = 0 wins every tie: AEM has to beat plain training to be chosen), then the first row in the
+    summary's order (sorted by the swept values) — never the order trials happened to finish in."""
     others = [k for k in group_keys if k != LAM_KEY]
     by_rest: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in summary:
         by_rest[tuple(row.get(k) for k in others)].append(row)
     for rows in by_rest.values():
         scored = [r for r in rows if not math.isnan(r["val_score_mean"]) and not r.get("stopped_early")]
-        best = max(scored, key=lambda r: r["val_score_mean"], default=None)
+        top = max((r["val_score_mean"] for r in scored), default=math.nan)
+        tied = [(i, r) for i, r in enumerate(scored) if r["val_score_mean"] >= top - TIE_TOLERANCE]
+        best = min(tied, key=lambda ir: (_lam_order(ir[1].get(LAM_KEY)), ir[0]))[1] if tied else None
         for r in rows:
             r["chosen"] = r is best
+
+
+def _lam_order(lam: Any) -> float:
+    return float(lam) if isinstance(lam, (int, float)) and not isinstance(lam, bool) and not math.isnan(lam) else math.inf
 
 
 def summary_columns(group_keys: Sequence[str]) -> list[str]:
     cols = [*group_keys, "n"]
     for col in ("test_auc", "test_f1", "val_auc", "val_f1", "test_attn_entropy"):
         cols += [f"{col}_mean", f"{col}_std"]
-    return cols + ["val_score_mean", "p_test_auc_vs_lam0", "p_test_f1_vs_lam0", "stopped_early", "chosen"]
+    return cols + ["val_score_mean", "p_test_auc_vs_lam0", "p_test_f1_vs_lam0", "p_test_auc_note", "p_test_f1_note", "stopped_early", "chosen"]
 
 
 def summarize_folds(rows: Sequence[dict[str, Any]], swept_keys: Sequence[str]) -> list[dict[str, Any]]:
@@ -266,20 +288,41 @@ def summary_markdown(summary: Sequence[dict[str, Any]], group_keys: Sequence[str
         cells += [str(r.get("stopped_early") or "")] if stops else []
         cells.append("**yes**" if r.get("chosen") else "")
         lines.append("| " + " | ".join(cells) + " |")
+    over = "every (fold, seed) trial" if folds else "seeds"
+    # one sentence a line (Markdown joins them): the summary is printed to consoles too
+    lines += ["", f"Mean ± sample std over {over}; λ chosen by mean validation AUC + F1 (never by test).",
+              f"A tie (within {TIE_TOLERANCE:g}) goes to the smallest λ, so λ = 0 wins ties.",
+              "p-values vs λ = 0: paired t-test (scipy.stats.ttest_rel) over the (fold, seed) pairs both finished (every λ trains the same folds and seeds);",
+              f"none (–) from fewer than {MIN_VALUES} pairs or from paired differences without variance."]
+    lines += _p_footnotes(summary, group_keys)
     if folds:
-        lines += ["", "Mean ± sample std over every (fold, seed) trial; λ chosen by mean validation AUC + F1 (never by test); "
-                  "p-values: paired t-test vs λ = 0 over the (fold, seed) pairs both finished (scipy.stats.ttest_rel; folds and seeds are shared)."]
         lines += ["", "## Per fold (mean ± std over seeds)", "", folds_markdown(per_fold or [], group_keys).rstrip()]
-    else:
-        lines += ["", "Mean ± sample std over seeds; λ chosen by mean validation AUC + F1 (never by test); p-values: unpaired two-sample t-test vs λ = 0."]
     if stops:
-        lines += ["", "stopped early: trials the sweep's scheduler (ASHA) stopped before their last epoch (status STOPPED_EARLY in trials.csv); "
+        lines += ["", "stopped early: trials the sweep's scheduler (ASHA) stopped before their last epoch (status STOPPED_EARLY in trials.csv);",
                   "they are left out of the means and seeds, and a row with any of them is never chosen."]
     return "\n".join(lines) + "\n"
 
 
-def write_tables(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None,
-        searched: Sequence[str] = ()) -> list[dict[str, Any]]:
+def _p_footnotes(summary: Sequence[dict[str, Any]], group_keys: Sequence[str]) -> list[str]:
+    """Why a row shows no p-value (or which other test it got), one line per row and metric."""
+    notes = []
+    for r in summary:
+        label = ", ".join(f"{k} = {r.get(k)}" for k in group_keys)
+        for col, name in (("test_auc", "AUC"), ("test_f1", "F1")):
+            note, p = r.get(f"p_{col}_note") or "", r.get(f"p_{col}_vs_lam0")
+            if note and (p is None or (isinstance(p, float) and math.isnan(p)) or note.startswith("unpaired")):
+                notes.append(f"- {label}, p({name}): {'–, ' if not note.startswith('unpaired') else ''}{note}")
+    return ["", *notes] if notes else []
+
+
+def write_trials_csv(out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None) -> None:
+    """trials.csv alone (an interrupted sweep: no summary of a half-finished grid)."""
+    storage.atomic_write_text(storage.join(out, "trials.csv"), to_csv(rows, _columns(rows, swept_keys)), options)
+
+
+def write_tables(
+    out: str, rows: Sequence[dict[str, Any]], swept_keys: Sequence[str], options: StorageOptions | None = None, searched: Sequence[str] = ()
+) -> list[dict[str, Any]]:
     """Write trials.csv, summary.csv and summary.md (and, with ``data.fold`` swept, summary_folds.csv)
     under ``out``; returns the summary rows. ``searched``: the keys a random/optuna search drew."""
     group_keys = group_keys_of(swept_keys)

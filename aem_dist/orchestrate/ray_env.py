@@ -21,6 +21,8 @@ import tempfile
 import time
 from typing import Iterator
 
+from ..observe.console import console_lines, quiet_console
+
 log = logging.getLogger(__name__)
 
 # Ray Train V2 is the default in Ray 2.60; pin it so an inherited environment cannot flip APIs.
@@ -30,6 +32,13 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # 1.6 s per epoch, half of a small trial's wall time (BENCHMARKS.md). Poll every 0.1 s instead. The
 # local Ray processes inherit this; a cluster sets it in its pods' environment (cluster/kuberay).
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+# Tune's "new output engine" prints an experiment box, a results path and a TensorBoard hint pointing
+# into Ray's temp dir (deleted when the session ends) even at verbose=0; the live table of
+# observe.callbacks is the progress report. The classic engine prints nothing at verbose=0.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ctrl-C is aem-dist's to handle (orchestrate.interrupt): Tune's handler would end the trials as if they
+# had completed and advise Tuner.restore, which aem-dist never uses (orchestrate.resume).
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
 def _storage_env_from_config(cfg) -> None:
@@ -84,6 +93,8 @@ def _ray(address: str | None, num_cpus: int | None) -> Iterator[None]:
     if address:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
+        quiet_console()  # Ray's notices that say nothing to a user leave the console (observe.console)
+        route_worker_output()
         try:
             yield
         finally:
@@ -96,6 +107,7 @@ def _ray(address: str | None, num_cpus: int | None) -> Iterator[None]:
         os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(24))
     temp_dir = tempfile.mkdtemp(prefix="aem-ray-", dir=_short_tmp())
     log.info("starting a private local Ray (temp dir %s)", temp_dir)
+    quiet_console(adopt_ray_logger=True)  # configure_logging=False: Ray's records go to our handlers
     ray.init(
         address="local",
         _temp_dir=temp_dir,
@@ -106,11 +118,32 @@ def _ray(address: str | None, num_cpus: int | None) -> Iterator[None]:
         log_to_driver=True,
         configure_logging=False,
     )
+    route_worker_output()
     try:
         yield
     finally:
         ray.shutdown()
         _remove_temp_dir(temp_dir)
+
+
+def route_worker_output() -> None:
+    """Lines Ray forwards to the driver — worker output and the raylet's messages — pass
+    :func:`aem_dist.observe.console.console_lines` (all into the run log, noise off the console) before
+    Ray prints them as usual. Ray has no public hook for this: its one printing function for both,
+    ``print_worker_logs``, is wrapped (once); a Ray without it keeps its output unfiltered."""
+    import ray._private.worker as ray_worker
+
+    original = getattr(ray_worker, "print_worker_logs", None)
+    if original is None or getattr(original, "_aem_routed", False):
+        return
+
+    def print_worker_logs(data: dict, print_file, ignore_prefix: bool = False) -> None:
+        lines = console_lines(data)
+        if lines:
+            original({**data, "lines": lines}, print_file, ignore_prefix)
+
+    print_worker_logs._aem_routed = True  # type: ignore[attr-defined]
+    ray_worker.print_worker_logs = print_worker_logs
 
 
 def _remove_temp_dir(temp_dir: str, settle_s: float = 5.0) -> None:

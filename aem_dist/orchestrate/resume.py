@@ -87,11 +87,13 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
     # Progress is the driver's live trial table and metrics; a bar per trial would interleave.
     quiet = [build_config(apply_overrides(c.to_dict(redact=False), {"train.progress": False}), "trial config") for c in cfgs]
 
+    from ..observe.callbacks import tune_metrics
+
     node_id = ray.get_runtime_context().get_node_id()
 
     def report(epoch: EpochReport) -> None:
         # node_id as Ray Train workers report it (worker.RayReporter); progress for ASHA (see .search)
-        ray.tune.report(progress_metrics(epoch.flat() | {"node_id": node_id}, epoch.epoch, cfgs[0].train.epochs))
+        ray.tune.report(tune_metrics(progress_metrics(epoch.flat() | {"node_id": node_id}, epoch.epoch, cfgs[0].train.epochs)))
 
     best_dirs = [storage.join(d, "best") for d in run_dirs]
     # the GPU Ray assigned to this trial (sweep.trial_gpus), never just any visible one

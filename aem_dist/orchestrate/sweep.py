@@ -28,10 +28,14 @@ from ..config import Config, build_config, config_with
 from ..engine.results import run_record, write_json
 from ..engine.runrecord import check_same_run, recorded_config
 from ..engine.selection import score_of
+from ..observe.callbacks import INTERRUPTED as INTERRUPTED_STATE
+from ..observe.identity import check_same_data, dataset_digests, read_record
 from ..observe.metrics import serve_run_metrics
-from ..observe.tables import STOPPED_EARLY, trial_row, write_tables
+from ..observe.tables import STOPPED_EARLY, trial_row, write_tables, write_trials_csv
+from ..observe.tracking import tracking
 from ..storage import StorageOptions
 from .errors import SweepError
+from .interrupt import INTERRUPTED, SweepInterrupted, resume_plan
 from .plan import SweepPlan
 from .preflight import check_cluster, check_nodes_reach_storage
 from .resources import function_resources, max_concurrent, ray_storage, trial_resources
@@ -187,9 +191,11 @@ def _read_record(url: str, options: StorageOptions) -> dict[str, Any] | None:
         return None
 
 
-def collect_rows(results, plan: SweepPlan, out: str) -> list[dict[str, Any]]:
+def collect_rows(results, plan: SweepPlan, out: str, interrupted: set[str] = frozenset()) -> list[dict[str, Any]]:
     """One trials.csv row per grid point (or drawn point), from each trial's results.json, or the
-    stopped.json of a trial the scheduler stopped (status STOPPED_EARLY; else the status is from Tune)."""
+    stopped.json of a trial the scheduler stopped (status STOPPED_EARLY; else the status is from Tune, or
+    INTERRUPTED for the points in ``interrupted``). ``wall_s`` is the trial's own wall time from its
+    results.json (``timing.trial_s``), so a resumed sweep keeps what finished trials took."""
     options = StorageOptions.from_config(plan.cfg.storage, plan.cfg.data.retries)
     by_name = {}  # grid point → the Tune result of the trial (population) that trained it
     for result in results:
@@ -208,8 +214,10 @@ def collect_rows(results, plan: SweepPlan, out: str) -> list[dict[str, Any]]:
         elif result is not None and result.error is not None:
             status = "ERROR"
         else:
-            status = "PENDING"
-        wall = (result.metrics or {}).get("time_total_s") if result is not None else None
+            status = INTERRUPTED if name in interrupted else "PENDING"
+        wall = ((data or {}).get("timing") or {}).get("trial_s")
+        if wall is None and result is not None:
+            wall = (result.metrics or {}).get("time_total_s")
         rows.append(trial_row(name, values, data, status=status, wall_s=wall, path=storage.redact(run_dir, options)))
     return rows
 
@@ -229,8 +237,11 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
         raise SweepError("sweep.grid is empty: set e.g. --set 'sweep.grid={train.seed: [0, 1], loss.lam: [0, 0.1]}'")
     plan = plan or SweepPlan.build(cfg)
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
-    if resume:  # the sweep's trials resume their checkpoints: only under the base config they were trained with
-        check_same_run(recorded_config(out, options), cfg.to_dict(), storage.redact(out, options), "choose another --out (or run.name) for a new sweep")
+    roots = [str(r) for r in cfg.sweep.grid.get("data.root", [cfg.data.root])]  # every dataset the sweep reads
+    if resume:  # the sweep's trials resume their checkpoints: only under the base config and data they were trained with
+        new_sweep = "choose another --out (or run.name) for a new sweep"
+        check_same_run(recorded_config(out, options), cfg.to_dict(), storage.redact(out, options), new_sweep)
+        check_same_data(read_record(out, options), roots, storage.redact(out, options), options, start_over=new_sweep)
     if plan.searched:
         extra = {"search": cfg.sweep.search, "space": cfg.sweep.space, "num_samples": cfg.sweep.num_samples}
         announce(f"sweep.search={cfg.sweep.search}: {cfg.sweep.num_samples} point(s) drawn from sweep.space, one unfused trial each "
@@ -239,12 +250,25 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
         extra = {"grid": dict(cfg.sweep.grid), "populations": [[m.name for m in s.members] for s in plan.populations]}
         for note in plan.notes:
             announce(note)
-    record = run_record(cfg, "sweep", options, cluster=ray.cluster_resources(), trial_resources=trial_resources(cfg), **extra)
+    record = run_record(cfg, "sweep", options, cluster=ray.cluster_resources(), trial_resources=trial_resources(cfg), datasets=dataset_digests(roots, options),
+                        **extra)
     write_json(storage.join(out, "run.json"), record, options)
     keys = list(cfg.sweep.space) if plan.searched else list(cfg.sweep.grid)
-    with serve_run_metrics(cfg, announce) as exporter:
-        callback = TuneMetricsCallback(cfg, exporter)
-        results = run_trials(plan, out, resume=resume, callbacks=[callback, *(callbacks or [])])
+    trial_dir = lambda name: storage.join(out, "trials", name)  # noqa: E731
+    with serve_run_metrics(cfg, announce) as exporter, tracking(cfg, out, "sweep", trial_dir, announce) as tracker:
+        planned = [] if plan.searched else [m.name for s in plan.populations for m in s.members]  # "k of N grid points" from the plan
+        callback = TuneMetricsCallback(cfg, exporter, planned=planned, total=cfg.sweep.num_samples if plan.searched else None, tracker=tracker)
+        started = time.monotonic()
+        try:
+            results = run_trials(plan, out, resume=resume, callbacks=[callback, *(callbacks or [])])
+        except KeyboardInterrupt:  # Ctrl-C (Tune's own handler is off, see .interrupt): no summary, no report
+            callback.mark(INTERRUPTED_STATE)
+            callback.final_table()
+            rows = collect_rows([], plan, out, interrupted=set(callback.names(INTERRUPTED_STATE)))
+            write_trials_csv(out, rows, keys, options)
+            population_of = {m.name: (s.name, len(s.members)) for s in ([] if plan.searched else plan.populations) for m in s.members}
+            elapsed = time.monotonic() - started
+            raise SweepInterrupted(resume_plan(cfg, out, ray_storage(cfg, out, "train"), rows, population_of, elapsed, options)) from None
         rows = collect_rows(results, plan, out)
         summary = write_tables(out, rows, keys, options, searched=keys if plan.searched else ())
         if cfg.sweep.report:
@@ -254,6 +278,11 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
             announce(f"report: {storage.redact(report.url, options)}")
     failed = [r["trial"] for r in rows if r["status"] not in ("TERMINATED", STOPPED_EARLY)]
     if failed:
-        raise SweepError(f"{len(failed)} of {len(rows)} trial(s) did not finish ({', '.join(failed)}); their errors are above and in "
-                         f"{storage.redact(out, options)}/ray; rerun with --resume to retry them")
+        errors = [r["trial"] for r in rows if r["status"] == "ERROR"]
+        where = (
+            f"their errors are above and in the run log ({storage.redact(out, options)}/logs)"
+            if errors
+            else "none of them raised an error (they never ran to the end)"
+        )
+        raise SweepError(f"{len(failed)} of {len(rows)} grid point(s) did not finish ({', '.join(failed)}); {where}; rerun with --resume to train them")
     return summary

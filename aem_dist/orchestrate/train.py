@@ -19,6 +19,8 @@ from ..engine.local import clear_run, run_local
 from ..engine.results import results_dict, run_record, write_json
 from ..engine.runrecord import check_same_run, recorded_config
 from ..observe.metrics import epoch_hook, run_labels, serve_run_metrics
+from ..observe.identity import check_same_data, dataset_digests, read_record
+from ..observe.tracking import tracking
 from ..storage import StorageOptions
 from .errors import TrainingFailed
 from .plan import SweepPlan
@@ -42,22 +44,28 @@ def train_run(cfg: Config, out: str, *, address: str | None = None, announce: Ca
         clear_run(out, options, extra=(ray_storage(cfg, out, "train", "run"), ray_storage(cfg, out, cfg.run.name)))
     else:
         check_same_run(recorded_config(out, options), cfg.to_dict(), storage.redact(out, options))
-    write_json(storage.join(out, "run.json"), run_record(cfg, "train", options), options)
-    with serve_run_metrics(cfg, announce) as exporter:
+        check_same_data(read_record(out, options), [cfg.data.root], storage.redact(out, options), options)
+    write_json(storage.join(out, "run.json"), run_record(cfg, "train", options, datasets=dataset_digests([cfg.data.root], options)), options)
+    with serve_run_metrics(cfg, announce) as exporter, tracking(cfg, out, "train", lambda _: out, announce) as tracker:
         if cfg.scaling.num_workers == 0 and address is None:
-            hook = epoch_hook(exporter, run_labels(cfg)) if exporter is not None else None
+            hooks = [epoch_hook(exporter, run_labels(cfg))] if exporter is not None else []
+            if tracker is not None:
+                hooks.append(lambda report: tracker.epoch("", {}, report.flat()))
+            hook = (lambda report: [h(report) for h in hooks]) if hooks else None
             results = results_dict(run_local(cfg, run_dir=out, options=options, on_epoch=hook), cfg)
             write_json(storage.join(out, "results.json"), results, options)
+            if tracker is not None:
+                tracker.done("", {})
             return results
-        return _train_on_ray(cfg, out, address, exporter, options)
+        return _train_on_ray(cfg, out, address, exporter, options, tracker)
 
 
-def _train_on_ray(cfg: Config, out: str, address: str | None, exporter, options: StorageOptions) -> dict[str, Any]:
+def _train_on_ray(cfg: Config, out: str, address: str | None, exporter, options: StorageOptions, tracker=None) -> dict[str, Any]:
     from ..observe.callbacks import TuneMetricsCallback
     from .ray_env import ray_session
     from .sweep import run_trials
 
-    callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: "")
+    callback = TuneMetricsCallback(cfg, exporter, trial_name=lambda trial: "", tracker=tracker)
     with ray_session(address, cfg):
         grid_results = run_trials(SweepPlan.build(cfg, sweep=False), out, resume=True, callbacks=[callback])
     errors = [r.error for r in grid_results if r.error is not None]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from typing import Any
@@ -26,6 +27,7 @@ from ..engine.dist import DistContext
 from ..engine.loop import EpochReport, fit_members
 from ..engine.results import results_dict
 from ..engine.stages import model_init
+from ..observe.callbacks import tune_metrics
 from ..storage import StorageOptions
 from .resources import trial_device, worker_resources
 from .trials import progress_metrics
@@ -50,7 +52,7 @@ class RayReporter:
         if self.checkpoint_s is not None:  # the previous epoch's save: this one's is still to come
             report.extra["time/checkpoint_s"] = self.checkpoint_s
         report.extra["node_id"] = self.node_id  # which node trains the trial now (it changes after a node loss)
-        metrics = progress_metrics(report.flat(), report.epoch, self.epochs)  # ASHA's time attribute (see .search)
+        metrics = tune_metrics(progress_metrics(report.flat(), report.epoch, self.epochs))  # ASHA's time attribute (see .search)
         # run.checkpoint_every: a report without a checkpoint still passes metrics (and is the barrier)
         due = (report.epoch + 1) % self.every == 0 or report.epoch + 1 == self.epochs
         with tempfile.TemporaryDirectory(prefix="aem-ckpt-") as tmp:
@@ -71,11 +73,21 @@ class RayReporter:
 
 def quiet_ray_logs() -> None:
     """Keep Ray's per-report INFO lines (each one a whole metrics dict) off the console: Train V2 logs
-    them under a logger named after its source file, which its own log-level setting misses."""
+    them under a logger named after its source file, which its own log-level setting misses. Our own
+    records get their level in front ("INFO aem_dist.engine.loop: epoch 3: ..."), so that the driver
+    keeps INFO lines in the run log and shows warnings (see :mod:`aem_dist.observe.console`)."""
     from ray.train.v2._internal.execution import context as train_context
 
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)
+    ours = logging.getLogger("aem_dist")
+    if not any(getattr(h, "_aem_worker", False) for h in ours.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._aem_worker = True  # type: ignore[attr-defined]
+        ours.addHandler(handler)
+        ours.setLevel(logging.INFO)
+        ours.propagate = False  # one line per record, whatever Ray set up for the root logger
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None:

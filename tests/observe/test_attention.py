@@ -145,3 +145,23 @@ def test_render_store_all_scales(trained, tmp_path):
         assert len(written) == 2 and all(Path(w).read_bytes().startswith(PNG) for w in written)
     with pytest.raises(ValueError, match="unknown heatmap scale"):
         render_store(out, str(tmp_path / "x"), scale="sqrt")
+
+
+def test_heatmap_refuses_bags_without_coords(trained, tmp_path):
+    """A bag ingested without coords (stored as zeros) has nothing to paint: named, it is refused in one
+    line; among others it is left out with a warning; a store without any coords is refused."""
+    import dataclasses
+
+    run, bags = trained
+    flat = [dataclasses.replace(b, coords=np.zeros_like(b.coords)) for b in bags[:2]]
+    out = str(tmp_path / "mixed.zarr")
+    write_attention(out, [*flat, bags[2]], class_names=run.meta["class_names"])
+    with pytest.raises(ValueError, match=rf"1 slide\(s\) have no patch coordinates \('{flat[0].slide_id}'\).*ingested without coords") as err:
+        render_store(out, str(tmp_path / "one"), bags=[flat[0].slide_id], progress=False)
+    assert "\n" not in str(err.value)
+    written = render_store(out, str(tmp_path / "all"), progress=False)
+    assert [Path(w).stem for w in written] == [bags[2].slide_id]
+    none = str(tmp_path / "none.zarr")
+    write_attention(none, flat, class_names=run.meta["class_names"])
+    with pytest.raises(ValueError, match="2 slide\\(s\\) have no patch coordinates"):
+        render_store(none, str(tmp_path / "none"), progress=False)

@@ -77,12 +77,15 @@ def test_paired_test_uses_only_pairs_both_finished():
     assert lam1["p_test_auc_vs_lam0"] == pytest.approx(stats.ttest_rel([a[k] for k in keys], [b[k] for k in keys]).pvalue, rel=1e-12)
 
 
-def test_without_folds_the_summary_is_unchanged(tmp_path):
+def test_without_folds_seeds_pair_up(tmp_path):
+    """Without folds the seeds still pair up across λ (same initialisation and data order): paired t-test."""
     rows = [r for r in _rows() if r["data.fold"] == 0]
     for r in rows:
         del r["data.fold"]
+    rows += [dict(r, trial=r["trial"] + "_s2", **{"train.seed": 2, "test_auc": r["test_auc"] + 0.004 * (1 + r["loss.lam"])}) for r in rows if r["train.seed"] == 0]
     summary = write_tables(str(tmp_path), rows, ["loss.lam", "train.seed"])
-    a = [r["test_auc"] for r in rows if r["loss.lam"] == 0.1]
-    b = [r["test_auc"] for r in rows if r["loss.lam"] == 0.0]
-    assert summary[1]["p_test_auc_vs_lam0"] == pytest.approx(stats.ttest_ind(a, b).pvalue, rel=1e-12)
-    assert not (tmp_path / "summary_folds.csv").exists() and "unpaired" in (tmp_path / "summary.md").read_text()
+    a = {r["train.seed"]: r["test_auc"] for r in rows if r["loss.lam"] == 0.1}
+    b = {r["train.seed"]: r["test_auc"] for r in rows if r["loss.lam"] == 0.0}
+    assert summary[1]["p_test_auc_vs_lam0"] == pytest.approx(stats.ttest_rel([a[k] for k in sorted(a)], [b[k] for k in sorted(a)]).pvalue, rel=1e-12)
+    assert summary[1]["p_test_auc_note"] == "paired over 3 (fold, seed) pairs"
+    assert not (tmp_path / "summary_folds.csv").exists() and "paired t-test" in (tmp_path / "summary.md").read_text()

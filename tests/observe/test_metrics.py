@@ -199,14 +199,25 @@ def test_serves_on_a_free_port_and_finishes_after_grace():
         urllib.request.urlopen(url, timeout=2)
 
 
-def test_port_in_use_is_a_clear_error():
+def test_port_in_use_moves_to_the_next_free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
         e = MetricsExporter(MetricsSection(port=port))
-        with pytest.raises(OSError, match=f"127.0.0.1:{port}.*metrics.port"):
-            e.start()
+        url = e.start()
+        try:
+            assert e.moved_from == port and e.port != port and port < e.port < port + 100
+            assert url == f"http://127.0.0.1:{e.port}/metrics"
+            assert b"aem_trials" in urllib.request.urlopen(url, timeout=5).read()
+        finally:
+            e.stop()
+
+
+def test_address_that_cannot_be_bound_is_a_clear_error():
+    e = MetricsExporter(MetricsSection(host="192.0.2.123", port=0))  # TEST-NET: no interface holds it
+    with pytest.raises(OSError, match=r"192\.0\.2\.123:0.*metrics\.port"):
+        e.start()
 
 
 @pytest.mark.integration
@@ -258,12 +269,15 @@ def test_serve_run_metrics_for_an_in_process_run(demo_data, tmp_path):
     off = load_config("demo", ["metrics.enabled=false"])
     with serve_run_metrics(off) as exporter:
         assert exporter is None
-    with socket.socket() as busy:  # a taken port: the run goes on without metrics
+    with socket.socket() as busy:  # a taken port: the next free one serves, and the announcement says so
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        taken = load_config("demo", [f"metrics.port={busy.getsockname()[1]}"])
-        with serve_run_metrics(taken) as exporter:
-            assert exporter is None
+        port = busy.getsockname()[1]
+        said.clear()
+        with serve_run_metrics(load_config("demo", [f"metrics.port={port}", "metrics.grace_s=0"]), announce=said.append) as exporter:
+            assert exporter.port != port and said == [f"metrics: {exporter.url} (metrics.port {port} is in use)"]
+    with serve_run_metrics(load_config("demo", ["metrics.host=192.0.2.123"])) as exporter:  # nothing to bind: the run goes on without metrics
+        assert exporter is None
 
 
 def test_grace_period_only_when_scraped_or_opted_in():

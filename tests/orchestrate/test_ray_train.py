@@ -55,7 +55,7 @@ def test_sweep_over_every_model(local_ray, demo_data, tmp_path):
 
     names = sorted(MODELS)
     cfg = _cfg(demo_data, "scaling.num_workers=0", "train.epochs=1", f"sweep.grid={{model.name: {[*names, 'no-such-model']}}}")
-    with pytest.raises(SweepError, match=rf"1 of {len(names) + 1} trial\(s\) did not finish \(name=no-such-model\)"):
+    with pytest.raises(SweepError, match=rf"1 of {len(names) + 1} grid point\(s\) did not finish \(name=no-such-model\); their errors are above"):
         run_sweep(cfg, str(tmp_path))  # a failed trial fails the sweep, after every table is written
     rows = {r["model.name"]: r for r in read_csv(str(tmp_path / "trials.csv"))}
     assert sorted(rows) == sorted([*names, "no-such-model"])

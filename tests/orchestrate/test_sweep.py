@@ -68,13 +68,14 @@ def test_sweep_tables_and_resume_after_driver_kill(demo_data, tmp_path):
     summary = read_csv(str(out / "summary.csv"))
     assert [(s["loss.lam"], s["n"]) for s in summary] == [(0.0, 2), (0.1, 2)]
     assert sum(bool(s["chosen"]) for s in summary) == 1
-    assert summary[1]["p_test_auc_vs_lam0"] is not None
+    assert summary[1]["p_test_auc_vs_lam0"] is None and summary[1]["p_test_auc_note"] == "2 pairs (fewer than 3)"  # 2 seeds: no p-value
     text = (out / "summary.md").read_text()
     assert "| 0.1 | 2 |" in text and "chosen by val" in text
     assert "summary" in resumed.stdout.lower() and "metrics: http://127.0.0.1:" in resumed.stdout
     assert (out / "report.md").exists() and len(list((out / "plots").glob("*.png"))) == 5  # Figs. 3, 5, 8, 9, 11
     run = __import__("json").loads((out / "run.json").read_text())
     assert run["grid"] == {"train.seed": [0, 1], "loss.lam": [0.0, 0.1]} and run["dataset"]["manifest_sha256"]
+    assert run["datasets"] == {demo_data: run["dataset"]["manifest_sha256"]}  # every dataset the sweep read
     # Only the killed driver's Ray temp dir is left; the resumed run removed its own on exit.
     assert len(list(private_tmp.glob("aem-ray-*"))) == 1
     shutil.rmtree(private_tmp, ignore_errors=True)
