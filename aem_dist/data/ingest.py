@@ -162,6 +162,7 @@ def ingest(
             }
         dim, dim_why = consensus_dim(source, ids, dim)
         writer: DatasetWriter | None = None
+        no_coords: list[str] = []  # slides whose source has no patch coordinates: no heatmap can place their attention
         try:
             with progress_bar(len(order), f"ingest {fmt}", "bag", disable=not progress) as bar:
                 for split, sid in order:
@@ -173,6 +174,8 @@ def ingest(
                         continue
                     if writer is None:
                         writer = DatasetWriter(out, dim, names, options=options, shard_bytes=shard_bytes, source=source_meta)
+                    if bag.coords is None:
+                        no_coords.append(sid)
                     writer.add(split, bag)
             if problems:
                 shown = "\n  ".join(str(p) for p in problems)
@@ -180,6 +183,11 @@ def ingest(
             if writer is None:
                 raise SourceError(f"every slide from {src} was skipped: {dict(skipped)}")
             writer.source["skipped"] = dict(skipped)
+            writer.source["missing_coords"] = len(no_coords)
+            if no_coords:
+                shown = ", ".join(repr(s) for s in no_coords[:5]) + (f" and {len(no_coords) - 5} more" if len(no_coords) > 5 else "")
+                log.warning("ingest: %d of %d slide(s) from %s have no patch coordinates (%s): they train and predict as usual, but heatmaps "
+                            "cannot place their attention (counted in the manifest as source.missing_coords)", len(no_coords), len(order), src, shown)
             manifest = writer.close()
         except BaseException:
             if writer is not None and writer.manifest is None:

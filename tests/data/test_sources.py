@@ -201,3 +201,16 @@ def test_labels_csv_and_class_names(tmp_path):
 
 
 
+
+
+def test_slides_without_coords_are_a_named_warning_counted_in_the_manifest(tmp_path, caplog):
+    data = slides()
+    write_h5_folder(tmp_path / "h5", data)
+    for sid in ("slide_03", "slide_07"):  # TRIDENT/CLAM files without their coords dataset
+        with h5py.File(tmp_path / "h5" / f"{sid}.h5", "a") as f:
+            del f["coords"]
+    with caplog.at_level("WARNING", logger="aem_dist.data.ingest"):
+        result = ingest("clam", str(tmp_path / "h5"), str(tmp_path / "out"), labels_csv=write_labels(tmp_path / "l.csv", data), progress=False)
+    assert result.manifest.source["missing_coords"] == 2 and load_manifest(str(tmp_path / "out")).source["missing_coords"] == 2
+    (warning,) = [r.getMessage() for r in caplog.records if "no patch coordinates" in r.getMessage()]
+    assert "2 of 12 slide(s)" in warning and "'slide_03'" in warning and "'slide_07'" in warning
