@@ -1,5 +1,5 @@
-"""A run, a sweep --resume and a report refuse a dataset whose manifest changed since they were trained
-on it, in one line naming both digests; --force-new starts over."""
+"""A run and a sweep --resume refuse a dataset whose manifest changed since they were trained on it, in one
+line naming both digests; --force-new starts over (the report's refusal: tests/observe/test_report.py)."""
 
 from __future__ import annotations
 
@@ -61,14 +61,3 @@ def test_check_same_data_rules(tmp_path):
         shutil.rmtree(data)
         check_same_data({"datasets": {str(data): digest}}, [str(data)], "x")
 
-
-def test_report_against_changed_data_is_refused(tiny_sweep, tmp_path):
-    from aem_dist.observe.report import write_report
-
-    sweep = tmp_path / "sweep"
-    shutil.copytree(tiny_sweep.root, sweep)
-    record = json.loads((sweep / "run.json").read_text())
-    record["datasets"] = {tiny_sweep.data: "f" * 64}  # as if trained on other data
-    (sweep / "run.json").write_text(json.dumps(record))
-    with pytest.raises(DataChanged, match="f{64}.*pass --data"):
-        write_report(str(sweep), options=None)

@@ -167,3 +167,18 @@ def test_v_measure_matches_sklearn():
     rng = np.random.default_rng(1)
     y, c = rng.integers(0, 3, 50), rng.integers(0, 2, 50)
     assert v_measure(y, c) == pytest.approx(v_measure_score(y, c), abs=1e-15)
+
+
+def test_report_against_changed_data_is_refused(tiny_sweep, tmp_path):
+    import json
+    import shutil
+
+    from aem_dist.observe.identity import DataChanged
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(tiny_sweep.root, sweep)
+    record = json.loads((sweep / "run.json").read_text())
+    record["datasets"] = {tiny_sweep.data: "f" * 64}  # as if trained on other data
+    (sweep / "run.json").write_text(json.dumps(record))
+    with pytest.raises(DataChanged, match="f{64}.*pass --data"):
+        write_report(str(sweep), options=None)
