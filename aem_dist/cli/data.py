@@ -33,7 +33,7 @@ def ingest(
     src: Annotated[str, typer.Option(help="Local folder or file holding the features.")],
     out: Annotated[str, typer.Option(help="Dataset folder or URL to write (path, file://, s3://bucket/prefix).")],
     labels: Annotated[Optional[str], typer.Option(help="CSV with header slide_id,label[,split]. Required unless the format carries labels (acmil, zarr, "
-        "mil-csv).")] = None,
+        "mil-csv) or --no-labels.")] = None,
     classes: Annotated[Optional[str], typer.Option(help="Comma-separated class names in index order (default: sorted labels; integers numerically).")] = None,
     val_frac: Annotated[float, typer.Option(help="Validation fraction of the stratified split (used when the CSV has no split column).")] = 0.1,
     test_frac: Annotated[float, typer.Option(help="Test fraction of the stratified split.")] = 0.2,
@@ -54,6 +54,8 @@ def ingest(
     folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K --val-frac VAL_FRAC --seed "
         "SEED`).")] = None,
     stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help="With --folds: stratify folds by class.")] = True,
+    no_labels: Annotated[bool, typer.Option("--no-labels", help="Slides without labels, to predict on: every slide of the source goes into the test "
+        "split unlabelled (no --labels; --classes optional). `aem-dist predict` on it writes predictions.csv and no metrics.")] = False,
 ) -> None:
     """Convert extracted features (CLAM/TRIDENT, .pt, AEM/ACMIL HDF5, zarr, MIL CSV) into a dataset."""
 
@@ -65,12 +67,14 @@ def ingest(
 
         if on_bad not in ("error", "skip"):
             raise typer.BadParameter("--on-bad must be 'error' or 'skip'")
+        if no_labels and folds is not None:
+            raise typer.BadParameter("--folds needs labels (folds are for training); --no-labels makes a dataset to predict on")
         options = StorageOptions.from_config()
         probe(out, options, write=True)  # wrong endpoint or key: fail now, not after the first shard
         names = [c.strip() for c in classes.split(",")] if classes else None
         result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20,
             on_bad=on_bad, options=options,
-                            case_column=case_column, label_map=parse_label_map(label_map), dim=dim, report_all=all_,
+                            case_column=case_column, label_map=parse_label_map(label_map), dim=dim, report_all=all_, no_labels=no_labels,
                             limits=Limits(max_instances_per_bag, max_dim))
         m = result.manifest
         if folds is not None:
@@ -78,7 +82,8 @@ def ingest(
 
             m = record_folds(out, folds, val_frac=val_frac, seed=seed, stratify=stratify, options=options)
         counts = ", ".join(f"{s}: {e.n_bags} bags" for s, e in m.splits.items())
-        typer.echo(f"wrote {redact(out, options)}: dim {m.dim}, classes {m.class_names}; {counts}")
+        classes_text = f"classes {m.class_names}" + (" (no labels)" if no_labels else "")
+        typer.echo(f"wrote {redact(out, options)}: dim {m.dim}, {classes_text}; {counts}")
         if result.skipped:
             typer.echo(f"skipped: {dict(result.skipped)}")
         if result.unlabelled:

@@ -22,8 +22,8 @@ from .. import storage
 from ..config import ConfigError, DataConfig
 from ..storage import StorageOptions
 from .limits import Limits
-from .manifest import MANIFEST, SPLITS, FoldSplits, Folds, Manifest, ShardEntry, SplitEntry, load_manifest, parse_manifest
-from .schema import safe_key
+from .manifest import MANIFEST, SPLITS, FoldSplits, Folds, Manifest, ShardEntry, SplitEntry, class_counts, load_manifest, parse_manifest
+from .schema import UNLABELLED, safe_key
 from .sources.labels import grouped_stratified_folds, grouped_stratified_split
 
 FOLD_KEY = "data.fold"
@@ -47,6 +47,9 @@ def make_folds(manifest: Manifest, k: int, *, val_frac: float = 0.1, seed: int =
     if not 0.0 <= val_frac < 1.0:
         raise ValueError(f"--val-frac {val_frac} must be in [0, 1)")
     bags = [b for split in manifest.splits.values() for b in split.bags()]
+    unlabelled = sum(b.label == UNLABELLED for b in bags)
+    if unlabelled:
+        raise ValueError(f"{unlabelled} of {len(bags)} bags have no label (ingest --no-labels): folds are for training, which needs labels")
     keys = [b.key for b in bags]
     y = [b.label for b in bags] if stratify else [0] * len(bags)
     cases = case_groups(manifest)
@@ -133,10 +136,7 @@ def fold_view(manifest: Manifest, fold: int | None, where: str = "the dataset") 
             entries.append(entry)
         if not entries:
             continue
-        counts = [0] * manifest.n_classes
-        for e in entries:
-            for b in e.bags:
-                counts[b.label] += 1
+        counts = class_counts((b.label for e in entries for b in e.bags), manifest.n_classes)
         splits[split] = SplitEntry(n_bags=sum(e.n_bags for e in entries), n_instances=sum(e.n_instances for e in entries), class_counts=counts, shards=entries)
     # Built from a validated manifest: no need to validate (and re-apply size limits) again.
     return Manifest.model_construct(**{**dict(manifest), "splits": splits})

@@ -7,7 +7,8 @@ feature dim by consensus of all slides' headers (or ``dim``) before accepting an
 slides are the ones reported; shuffle each split (seeded, so shards mix classes even when the CSV is
 sorted by label); validate and write one bag at a time with a progress bar. Memory holds one bag.
 Bad bags follow ``on_bad`` ('error' or 'skip'); with ``report_all`` an error run reports every bad
-bag at once instead of the first.
+bag at once instead of the first. With ``no_labels`` every slide of the source goes into the
+``test`` split without a label (:data:`~aem_dist.data.schema.UNLABELLED`): a dataset to predict on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from .. import storage
 from ..storage import StorageOptions
 from .manifest import Manifest
-from .schema import Bag, BadSampleError
+from .schema import UNLABELLED, Bag, BadSampleError
 from .shards import DEFAULT_SHARD_BYTES, DatasetWriter
 from .limits import Limits
 from .sources import RawBag, SourceError, open_source
@@ -80,6 +81,7 @@ def ingest(
     label_map: dict[str, str] | None = None,
     dim: int | None = None,
     report_all: bool = False,
+    no_labels: bool = False,
 ) -> IngestResult:
     """Write the dataset at ``out``; returns its manifest and what was skipped.
 
@@ -88,7 +90,8 @@ def ingest(
     ``label_map``: raw label → class name, applied before anything else looks at labels. ``dim``: the
     feature dim (default: the dim most slides' headers agree on). Raises :class:`SourceError` for a
     case in two CSV splits, label variants, or no majority dim; :class:`BadSampleError` for a bad bag
-    (with ``report_all``: a :class:`SourceError` listing every bad bag)."""
+    (with ``report_all``: a :class:`SourceError` listing every bad bag). ``no_labels``: no labels at
+    all (``classes``, if given, names the classes of the model that will predict)."""
     from ..progress import progress as progress_bar
 
     source = open_source(fmt, src, limits)
@@ -106,6 +109,8 @@ def ingest(
 
     try:
         source_ids = source.slide_ids()
+        if no_labels and (labels_csv or case_column or label_map):
+            raise SourceError("--no-labels ingests every slide without a label: it takes no --labels, --case-column or --label-map")
         if labels_csv:
             rows = read_labels(labels_csv, case_column)
             matched = match_ids([r.slide_id for r in rows], set(source_ids))
@@ -125,8 +130,8 @@ def ingest(
                 raise SourceError(f"--case-column {case_column!r} needs a labels CSV (--labels)")
             ids, labels, given_splits, unlabelled, cases = [], [], [], 0, None
             for sid in source_ids:
-                lab = source.label_of(sid)
-                if lab is None:
+                lab = None if no_labels else source.label_of(sid)
+                if lab is None and not no_labels:
                     raise SourceError(f"{src}: format {fmt!r} carries no labels; pass --labels slide_id,label[,split] CSV")
                 ids.append(sid)
                 labels.append(lab)
@@ -135,10 +140,15 @@ def ingest(
             raise SourceError(f"no slide to ingest from {src}" + (f" with labels {labels_csv}" if labels_csv else ""))
         if label_map:
             labels = [label_map.get(lab, lab) for lab in labels]
-        check_label_variants(ids, labels)
-        names, index = class_names_for(labels, classes)
-        y = [index[lab] for lab in labels]
-        if all(s is not None for s in given_splits):
+        if no_labels:
+            names, y = list(classes or []), [UNLABELLED] * len(ids)
+        else:
+            check_label_variants(ids, labels)
+            names, index = class_names_for(labels, classes)
+            y = [index[lab] for lab in labels]
+        if no_labels:
+            split_of, how = dict.fromkeys(ids, "test"), "none: unlabelled (--no-labels), every slide in test"
+        elif all(s is not None for s in given_splits):
             if cases is not None:
                 check_case_splits(cases, given_splits, labels_csv or src)
             split_of = dict(zip(ids, given_splits))
@@ -151,6 +161,8 @@ def ingest(
         order = [(split, sid) for split in ("train", "val", "test") for sid in rng.permutation(sorted(i for i in ids if split_of[i] == split)).tolist()]
 
         source_meta: dict[str, Any] = {"format": fmt, "src": storage.redact(src, options), "labels": labels_csv, "split": how, "seed": seed}
+        if no_labels:
+            source_meta["unlabelled"] = True
         if label_map:
             source_meta["label_map"] = dict(label_map)
         if cases is not None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from .. import storage
 from ..storage import StorageOptions
 from .limits import Limits
+from .schema import UNLABELLED
 
 FORMAT = "aem-dist/1"
 MANIFEST = "manifest.json"
@@ -33,7 +34,7 @@ class ManifestError(ValueError):
 class BagEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
     key: str
-    label: int = Field(ge=0)
+    label: int = Field(ge=UNLABELLED, description="class index; -1: unlabelled (ingest --no-labels)")
     n: int = Field(ge=0, description="instances")
 
     @classmethod
@@ -111,7 +112,7 @@ class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: str
     dim: int = Field(ge=1)
-    class_names: list[str] = Field(min_length=2)
+    class_names: list[str] = Field(description="at least 2; may be empty in a dataset of unlabelled bags only (ingest --no-labels)")
     splits: dict[str, SplitEntry]
     source: dict[str, Any] = Field(default_factory=dict)
     created_by: str = ""
@@ -124,6 +125,8 @@ class Manifest(BaseModel):
         # Declared sizes are checked before anything (a model, a buffer) is built from them.
         limits = (info.context or {}).get("limits") or Limits()
         limits.check_bag(0, self.dim, "the manifest")
+        if len(self.class_names) < 2 and any(b.label != UNLABELLED for e in self.splits.values() for b in e.bags()):
+            raise ValueError(f"class_names: {len(self.class_names)} class(es); a dataset with labels needs at least 2")
         for name in self.class_names:
             if not name.isprintable():
                 raise ValueError(f"class name {name!r} holds control characters")
@@ -168,6 +171,10 @@ class Manifest(BaseModel):
     def n_classes(self) -> int:
         return len(self.class_names)
 
+    def n_unlabelled(self, split: str) -> int:
+        """Bags of ``split`` without a label (``ingest --no-labels``): they can be predicted, not trained or scored on."""
+        return sum(b.label == UNLABELLED for b in self.split(split).bags())
+
     def split(self, name: str) -> SplitEntry:
         if name not in self.splits:
             raise ManifestError(f"dataset has no split {name!r} (has {sorted(self.splits)})")
@@ -181,6 +188,15 @@ class Manifest(BaseModel):
         if data["folds"] is None:
             del data["folds"]  # a dataset without folds keeps the manifest it always had
         return json.dumps(data, indent=1, sort_keys=False)
+
+
+def class_counts(labels: Any, n_classes: int) -> list[int]:
+    """Bags per class; unlabelled bags (:data:`~aem_dist.data.schema.UNLABELLED`) count in no class."""
+    counts = [0] * n_classes
+    for label in labels:
+        if label != UNLABELLED:
+            counts[label] += 1
+    return counts
 
 
 def check_entry_count(text: str | bytes, limits: Limits, where: str) -> None:

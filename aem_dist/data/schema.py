@@ -1,7 +1,8 @@
 """The bag record, its encoding as WebDataset members, and safe decoding.
 
 A bag is one slide: ``feats`` (N × D float16), optional ``coords`` (N × 2 int32), a label and free
-metadata. On storage it is three tar members sharing a key::
+metadata. The label is a class index, or :data:`UNLABELLED` (-1) for a slide ingested with
+``--no-labels`` (predicted, never trained or scored on). On storage it is three tar members sharing a key::
 
     <key>.feats.npy    float16 (N, D)
     <key>.coords.npy   int32   (N, 2)   optional
@@ -31,6 +32,7 @@ MEMBERS = (FEATS, COORDS, META)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 FEATURE_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))  # what training converts
+UNLABELLED = -1  # the label of a slide without one (``ingest --no-labels``)
 
 
 class BadSampleError(ValueError):
@@ -162,7 +164,7 @@ def decode_bag(
     label = meta["label"]
     if isinstance(label, bool) or not isinstance(label, int):
         raise BadSampleError("bad_label", f"label {label!r} is not an integer class index")
-    if label < 0 or (n_classes is not None and label >= n_classes):
+    if (label < 0 and label != UNLABELLED) or (n_classes is not None and label >= n_classes):
         raise BadSampleError("label_out_of_range", f"label {label} outside classes 0..{(n_classes or 0) - 1}")
     slide_id = meta.get("slide_id")
     if not isinstance(slide_id, str) or not slide_id:

@@ -17,8 +17,8 @@ from typing import IO, Any, Callable, Iterable, Iterator
 from .. import __version__, storage
 from ..storage import StorageOptions
 from .limits import MAX_TAR_HEADER_BYTES
-from .manifest import FORMAT, MANIFEST, BagEntry, Manifest, ShardEntry, SplitEntry
-from .schema import MEMBERS, Bag, BadSampleError, decode_bag, encode_bag
+from .manifest import FORMAT, MANIFEST, BagEntry, Manifest, ShardEntry, SplitEntry, class_counts
+from .schema import MEMBERS, UNLABELLED, Bag, BadSampleError, decode_bag, encode_bag
 
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
 
@@ -93,7 +93,7 @@ class DatasetWriter:
     def add(self, split: str, bag: Bag) -> None:
         if bag.dim != self.dim:
             raise ValueError(f"bag {bag.slide_id!r}: feature dim {bag.dim} != dataset dim {self.dim}")
-        if not 0 <= bag.label < len(self.class_names):
+        if not (0 <= bag.label < len(self.class_names) or bag.label == UNLABELLED):
             raise ValueError(f"bag {bag.slide_id!r}: label {bag.label} outside classes {self.class_names}")
         if bag.n == 0:
             raise ValueError(f"bag {bag.slide_id!r}: has 0 instances")
@@ -150,10 +150,7 @@ class DatasetWriter:
             self._finish(split)
         splits = {}
         for split, shards in self._done.items():
-            counts = [0] * len(self.class_names)
-            for s in shards:
-                for b in s.bags:
-                    counts[b.label] += 1
+            counts = class_counts((b.label for s in shards for b in s.bags), len(self.class_names))
             splits[split] = SplitEntry(
                 n_bags=sum(s.n_bags for s in shards),
                 n_instances=sum(s.n_instances for s in shards),

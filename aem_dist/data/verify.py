@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .. import storage
 from ..storage import StorageOptions
-from .manifest import ManifestError, load_manifest
+from .manifest import ManifestError, class_counts, load_manifest
 from .schema import BadSampleError, human_bytes
 from .shards import _HashingReader, check_shard_file, decode_shard, iter_tar_samples
 
@@ -135,9 +135,7 @@ def verify_dataset(root: str, options: StorageOptions | None = None, *, progress
             report.shards.append(verify_shard(root, split, entry, manifest.dim, manifest.n_classes, options))
             bar.update(1)
     for split, e in manifest.splits.items():
-        counts = [0] * manifest.n_classes
-        for b in e.bags():
-            counts[b.label] += 1
+        counts = class_counts((b.label for b in e.bags()), manifest.n_classes)
         if counts != e.class_counts:
             report.problems.append(f"splits.{split}.class_counts {e.class_counts} != counted from bags {counts}")
         if e.n_bags != sum(s.n_bags for s in e.shards) or e.n_instances != sum(s.n_instances for s in e.shards):

@@ -154,6 +154,10 @@ def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = No
         spec = LoaderSpec(split, ctx.rank, ctx.world_size, train, data_seed(cfg), t.max_instances_per_batch, t.max_bags_per_batch, cfg.data.on_bad_sample)
         return place_on_device(open_split(cfg.data, manifest, spec, options), cfg.data.device_cache, ctx.device)
 
+    for split in manifest.splits:
+        if manifest.n_unlabelled(split):  # ingest --no-labels: a dataset to predict on
+            raise ValueError(f"{cfg.data.root}: split {split!r} holds {manifest.n_unlabelled(split)} bag(s) without a label (ingest --no-labels): training "
+                f"needs labels; predict them with `aem-dist predict --data {cfg.data.root}`")
     train = loader("train", True)
     if train is None:
         raise ValueError(f"{cfg.data.root}: dataset has no 'train' split")

@@ -206,7 +206,7 @@ def predict_split(
     manifest = open_manifest(data_cfg, options)
     if manifest.dim != int(run.meta["dim"]):
         raise ValueError(f"{where}: feature dim {manifest.dim} != the checkpoint's {run.meta['dim']} ({storage.redact(run.url, options)})")
-    if manifest.n_classes != int(run.meta["n_classes"]):
+    if manifest.class_names and manifest.n_classes != int(run.meta["n_classes"]):  # (an unlabelled dataset may name no classes)
         raise ValueError(f"{where}: {manifest.n_classes} classes != the checkpoint's {run.meta['n_classes']}")
     spec = LoaderSpec(split, 0, 1, train=False, max_instances=max_instances, max_bags=max_bags, on_bad_sample=data_cfg.on_bad_sample, with_coords=True)
     loader = open_split(data_cfg, manifest, spec, options)

@@ -111,8 +111,9 @@ def render(bag: BagResult, class_names: Sequence[str] = (), scale: str = "rank")
         return names[i] if 0 <= i < len(names) else str(i)
 
     pred = int(np.argmax(bag.probs))
-    fig.suptitle(f"{bag.slide_id} ({bag.split}, N = {len(bag.attention)})\ntrue: {name(bag.label)}, predicted: {name(pred)} (p = "
-        f"{float(bag.probs[pred]):.2f})", fontsize=10)
+    true = name(bag.label) if bag.label >= 0 else "no label"  # ingest --no-labels
+    fig.suptitle(f"{bag.slide_id} ({bag.split}, N = {len(bag.attention)})\ntrue: {true}, predicted: {name(pred)} (p = {float(bag.probs[pred]):.2f})",
+        fontsize=10)
     return fig
 
 

@@ -18,14 +18,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .. import storage
+from ..data.schema import UNLABELLED
 from ..storage import StorageOptions
 from .attention import BagResult
 
-UNLABELLED = -1  # the label of a slide ingested without one
 
 
 def has_labels(bags: Sequence[BagResult]) -> bool:
-    return any(b.label >= 0 for b in bags)
+    return any(b.label != UNLABELLED for b in bags)
 
 
 def predictions_csv(bags: Sequence[BagResult], class_names: Sequence[str], case_of: Mapping[str, str] | None = None) -> str:
@@ -49,7 +49,7 @@ def case_of(manifest: Any) -> dict[str, str]:
 
 def accuracy_line(bags: Sequence[BagResult]) -> str:
     """'accuracy 0.912 on 48 labelled slides', or '' when no slide has a label (nothing to score)."""
-    labelled = [b for b in bags if b.label >= 0]
+    labelled = [b for b in bags if b.label != UNLABELLED]
     if not labelled:
         return ""
     acc = sum(int(np.argmax(b.probs) == b.label) for b in labelled) / len(labelled)
