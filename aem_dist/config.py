@@ -131,6 +131,13 @@ class TrainConfig(_Section):
         "(the official strict '>').")
     grad_clip: float | None = Field(None, gt=0.0, description="Clip the global gradient norm to this value (None = off).")
     progress: bool = Field(True, description="Show progress bars.")
+    patience: int | None = Field(None, ge=1, description="Early stopping: stop once the validation score (train.select_metric) has not improved for this many "
+        "epochs since the best epoch (checked at evaluated epochs; None = train every epoch). Needs a val split; the stop epoch is recorded in results.json. "
+            "Population members stop individually: each one's history, selection and checkpoints end where its standalone run would stop.")
+    class_weights: Literal["none", "balanced"] | list[float] = Field("none", description="Per-class weights of the slide-label cross-entropy: none, "
+        "balanced (n_train / (n_classes · n_train of the class), from the training split) or a list of positive weights in class order. Each bag's "
+            "cross-entropy is multiplied by its class's weight and the batch takes the plain mean over its bags (not torch's Σw-normalised mean, which would "
+                "cancel the weight of a one-bag batch).")
 
     log_every: int = Field(0, ge=0, description="Read the device-side step statistics (loss terms, NaN/Inf check) every this many steps; 0 = once per epoch "
         "(and every 256 steps). A non-finite loss stops the run at most this many steps late, before any checkpoint of the poisoned weights.")
@@ -142,6 +149,19 @@ class TrainConfig(_Section):
         "sums on CUDA) so a GPU run repeats bit for bit; off by default for speed. CPU runs repeat either way.")
 
     _on_off = field_validator("compile", mode="before")(_yaml_on_off)
+
+    @field_validator("class_weights")
+    @classmethod
+    def _positive_weights(cls, value: Any) -> Any:
+        if isinstance(value, list) and (len(value) < 2 or not all(math.isfinite(w) and w > 0 for w in value)):
+            raise ValueError(f"{value}: class weights are at least 2 finite numbers > 0, one per class in class order")
+        return value
+
+    @model_validator(mode="after")
+    def _patience_needs_a_score(self) -> "TrainConfig":
+        if self.patience is not None and self.select_metric == "last":
+            raise ValueError("train.patience needs a score that can stop improving; train.select_metric=last replaces the selection every epoch")
+        return self
 
 
 class ScalingSection(_Section):

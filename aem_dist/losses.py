@@ -10,12 +10,16 @@ constant per bag, so it trains exactly like AEM. ``KL(u ‖ a)`` pulls every wei
 
 With several heads/branches (or sub-bag segments) the per-bag term is the mean over them. A batch's
 term is the mean over its bags, so every term in the loss is a mean over bags.
+
+``train.class_weights`` (:func:`class_weights`) multiplies each bag's slide-label cross-entropy by its
+class's weight (:meth:`aem_dist.models.base.MILModel.bag_ce`); the batch still takes the plain mean over
+its bags, so a packed batch's gradient stays the mean of its bags' (weighted) gradients.
 """
 
 from __future__ import annotations
 
 import math
-from typing import get_args
+from typing import Sequence, get_args
 
 import torch
 
@@ -59,3 +63,22 @@ def total_loss(terms: dict[str, torch.Tensor], lam: float) -> torch.Tensor:
 def uniform_neg_entropy(n: int) -> float:
     """Σ a log a of the uniform distribution over n items: −log n (for tests and plots)."""
     return -math.log(n)
+
+
+def class_weights(spec: str | Sequence[float], train_counts: Sequence[int], class_names: Sequence[str] = ()) -> tuple[float, ...] | None:
+    """``train.class_weights`` resolved against the training split's class counts: None for ``none``;
+    ``balanced``: ``n / (C · n_c)`` (scikit-learn's rule: every class weighs as much in total); a list as
+    given. Raises ValueError naming ``train.class_weights`` for a wrong length or an empty class."""
+    if spec == "none":
+        return None
+    n_classes = len(train_counts)
+    if spec == "balanced":
+        empty = [str(class_names[i]) if i < len(class_names) else str(i) for i, c in enumerate(train_counts) if c == 0]
+        if empty:
+            raise ValueError(f"train.class_weights=balanced: the training split has no bag of class {', '.join(empty)}")
+        total = sum(train_counts)
+        return tuple(total / (n_classes * c) for c in train_counts)
+    weights = tuple(float(w) for w in spec)
+    if len(weights) != n_classes:
+        raise ValueError(f"train.class_weights has {len(weights)} weights for the dataset's {n_classes} classes ({', '.join(map(str, class_names))})")
+    return weights

@@ -26,6 +26,7 @@ from ..data.loader import LoaderSpec, SplitLoader
 from ..data.manifest import Manifest
 from ..data.registry import open_split
 from ..data.packing import PackedBatch, subsample
+from ..losses import class_weights
 from ..models import MILModel, build_model
 from ..storage import StorageOptions
 from . import precision
@@ -96,7 +97,7 @@ class EpochReport:
         if self.members:
             shared = {f"skipped/{k}": v for k, v in self.skipped.items()} | self.extra
             # the population's step durations are recorded once, with its first member
-            out["members"] = [_flat_row(self.epoch, m.row, m.best_epoch,
+            out["members"] = [_flat_row(self.epoch if m.stopped_at is None else m.stopped_at, m.row, m.best_epoch,
                 m.best_score) | shared | ({"time/step_s": list(self.step_times)} if k == 0 else {}) for k, m in enumerate(self.members)]
         return out
 
@@ -107,6 +108,7 @@ class MemberEpoch:
     is_best: bool
     best_epoch: int | None
     best_score: float
+    stopped_at: int | None = None  # train.patience stopped this member after that epoch (its row is then that epoch's)
 
 
 def _flat_row(epoch: int, row: dict[str, Any], best_epoch: int | None, best_score: float) -> dict[str, Any]:
@@ -130,6 +132,7 @@ class FitResult:
     skipped: dict[str, int]
     manifest: Manifest
     resumed_after: int | None = None  # the checkpointed epoch training resumed after (None: from scratch)
+    stopped_at: int | None = None  # the epoch after which train.patience stopped training (None: it ran every epoch)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -317,9 +320,13 @@ def fit_members(
 
         trainee = Members(cfgs, m, ctx)
     K = trainee.size
+    if "train" in m.splits:  # train.class_weights: every member's loss model (a population's shared architecture) weighs slide-label CE
+        (trainee.core if K == 1 else trainee.pop.base).class_weights = class_weights(cfg.train.class_weights, m.splits["train"].class_counts, m.class_names)
+    if cfg.train.patience is not None and data.val is None:
+        raise ValueError(f"train.patience={cfg.train.patience} needs a val split to watch; {cfg.data.root} has none")
     sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, CosineToZero(sum(data.train.steps(e) for e in range(cfg.train.epochs))))
     histories: list[list[dict[str, Any]]] = [[] for _ in range(K)]
-    trackers = [BestTracker(c.train.select_metric, c.train.select_tie) for c in cfgs]  # selection per member
+    trackers = [BestTracker(c.train.select_metric, c.train.select_tie, c.train.patience) for c in cfgs]  # selection (and patience) per member
     start = 0
     if resume is not None:
         trainee.load_state_dict(resume)
@@ -364,6 +371,8 @@ def fit_members(
 
     bar = _progress(cfg, ctx, start)
     for epoch in range(start, cfg.train.epochs):
+        if all(t.stopped_at is not None for t in trackers):  # train.patience: every member has stopped
+            break
         trainee.seed_epoch(epoch, ctx.rank)
         t0 = time.perf_counter()
         train_stats, step_times = train_epoch(trainee, sched, data.train, cfg, ctx, epoch)
@@ -380,10 +389,19 @@ def fit_members(
         timing = {"epoch_s": time.perf_counter() - t0, "train_s": train_s, "instances_per_s": train_stats[0]["instances"] / max(train_s, 1e-9)}
         members = []
         for k, row in enumerate(rows):
+            if trackers[k].stopped_at is not None:
+                # A population member whose patience ran out: its standalone run has ended, so nothing of
+                # its further (shared, harmless) training is recorded; it reports its last row again.
+                members.append(MemberEpoch(histories[k][-1], False, trackers[k].best_epoch, trackers[k].best_score, trackers[k].stopped_at))
+                continue
             row["time"] = dict(timing)
             histories[k].append(row)
             is_best = "val" in row and trackers[k].update(epoch, row["val"])
-            members.append(MemberEpoch(row, is_best, trackers[k].best_epoch, trackers[k].best_score))
+            stopped = "val" in row and trackers[k].out_of_patience(epoch)
+            if stopped and ctx.is_main:
+                log.info("train.patience=%d: %sno better validation score since epoch %s; stopping after epoch %d", cfg.train.patience,
+                    f"member {k}: " if K > 1 else "", trackers[k].best_epoch, epoch)
+            members.append(MemberEpoch(row, is_best, trackers[k].best_epoch, trackers[k].best_score, trackers[k].stopped_at))
         if on_epoch is not None:
             on_epoch(
                 EpochReport(
@@ -407,7 +425,7 @@ def fit_members(
     for k in range(K):
         h, b = histories[k], trackers[k].best_epoch
         row = h[[r["epoch"] for r in h].index(b)] if b is not None else (h[-1] if h else {})
-        results.append(FitResult(b, row.get("val", {}), row.get("test", {}), h, skipped, m, start - 1 if resume is not None else None))
+        results.append(FitResult(b, row.get("val", {}), row.get("test", {}), h, skipped, m, start - 1 if resume is not None else None, trackers[k].stopped_at))
     return results
 
 

@@ -56,6 +56,7 @@ def results_dict(result: FitResult, cfg: Config) -> dict[str, Any]:
         "test": result.test,
         "skipped": result.skipped,
         "resumed_after_epoch": result.resumed_after,
+        "stopped_after_epoch": result.stopped_at,  # train.patience ended training after this epoch (None: every epoch ran)
         "history": result.history,
         "config": stored_config(cfg),
     }

@@ -15,6 +15,9 @@ Rules (documented in docs/training.md):
   ``earlier`` (the earlier epoch stays — the official code's strict ``>``). On tiny val splits AUC
   saturates at 1.0 within a few epochs; the strict rule then pins the reported model to a barely
   trained epoch, hence the default.
+- ``train.patience`` (early stopping): after an evaluated epoch e, the run stops once
+  ``e − best_epoch ≥ patience`` (counted from epoch −1 while no epoch has a finite score). The stop only
+  ends training: the selected epoch is the best of the epochs trained, by the same rules.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class BestTracker:
     Raises ``ValueError`` for an unknown metric or tie rule.
     """
 
-    def __init__(self, select_metric: str = "auc+f1", tie: str = "val_loss"):
+    def __init__(self, select_metric: str = "auc+f1", tie: str = "val_loss", patience: int | None = None):
         if select_metric not in SELECT_METRICS:
             raise ValueError(f"train.select_metric {select_metric!r} is not one of {', '.join(SELECT_METRICS)}")
         if tie not in TIE_BREAKS:
@@ -59,6 +62,8 @@ class BestTracker:
         self.best_epoch: int | None = None
         self.best_score: float = -math.inf
         self.best_loss: float = math.nan
+        self.patience = patience
+        self.stopped_at: int | None = None  # the evaluated epoch after which train.patience stopped the run
 
     def update(self, epoch: int, val_metrics: dict[str, float], val_loss: float | None = None) -> bool:
         """Offer one evaluated epoch; True if it becomes the best. ``val_loss`` defaults to ``val_metrics['loss']``."""
@@ -74,6 +79,13 @@ class BestTracker:
             return True
         return False
 
+    def out_of_patience(self, epoch: int) -> bool:
+        """After evaluated epoch ``epoch`` (offered to :meth:`update`): has the score not improved for
+        ``patience`` epochs? The first True sets ``stopped_at``; once stopped, always True."""
+        if self.stopped_at is None and self.patience is not None and epoch - (-1 if self.best_epoch is None else self.best_epoch) >= self.patience:
+            self.stopped_at = int(epoch)
+        return self.stopped_at is not None
+
     def _wins_tie(self, loss: float) -> bool:
         if self.tie == "earlier":
             return False
@@ -82,13 +94,15 @@ class BestTracker:
         return True  # the later epoch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"metric": self.metric, "tie": self.tie, "best_epoch": self.best_epoch, "best_score": self.best_score, "best_loss": self.best_loss}
+        return {"metric": self.metric, "tie": self.tie, "best_epoch": self.best_epoch, "best_score": self.best_score, "best_loss": self.best_loss,
+            "stopped_at": self.stopped_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`, or from a checkpoint older than it (best_epoch/best_score only)."""
         self.best_epoch = None if state.get("best_epoch") is None else int(state["best_epoch"])
         self.best_score = float(state.get("best_score", -math.inf))
         self.best_loss = float(state.get("best_loss", math.nan))
+        self.stopped_at = None if state.get("stopped_at") is None else int(state["stopped_at"])
 
 
 def val_split_warnings(n_bags: int, class_counts: Sequence[int], class_names: Sequence[str], min_bags: int = MIN_VAL_BAGS) -> list[str]:

@@ -20,7 +20,6 @@ branch segments of Σ a log a.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from pydantic import Field
 
@@ -99,11 +98,11 @@ class ACMIL(MILModel):
         )
 
     def loss_terms(self, out: MILOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        terms = {"ce": F.cross_entropy(out.logits, labels)}
+        terms = {"ce": self.bag_ce(out.logits, labels)}
         k = self.branches
         if k > 1:
             bl = out.extras["branch_logits"]  # (B, K, C)
-            terms["ce_branch"] = F.cross_entropy(bl.flatten(0, 1), labels.repeat_interleave(k))
+            terms["ce_branch"] = self.bag_ce(bl.flatten(0, 1), labels.repeat_interleave(k))
             terms["diversity"] = branch_diversity(out.extras["attention"], out.extras["bag_index"], labels.shape[0]).mean()
         return terms
 

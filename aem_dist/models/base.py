@@ -74,6 +74,8 @@ class MILModel(nn.Module):
     """
 
     population_note: str | None = None
+    # train.class_weights resolved per class (set by the engine before training); None: plain cross-entropy.
+    class_weights: tuple[float, ...] | None = None
     # The Linear that alone reads ``feats`` (the instance embedding's first layer), if the model has one:
     # a population then computes it for all members as ONE matmul over the shared input.
     input_linear: str | None = None
@@ -83,7 +85,22 @@ class MILModel(nn.Module):
 
     def loss_terms(self, out: MILOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Named loss terms, each a mean over bags. Default: cross-entropy of the bag logits."""
-        return {"ce": F.cross_entropy(out.logits, labels)}
+        return {"ce": self.bag_ce(out.logits, labels)}
+
+    def bag_ce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of bag-level predictions ``logits`` (R, C) against slide labels (R,). With
+        ``class_weights`` each row's cross-entropy is multiplied by its class's weight before the plain
+        mean (torch's ``weight=`` would divide by Σw instead, which undoes a one-bag batch's weight)."""
+        if self.class_weights is None:
+            return F.cross_entropy(logits, labels)
+        return self.bag_mean(F.cross_entropy(logits, labels, reduction="none"), labels)
+
+    def bag_mean(self, per_row: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(R,) values of slide-label terms → their mean, each weighted by its class (``class_weights``)."""
+        if self.class_weights is None:
+            return per_row.mean()
+        w = torch.tensor(self.class_weights, dtype=per_row.dtype, device=per_row.device)  # (C,)
+        return (per_row * w[labels]).mean()
 
     def after_step(self, progress: float) -> None:
         """Called by the training loop right after every optimizer step, with ``progress`` = the share of

@@ -153,7 +153,7 @@ class C2C(MILModel):
         n_bags = labels.shape[0]
         r_bag, cluster = out.extras["row_bag"], out.extras["row_cluster"]
         inst = F.cross_entropy(out.extras["instance_logits"], labels[r_bag], reduction="none")  # (R,)
-        terms = {"ce": F.cross_entropy(out.logits, labels), "instance": self.beta * segment_mean(inst, r_bag, n_bags).mean()}
+        terms = {"ce": self.bag_ce(out.logits, labels), "instance": self.beta * segment_mean(inst, r_bag, n_bags).mean()}
         # KL(u ‖ p) within every cluster = −log n_c − mean_i log p_i, p = softmax of s over the cluster
         cseg = r_bag * self.k + cluster
         n_seg = n_bags * self.k

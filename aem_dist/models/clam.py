@@ -71,7 +71,7 @@ class CLAMSB(MILModel):
         extras = out.extras
         inst_loss = clam_instance_loss(out.attn_scores[:, 0].detach(), extras["instance_logits"], extras["bag_index"], labels, self.k_sample, self.subtyping)
         return {
-            "ce": self.bag_weight * F.cross_entropy(out.logits, labels),
+            "ce": self.bag_weight * self.bag_ce(out.logits, labels),
             "instance": (1.0 - self.bag_weight) * inst_loss.mean(),
         }
 

@@ -66,6 +66,6 @@ class DSMIL(MILModel):
 
     def loss_terms(self, out: MILOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
-            "ce": 0.5 * F.cross_entropy(out.extras["bag_logits"], labels),
-            "ce_max": 0.5 * F.cross_entropy(out.extras["max_logits"], labels),
+            "ce": 0.5 * self.bag_ce(out.extras["bag_logits"], labels),
+            "ce_max": 0.5 * self.bag_ce(out.extras["max_logits"], labels),
         }

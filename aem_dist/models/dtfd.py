@@ -102,6 +102,6 @@ class DTFD(MILModel):
         seg_bag = out.extras["segment_bag"]
         per_pseudo = F.cross_entropy(out.extras["tier1_logits"], labels[seg_bag], reduction="none")  # (S,)
         return {
-            "ce": F.cross_entropy(out.logits, labels),
-            "ce_tier1": segment_mean(per_pseudo, seg_bag, labels.shape[0]).mean(),
+            "ce": self.bag_ce(out.logits, labels),
+            "ce_tier1": self.bag_mean(segment_mean(per_pseudo, seg_bag, labels.shape[0]), labels),
         }

@@ -60,4 +60,4 @@ class LossAttn(MILModel):
         inst_ce = F.cross_entropy(out.extras["instance_logits"], labels[bag_index], reduction="none")  # (T,)
         a = torch.exp(out.attn_log[:, 0])  # (T,)
         per_bag = segment_mean(a * inst_ce, bag_index, labels.shape[0])  # (B,)
-        return {"ce": F.cross_entropy(out.logits, labels), "instance": self.weight * per_bag.mean()}
+        return {"ce": self.bag_ce(out.logits, labels), "instance": self.weight * per_bag.mean()}

@@ -31,7 +31,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from pydantic import Field
@@ -172,7 +171,7 @@ class MHIM(MILModel):
 
     def loss_terms(self, out: MILOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         c = self.cfg
-        terms = {"ce": c.mhim_ce_weight * F.cross_entropy(out.logits, labels)}
+        terms = {"ce": c.mhim_ce_weight * self.bag_ce(out.logits, labels)}
         if "teacher_embedding" in out.extras:
             target = torch.softmax(out.extras["teacher_embedding"] / c.mhim_temp_teacher, dim=1)
             log_p = torch.log_softmax(out.extras["student_embedding"] / c.mhim_temp_student, dim=1)
