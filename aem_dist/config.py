@@ -66,6 +66,9 @@ class DataConfig(_Section):
         "or skip it and count the reason.")
     subsample_ratio: float = Field(1.0, gt=0.0, le=1.0, description="Training-time Subsampling: keep this random fraction of each bag's instances per step "
         "(1.0 = off). Evaluation always sees full bags.")
+    sampler: Literal["shuffle", "balanced"] = Field("shuffle", description="Training order per epoch: shuffle (every bag once, in a seeded permutation) or "
+        "balanced (as many bags drawn with replacement, every class equally likely: p = 1 / (C · n_class); the expected gradient equals "
+            "train.class_weights=balanced). Both loaders draw the same bags; evaluation is never sampled.")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank for the streaming loader.")
     prefetch: int = Field(4, ge=1, description="Batches prepared ahead of the training step (streaming loader).")
     cache_dir: str | None = Field(None, description="Node-local shard cache folder for the streaming loader (default: a folder under the system temp dir).")

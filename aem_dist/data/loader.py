@@ -38,6 +38,7 @@ class LoaderSpec:
     max_bags: int = 1
     on_bad_sample: str = "error"
     with_coords: bool = False
+    sampler: str = "shuffle"  # data.sampler (training only): shuffle, or balanced (class-balanced draws with replacement)
 
 
 class SplitLoader(Protocol):
@@ -183,7 +184,12 @@ class InMemoryLoader:
             train=s.train,
             seed=s.seed,
             epoch=epoch,
+            labels=self._sampled_labels(),
         )
+
+    def _sampled_labels(self) -> list[int] | None:
+        """The labels a balanced sampler draws by (None: every bag once, shuffled)."""
+        return [b.label for b in self.bags] if self.spec.train and self.spec.sampler == "balanced" else None
 
     def steps(self, epoch: int) -> int:
         return len(self.plan(epoch))
@@ -191,7 +197,7 @@ class InMemoryLoader:
     def repeat_fraction(self, epoch: int) -> float:
         s = self.spec
         return plan_repeat_fraction(self.sizes, world_size=s.world_size, max_instances=s.max_instances, max_bags=s.max_bags, train=s.train, seed=s.seed,
-            epoch=epoch)
+            epoch=epoch, labels=self._sampled_labels())
 
     def epoch(self, epoch: int) -> Iterator[PackedBatch]:
         for batch in self.plan(epoch):

@@ -7,7 +7,9 @@ segment operations, so nothing is padded and nothing is truncated.
 Epoch planning is pure arithmetic on bag sizes, so every rank computes the same plan from the
 manifest without talking to the others:
 
-1. order the bags (a permutation drawn from ``(seed, epoch)`` for training, manifest order for eval);
+1. order the bags (a permutation drawn from ``(seed, epoch)`` for training, manifest order for eval;
+   with ``data.sampler: balanced`` the training epoch is a class-balanced draw of as many bags, with
+   replacement, in a permutation — :func:`balanced_counts`);
 2. pack them greedily in that order under ``max_instances`` and ``max_bags`` — a bag larger than the
    instance budget becomes a batch of its own;
 3. deal batches to ranks round-robin. For training the batches are first halved until their number
@@ -126,6 +128,35 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n_items)
 
 
+def balanced_probabilities(labels: Sequence[int]) -> np.ndarray:
+    """(n,) the chance that one draw of ``data.sampler: balanced`` picks each bag: ``1 / (C · n_c)`` for a bag
+    of class c, with C the classes present — every class equally likely. ``n · p`` is the bag's
+    ``train.class_weights: balanced`` weight, so a sampled epoch's expected gradient is the weighted one."""
+    labels = np.asarray(labels, dtype=np.int64)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    return 1.0 / (len(counts) * counts[inverse])
+
+
+def balanced_counts(labels: Sequence[int], seed: int, epoch: int) -> np.ndarray:
+    """(n,) how often each bag is drawn in training epoch ``epoch`` under ``data.sampler: balanced``: n draws
+    with replacement by :func:`balanced_probabilities`, fixed by ``(seed, epoch)``; both loaders draw these
+    same counts from the manifest's labels."""
+    n = len(labels)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    draws = np.random.default_rng([seed, epoch, 0xBA1A]).choice(n, size=n, replace=True, p=balanced_probabilities(labels))
+    return np.bincount(draws, minlength=n)
+
+
+def train_order(n_items: int, seed: int, epoch: int, labels: Sequence[int] | None = None) -> np.ndarray:
+    """Item indices of training epoch ``epoch``: :func:`epoch_order`, or with ``labels`` (``data.sampler:
+    balanced``) the :func:`balanced_counts` draw (a bag drawn twice appears twice) in a permutation."""
+    if labels is None:
+        return epoch_order(n_items, seed, epoch)
+    items = np.repeat(np.arange(n_items), balanced_counts(labels, seed, epoch))
+    return items[epoch_order(len(items), seed, epoch)]
+
+
 def plan_rank(
     sizes: Sequence[int],
     *,
@@ -136,15 +167,17 @@ def plan_rank(
     train: bool,
     seed: int = 0,
     epoch: int = 0,
+    labels: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """The batches (lists of item indices into ``sizes``) rank ``rank`` runs this epoch.
 
-    Training: shuffled, equal steps on every rank (wrap-around padding). Eval: manifest order,
-    every item exactly once across ranks (step counts may differ by one; eval runs no collectives).
+    Training: shuffled, equal steps on every rank (wrap-around padding); ``labels``: a class-balanced
+    draw (:func:`train_order`). Eval: manifest order, every item exactly once across ranks (step counts
+    may differ by one; eval runs no collectives).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
-    order = epoch_order(len(sizes), seed, epoch) if train else np.arange(len(sizes))
+    order = train_order(len(sizes), seed, epoch, labels) if train else np.arange(len(sizes))
     batches = [[int(order[j]) for j in b] for b in plan_batches([sizes[i] for i in order], max_instances, max_bags)]
     if not batches:
         return []
@@ -156,11 +189,12 @@ def plan_rank(
 
 
 def plan_repeat_fraction(sizes: Sequence[int], *, world_size: int, max_instances: int | None, max_bags: int, train: bool, seed: int = 0,
-        epoch: int = 0) -> float:
-    """Share of the epoch's bag visits (all ranks of :func:`plan_rank`) that are wrap-around repeats."""
+        epoch: int = 0, labels: Sequence[int] | None = None) -> float:
+    """Share of the epoch's bag visits (all ranks of :func:`plan_rank`) that are wrap-around repeats
+    (a balanced sampler's repeated draws are the draw, not padding)."""
     if not train or not sizes:
         return 0.0
-    order = epoch_order(len(sizes), seed, epoch)
+    order = train_order(len(sizes), seed, epoch, labels)
     batches = balance_batches(plan_batches([sizes[i] for i in order], max_instances, max_bags), world_size)
     visits = [len(batches[i % len(batches)]) for i in range(math.ceil(len(batches) / world_size) * world_size)]
     return sum(visits[len(batches):]) / sum(visits)

@@ -280,6 +280,7 @@ class StreamLoader:
                 epoch=epoch,
                 max_instances=s.max_instances,
                 max_bags=s.max_bags,
+                sampler=s.sampler,
             )
         return self._plans[epoch]
 

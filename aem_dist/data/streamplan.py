@@ -5,7 +5,10 @@ listing storage or talking to the other ranks. A plan says, for each rank and ea
 workers, which batches (lists of planned bags) it produces, in order.
 
 1. **Order.** Training: the shards in a permutation fixed by ``(seed, epoch)``, and inside each shard
-   its bags in a permutation fixed by ``(seed, epoch, shard)``. Evaluation: manifest order.
+   its bags in a permutation fixed by ``(seed, epoch, shard)``. Evaluation: manifest order. With
+   ``sampler="balanced"`` each bag appears as often as :func:`aem_dist.data.packing.balanced_counts`
+   draws it (the in-memory loader's counts), its copies inside its own shard's permutation, so shards
+   are still read one after another.
 2. **Pack.** The whole ordered sequence is packed greedily, as :func:`aem_dist.data.packing.plan_batches`
    does, so packing is as tight as one process's. Training: then batches are halved
    (:func:`aem_dist.data.packing.balance_batches`) until their number divides evenly by the world
@@ -36,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .manifest import SplitEntry
-from .packing import balance_batches, epoch_order, plan_batches
+from .packing import balance_batches, balanced_counts, epoch_order, plan_batches
 
 
 @dataclass(frozen=True)
@@ -96,14 +99,19 @@ def _deal(n: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def epoch_sequence(split: SplitEntry, *, train: bool, seed: int, epoch: int) -> list[BagRef]:
+def epoch_sequence(split: SplitEntry, *, train: bool, seed: int, epoch: int, sampler: str = "shuffle") -> list[BagRef]:
     """The split's bags in this epoch's order (see module docstring, step 1)."""
     n_shards = len(split.shards)
     shard_order = epoch_order(n_shards, seed, epoch) if train else np.arange(n_shards)
+    balanced = train and sampler == "balanced"
+    if balanced:  # drawn over the split's bags in manifest order, as the in-memory loader holds them
+        counts = balanced_counts([b.label for b in split.bags()], seed, epoch)
+        first = np.cumsum([0] + [len(s.bags) for s in split.shards])
     seq: list[BagRef] = []
     for s in shard_order:
         shard = split.shards[int(s)]
-        inner = np.random.default_rng([seed, epoch, int(s), 0xBA6]).permutation(len(shard.bags)) if train else range(len(shard.bags))
+        items = np.repeat(np.arange(len(shard.bags)), counts[first[s] : first[s + 1]]) if balanced else np.arange(len(shard.bags))
+        inner = items[np.random.default_rng([seed, epoch, int(s), 0xBA6]).permutation(len(items))] if train else items
         seq += [BagRef(int(s), shard.bags[int(i)].key, shard.bags[int(i)].label, shard.bags[int(i)].n) for i in inner]
     return seq
 
@@ -118,10 +126,11 @@ def plan_epoch(
     epoch: int,
     max_instances: int | None,
     max_bags: int,
+    sampler: str = "shuffle",
 ) -> EpochPlan:
     """The whole epoch's plan for every rank and worker (pure; see module docstring)."""
     workers = max(1, workers)
-    seq = epoch_sequence(split, train=train, seed=seed, epoch=epoch)
+    seq = epoch_sequence(split, train=train, seed=seed, epoch=epoch, sampler=sampler)
     batches = [tuple(seq[j] for j in b) for b in plan_batches([r.n for r in seq], max_instances, max_bags)]
     if train:
         batches = balance_batches(batches, world_size)

@@ -154,7 +154,8 @@ def open_data(cfg: Config, ctx: DistContext, options: StorageOptions | None = No
     def loader(split: str, train: bool) -> SplitLoader | None:
         if split not in manifest.splits:
             return None
-        spec = LoaderSpec(split, ctx.rank, ctx.world_size, train, data_seed(cfg), t.max_instances_per_batch, t.max_bags_per_batch, cfg.data.on_bad_sample)
+        spec = LoaderSpec(split, ctx.rank, ctx.world_size, train, data_seed(cfg), t.max_instances_per_batch, t.max_bags_per_batch, cfg.data.on_bad_sample,
+            sampler=cfg.data.sampler)
         return place_on_device(open_split(cfg.data, manifest, spec, options), cfg.data.device_cache, ctx.device)
 
     for split in manifest.splits:
