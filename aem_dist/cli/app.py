@@ -29,6 +29,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from ..config import ConfigError
     from ..data.manifest import ManifestError
     from ..data.schema import BadSampleError
+    from ..data.synthetic import SpecError
     from ..engine.runrecord import RunConfigMismatch
     from ..observe.identity import DataChanged
     from ..orchestrate.errors import PreflightError, SweepError, TrainingFailed
@@ -39,6 +40,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfigError,
         ManifestError,
         BadSampleError,
+        SpecError,
         StorageError,
         FileNotFoundError,
         SweepError,

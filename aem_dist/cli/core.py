@@ -18,7 +18,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Dotted
 def synth(
     out: Annotated[str, typer.Option(help="Dataset folder or URL to write (path, file://, s3://bucket/prefix).")],
     preset: Annotated[str, typer.Option(help="Preset: demo (seconds), mil-small (~10 instances/bag), wsi-small (median ~1 000, D=384), wsi-c16 "
-        "(CAMELYON16-shaped, median ~8 000).")] = "demo",
+        "(CAMELYON16-shaped, median ~8 000, heterogeneous tumour with mimics), c16-mini (wsi-c16's tumour model in seconds).")] = "demo",
     seed: Annotated[int, typer.Option(help="Seed: the same seed rebuilds the same dataset bit for bit.")] = 0,
     scale: Annotated[float, typer.Option(help="Multiply the preset's bag counts (bag sizes keep their law).")] = 1.0,
     size_scale: Annotated[float, typer.Option(help="Multiply the preset's bag sizes (median, min and max instances; same spread), e.g. 0.125 runs wsi-c16 on a "
@@ -27,21 +27,32 @@ def synth(
     folds: Annotated[Optional[int], typer.Option(help="Also record K cross-validation folds (as `aem-dist splits OUT --folds K`).")] = None,
     val_frac: Annotated[float, typer.Option(help="With --folds: share of each fold's non-test bags drawn for validation.")] = 0.1,
     stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help="With --folds: stratify folds by class.")] = True,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a generator knob, repeatable: --set mimic_rate=0.5 --set "
+        "'subtype_strength=[6, 2]' (docs/data.md, \"Synthetic data\"; recorded in the manifest).")] = None,
+    probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Fit the instance-level linear probe (tumour vs normal) and record its AUC in the "
+        "manifest.")] = True,
 ) -> None:
     """Generate a synthetic WSI-like dataset (shards + manifest) from a preset."""
 
     def body() -> None:
-        from ..data.synthetic import get_spec, write_synthetic
+        from ..data.synthetic import get_spec, parse_knobs, write_synthetic
         from ..storage import StorageOptions, redact
 
         options = StorageOptions.from_config()
-        manifest = write_synthetic(get_spec(preset, scale, size_scale), out, seed, shard_bytes=shard_mb << 20, options=options)
+        knobs = parse_knobs(set_ or [])
+        spec = get_spec(preset, scale, size_scale, knobs)
+        manifest = write_synthetic(spec, out, seed, shard_bytes=shard_mb << 20, options=options, probe=probe, knobs=knobs)
         if folds is not None:
             from ..data.folds import record_folds
 
             manifest = record_folds(out, folds, val_frac=val_frac, seed=seed, stratify=stratify, options=options)
         counts = ", ".join(f"{s}: {e.n_bags} bags / {e.n_instances:,} instances" for s, e in manifest.splits.items())
         typer.echo(f"wrote {preset} (seed {seed}) to {redact(out, options)}: {counts}")
+        p = manifest.source.get("probe") or {}
+        if p.get("auc") is not None:
+            subs = ", ".join(f"{a:.3f}" for a in p["auc_by_subtype"] if a is not None)
+            mimic = f"; mimics vs normal {p['mimic_auc']:.3f}" if p.get("mimic_auc") is not None else ""
+            typer.echo(f"instance-level linear probe (tumour vs normal, test instances): AUC {p['auc']:.3f}; per sub-prototype {subs}{mimic}")
 
     run_guarded(body)
 
