@@ -7,7 +7,8 @@ tumour, normal and mimic instances come in their natural proportions, as in a pa
 and is scored on a uniform sample of the test bags': ``auc`` is one probe, tumour vs everything else
 (mimics included, as normal); ``auc_by_subtype`` a probe per tumour sub-prototype, its instances vs
 normal ones without mimics (how discriminative that sub-prototype is on its own); ``mimic_auc`` the
-first probe's score of mimics vs normal instances (near 1: mimics look like tumour to it). The sample is drawn from its own RNG stream, so the probe never changes the bags."""
+first probe's score of mimics vs normal instances (near 1: mimics look like tumour to it). The sample
+is drawn from its own RNG stream, so the probe never changes the bags."""
 
 from __future__ import annotations
 
