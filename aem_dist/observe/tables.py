@@ -49,8 +49,9 @@ def trial_row(trial: str, swept: dict[str, Any], results: dict[str, Any] | None,
     row: dict[str, Any] = {"trial": trial, "status": status, **swept}
     results = results or {}
     row["best_epoch"] = results.get("best_epoch")
-    # epochs trained: a stopped trial's record says; a finished one ran them all
-    row["epochs"] = results.get("epochs", ((results.get("config") or {}).get("train") or {}).get("epochs"))
+    # epochs trained: a stopped trial's record says, so does train.patience's stop; a finished one ran them all
+    stopped = results.get("stopped_after_epoch")
+    row["epochs"] = results.get("epochs", stopped + 1 if stopped is not None else ((results.get("config") or {}).get("train") or {}).get("epochs"))
     for split in ("val", "test"):
         metrics = results.get(split) or {}
         for m in SPLIT_COLUMNS:

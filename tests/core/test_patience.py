@@ -11,6 +11,7 @@ from aem_dist.engine.checkpoint import state_from_bytes, state_to_bytes
 from aem_dist.engine.loop import fit, fit_members
 from aem_dist.engine.results import results_dict
 from aem_dist.engine.selection import BestTracker
+from aem_dist.observe.tables import trial_row
 from tests.core.test_population import _assert_same_history, _cfgs, float64, small_data  # noqa: F401  (fixtures)
 from tests.core.test_train import metrics_only
 
@@ -42,6 +43,7 @@ def test_patience_stops_at_the_right_epoch_and_keeps_the_selected_epoch(small_da
     assert early.best_epoch == best and early.test == full.history[best]["test"]
     record = results_dict(early, cfg)
     assert record["stopped_after_epoch"] == stop and record["config"]["train"]["patience"] == PATIENCE
+    assert trial_row("t", {}, record, status="TERMINATED", wall_s=1.0)["epochs"] == stop + 1  # trials.csv: the epochs trained
     # resuming from the stop epoch's checkpoint trains nothing more
     again = fit(cfg, resume=state_from_bytes(states[stop]))
     assert again.stopped_at == stop and len(again.history) == stop + 1 and again.best_epoch == best
