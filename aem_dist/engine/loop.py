@@ -398,7 +398,7 @@ def fit_members(
             row["time"] = dict(timing)
             histories[k].append(row)
             is_best = "val" in row and trackers[k].update(epoch, row["val"])
-            stopped = "val" in row and trackers[k].out_of_patience(epoch)
+            stopped = "val" in row and not last and trackers[k].out_of_patience(epoch)  # (running out at the last epoch stops nothing)
             if stopped and ctx.is_main:
                 log.info("train.patience=%d: %sno better validation score since epoch %s; stopping after epoch %d", cfg.train.patience,
                     f"member {k}: " if K > 1 else "", trackers[k].best_epoch, epoch)

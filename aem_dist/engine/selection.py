@@ -15,7 +15,7 @@ Rules (documented in docs/training.md):
   ``earlier`` (the earlier epoch stays — the official code's strict ``>``). On tiny val splits AUC
   saturates at 1.0 within a few epochs; the strict rule then pins the reported model to a barely
   trained epoch, hence the default.
-- ``train.patience`` (early stopping): after an evaluated epoch e, the run stops once
+- ``train.patience`` (early stopping): after an evaluated epoch e before the last, the run stops once
   ``e − best_epoch ≥ patience`` (counted from epoch −1 while no epoch has a finite score). The stop only
   ends training: the selected epoch is the best of the epochs trained, by the same rules.
 """

@@ -49,6 +49,15 @@ def test_patience_stops_at_the_right_epoch_and_keeps_the_selected_epoch(small_da
     assert again.stopped_at == stop and len(again.history) == stop + 1 and again.best_epoch == best
 
 
+def test_a_frozen_model_stops_after_patience_epochs_but_never_at_the_last(small_data):  # noqa: F811
+    """lr ~ 0: every epoch scores as epoch 0, which the strict tie rule keeps, so patience 1 runs out at epoch 1."""
+    frozen = [*SELECT, "train.lr=1e-12", "train.patience=1"]
+    three = fit(_cfgs(small_data, "abmil", [{"train.seed": 0}], *frozen, "train.epochs=3")[0])
+    assert (three.stopped_at, three.best_epoch, len(three.history)) == (1, 0, 2)
+    two = fit(_cfgs(small_data, "abmil", [{"train.seed": 0}], *frozen, "train.epochs=2")[0])
+    assert (two.stopped_at, len(two.history)) == (None, 2)  # it ran every epoch: nothing was stopped
+
+
 def test_population_members_stop_individually_as_their_standalone_runs(small_data, float64):  # noqa: F811
     members = [{"loss.lam": 0.0, "train.seed": 0}, {"loss.lam": 0.5, "train.seed": 1}]
     cfgs = _cfgs(small_data, "abmil", members, *SELECT, f"train.patience={PATIENCE}")
