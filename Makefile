@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test test-fast test-deps venv bench reproduce clean
+.PHONY: demo test test-fast test-deps image-deps image-test venv bench reproduce clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,20 @@ test-deps:
 
 test: $(STAMP) test-deps
 	$(VENV)/bin/pytest -q
+
+# The image, built and run (tests/image/image_cases.py; docs/cluster.md, "Proven in containers"): the
+# Dockerfile built on a stand-in Ray base, a head and a worker container running the documented job.
+# Needs root (rootful podman; debootstrap) and the Debian packages below, installed here when missing.
+IMAGE_PKGS := podman runc debootstrap uidmap netavark aardvark-dns iptables slirp4netns fuse-overlayfs prometheus
+image-deps:
+	@{ command -v podman && [ -x /usr/sbin/runc ] && command -v debootstrap && command -v newuidmap && [ -x /usr/lib/podman/netavark ] \
+	   && [ -x /usr/lib/podman/aardvark-dns ] && command -v promtool; } >/dev/null 2>&1 || { \
+	  echo "installing Debian packages $(IMAGE_PKGS) (needed by the image test)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(IMAGE_PKGS) >/dev/null; }
+
+image-test: $(STAMP) image-deps
+	$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/image/image_cases.py
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not integration"

@@ -69,6 +69,7 @@ def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = Non
     try:
         if cfg is not None:
             _storage_env_from_config(cfg)
+        _no_credentials_in_trial_runtime_envs()
         with _ray(address, num_cpus):
             yield
     finally:  # a later session in this process (tests, notebooks) must not inherit this one's storage
@@ -80,6 +81,18 @@ def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = Non
 
 
 STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+TUNE_COPIED_SECRETS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
+
+
+def _no_credentials_in_trial_runtime_envs() -> None:
+    """Ray Tune copies the driver's AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / session token into every
+    trial actor's runtime_env, and the runtime_env agent of each node logs that runtime_env in full
+    (/tmp/ray/session_*/logs/runtime_env_agent.log; found by tests/image). The nodes need no copy: a local
+    Ray's processes inherit the driver's environment, a cluster's pods get the keys from their Secret (and
+    the preflight probe names a node that cannot reach S3 with what it has). So Tune copies the rest only."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) - TUNE_COPIED_SECRETS
 
 
 @contextlib.contextmanager
