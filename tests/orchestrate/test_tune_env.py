@@ -1,0 +1,28 @@
+"""Ray Tune copies some driver environment variables into every trial actor's runtime_env, which each
+node's runtime_env agent logs in full; the S3 keys must not be among them (found by tests/image)."""
+
+import os
+
+from aem_dist.orchestrate import ray_env
+
+
+def test_tune_copies_no_s3_keys_into_trial_runtime_envs(monkeypatch):
+    import ray.tune.execution.class_cache as class_cache
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", class_cache.ENV_VARS_TO_PROPAGATE)  # restored afterwards
+    for name in ray_env.TUNE_COPIED_SECRETS:
+        monkeypatch.setenv(name, f"secret-{name}")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+
+    class Trainable:
+        pass
+
+    def copied() -> dict:
+        return class_cache._ActorClassCache().get(Trainable)._default_options["runtime_env"]["env_vars"]
+
+    assert ray_env.TUNE_COPIED_SECRETS & set(copied())  # what Ray does by default: the reason for the fix
+    ray_env._no_credentials_in_trial_runtime_envs()
+    env_vars = copied()
+    assert not ray_env.TUNE_COPIED_SECRETS & set(env_vars), env_vars
+    assert env_vars["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.1"  # Ray Train's own variables still travel
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] == "secret-AWS_SECRET_ACCESS_KEY"  # the driver keeps its keys
