@@ -247,14 +247,13 @@ def test_containerised_cluster_runs_the_documented_job(podman, image, timings, d
     out = "aem-results/camelyon16-sweep"
     results_glob = f"{out}/trials/*/results.json"
 
-    def submit(submission_id: str, *flags: str) -> subprocess.CompletedProcess:
-        argv = ["ray", "job", "submit", "--address", dashboard, "--working-dir", str(job_dir), "--submission-id", submission_id, *flags, "--", *shlex.split(entrypoint)]
-        ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-        return subprocess.run([ray, *argv[1:]], capture_output=True, text=True, timeout=900)
+    def submit_argv(submission_id: str, *flags: str) -> list[str]:
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent))  # the workstation's CLI, Ray 2.60.0 as the cluster
+        return [ray, "job", "submit", "--address", dashboard, "--working-dir", str(job_dir), "--submission-id", submission_id, *flags, "--", *shlex.split(entrypoint)]
 
     client = JobSubmissionClient(dashboard)
     t0 = time.monotonic()
-    first = submit("sweep-1", "--no-wait")
+    first = subprocess.run(submit_argv("sweep-1", "--no-wait"), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
 
     def one_finished():
@@ -285,11 +284,13 @@ def test_containerised_cluster_runs_the_documented_job(podman, image, timings, d
 
     # The same command again, blocking; meanwhile the head's aem metrics port is scraped.
     t0 = time.monotonic()
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-    argv = [ray, "job", "submit", "--address", dashboard, "--working-dir", str(job_dir), "--submission-id", "sweep-2", "--", *shlex.split(entrypoint)]
-    second = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(run / "submit-2.log", "wb") as out_file:  # a file, not a pipe: a long job log cannot block the client
+        second = subprocess.Popen(submit_argv("sweep-2"), stdout=out_file, stderr=subprocess.STDOUT)
     scraped = ""
     while second.poll() is None:
+        if time.monotonic() - t0 > 900:  # a hang guard, not a timing assert
+            second.kill()
+            pytest.fail(f"the second job did not end within 900 s:\n{(run / 'submit-2.log').read_text(errors='replace')[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
                 text = r.read().decode()
@@ -298,7 +299,7 @@ def test_containerised_cluster_runs_the_documented_job(podman, image, timings, d
         except OSError:  # the driver's exporter is not up yet, or gone
             pass
         time.sleep(1.0)
-    logs = second.stdout.read()
+    logs = (run / "submit-2.log").read_text(errors="replace")
     timings["second-job"] = round(time.monotonic() - t0, 1)
     assert second.returncode == 0 and "succeeded" in logs.lower(), logs[-4000:]
     assert "resuming sweep" in logs, logs[-4000:]
