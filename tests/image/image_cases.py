@@ -79,7 +79,8 @@ def _torch_index(dest: Path) -> str:
     config (its wheel cache has the +cpu build); mounted into the build, named by TORCH_INDEX_URL."""
     files = dest / "files"
     # This host is the image's platform (Debian bookworm, CPython 3.11, x86_64), so its wheels fit.
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(files), TORCH], check=True, timeout=600)
+    pip = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(files), TORCH], capture_output=True, text=True, timeout=600)
+    assert pip.returncode == 0, (pip.stdout + pip.stderr)[-3000:]
     wheels = sorted(files.glob("*.whl"))
     assert any(w.name.startswith("torch-") and "+cpu" in w.name for w in wheels), [w.name for w in wheels]
     by_project: dict[str, list[str]] = {}
