@@ -44,8 +44,9 @@ image-deps:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(IMAGE_PKGS) >/dev/null; }
 
+# Its own hang guard: the three builds alone took 12-17 min on 2 cores at load 30-50, past pytest's 15 min.
 image-test: $(STAMP) image-deps
-	$(VENV)/bin/pytest -q -s -p no:cacheprovider tests/image/image_cases.py
+	$(VENV)/bin/pytest -q -s -p no:cacheprovider --timeout 3600 tests/image/image_cases.py
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not integration"
