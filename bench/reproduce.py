@@ -433,7 +433,8 @@ def verdicts(ctx: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                    + (word if both else "not judged: a level is not learnable") + ".")
         supports = both and top["g_auc"]["lo"] > 0 and trend["p"] < 0.05 and trend["mean"] > 0
         contradicts = learnable[top["level"]] and (top["g_auc"]["hi"] < 0 or (top["g_auc"]["lo"] >= -0.01 and top["g_auc"]["hi"] <= 0.01))
-        overall = "**supports**" if supports else "**contradicts**" if contradicts else "neither supports nor contradicts (inconclusive)"
+        overall = ("**supports**" if supports else "**contradicts**" if contradicts else
+                   "neither supports nor contradicts (inconclusive)" if both else "cannot judge (a level is not learnable at this budget)")
         out.append(f"- **Overall, by the criteria above, this run {overall} the paper's claim** that AEM helps where concentrated attention "
                    "generalises worse.")
     conc = [f"{level_name(r['level'])}: {r['top1_abmil']} (ABMIL) vs {r['top1_aem']} (AEM)" for r in rows]
@@ -709,7 +710,8 @@ def run_steps(a: argparse.Namespace, out: Path, logs: Path, run_file: Path, comm
             print(f"{name}: finished in an earlier session ({run['steps'][name]:.0f} s)", flush=True)
             return
         for attempt in (1, 2):
-            retry = attempt == 2 or any(f["step"] == name for f in run["failed"])
+            # a sweep a stopped session left half done (its --out exists) continues with --resume
+            retry = attempt == 2 or any(f["step"] == name for f in run["failed"]) or (is_sweep and Path(args[args.index("--out") + 1]).exists())
             try:
                 run["steps"][name] = aem(args + (["--resume"] if retry and is_sweep else []), log.with_suffix(f".{attempt}.log") if retry else log)
                 break
