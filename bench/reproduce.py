@@ -433,13 +433,14 @@ def verdicts(ctx: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
                    + (word if both else "not judged: a level is not learnable") + ".")
         supports = both and top["g_auc"]["lo"] > 0 and trend["p"] < 0.05 and trend["mean"] > 0
         contradicts = learnable[top["level"]] and (top["g_auc"]["hi"] < 0 or (top["g_auc"]["lo"] >= -0.01 and top["g_auc"]["hi"] <= 0.01))
-        overall = ("**supports**" if supports else "**contradicts**" if contradicts else
-                   "neither supports nor contradicts (inconclusive)" if both else "cannot judge (a level is not learnable at this budget)")
-        out.append(f"- **Overall, by the criteria above, this run {overall} the paper's claim** that AEM helps where concentrated attention "
-                   "generalises worse.")
+        claim = "the paper's claim that AEM helps where concentrated attention generalises worse"
+        overall = (f"this run **supports** {claim}" if supports else f"this run **contradicts** {claim}" if contradicts else
+                   f"this run neither supports nor contradicts {claim} (inconclusive)" if both else
+                   f"this run cannot judge {claim}: a level is not learnable at this budget")
+        out.append(f"- **Overall, by the criteria above, {overall}.**")
     conc = [f"{level_name(r['level'])}: {r['top1_abmil']} (ABMIL) vs {r['top1_aem']} (AEM)" for r in rows]
-    more = sum(1 for r in rows if r["top1_abmil_m"] > r["top1_aem_m"])
-    out.append(f"- **Attention** (test top-1 % share): {'; '.join(conc)} — ABMIL more concentrated at {more} of {len(rows)} levels.")
+    more = sum(1 for r in rows if r["top1_abmil_m"] > r["top1_aem_m"] + 0.001)
+    out.append(f"- **Attention** (test top-1 % share): {'; '.join(conc)} — ABMIL's share exceeds AEM's by more than 0.001 at {more} of {len(rows)} levels.")
     return out
 
 
