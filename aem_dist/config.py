@@ -180,6 +180,12 @@ class RunSection(_Section):
     checkpoint_keep: int = Field(2, ge=1, description="Checkpoints kept per run (the best-scoring and latest survive).")
     checkpoint_every: int = Field(1, ge=1, description="Ray runs: attach a checkpoint to every N-th epoch's report (and the last); metrics are reported every "
         "epoch. A failure resumes from the last checkpointed epoch.")
+    stall_timeout_s: float = Field(1800.0, gt=0.0, description="Sweeps: a trial with no epoch report for this long whose processes are idle or gone is "
+        "stalled (one line names it, its last epoch and its logs; see run.on_stall). Before a Ray Train trial's first report (its worker unknown): twice this.")
+    wait_timeout_s: float = Field(3600.0, gt=0.0, description="Sweeps: trials waiting with none running and nothing happening for this long is a stalled "
+        "sweep (the cluster cannot place a trial): one line says what waits; see run.on_stall.")
+    on_stall: Literal["fail", "warn"] = Field("fail", description="What a stall does: 'fail' ends the stalled trial as an error (or the stalled sweep), "
+        "so `--resume` redoes it from its last checkpoint; 'warn' prints the line and waits on.")
 
     _absolute = field_validator("storage_path")(_absolute_local)
 
@@ -289,6 +295,8 @@ class StorageSection(_Section):
 
 class DebugSection(_Section):
     fail_at_epoch: int | None = Field(None, ge=0, description="Raise once in rank 0 at the end of this epoch (fault-injection for tests and demos).")
+    stall_at_epoch: int | None = Field(None, ge=0, description="Sweeps: rank 0 stops for good, idle, after this epoch's report (a hung worker, to see the "
+        "stall watchdog act; a resumed trial starts after that epoch).")
 
 
 class Config(_Section):

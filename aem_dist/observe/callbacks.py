@@ -4,7 +4,7 @@ The only module of ``aem_dist.observe`` that imports Ray.
 
 * :class:`TuneMetricsCallback` — a ``ray.tune.Callback`` for sweeps. Tune runs its callbacks in the
   driver, so it feeds the sweep's exporter directly: every trial result (the rank-0
-  ``EpochReport.flat()`` dict forwarded by ``TuneReportCallback``) becomes ``on_report`` with labels
+  ``EpochReport.flat()`` dict the trial reports, see ``orchestrate.worker``) becomes ``on_report`` with labels
   from the trial's config, grid-point states become ``aem_trials{state}`` (planned points not started
   yet count as pending), and a short live table of grid points is printed as the sweep goes.
 

@@ -37,7 +37,7 @@ from ..engine.results import results_dict, stored_config
 from ..engine.runrecord import result_relevant_diff
 from ..storage import StorageOptions
 from .resources import trial_device
-from .trials import STOPPED_FILE, progress_metrics
+from .trials import STOPPED_FILE, progress_metrics, stall_if_asked
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,10 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
 
     def report(epoch: EpochReport) -> None:
         # node_id as Ray Train workers report it (worker.RayReporter); progress for ASHA (see .search)
-        ray.tune.report(tune_metrics(progress_metrics(epoch.flat() | {"node_id": node_id}, epoch.epoch, cfgs[0].train.epochs)))
+        # worker_pid: this process trains (the stall watchdog checks whether it still works)
+        extra = {"node_id": node_id, "worker_pid": os.getpid()}
+        ray.tune.report(tune_metrics(progress_metrics(epoch.flat() | extra, epoch.epoch, cfgs[0].train.epochs)))
+        stall_if_asked(cfgs[0].debug.stall_at_epoch, epoch.epoch)
 
     best_dirs = [storage.join(d, "best") for d in run_dirs]
     # the GPU Ray assigned to this trial (sweep.trial_gpus), never just any visible one

@@ -2,8 +2,9 @@
 
 Each trial is a Tune *function trainable* (:func:`run_trial`) that applies its grid values to the base
 config with :func:`aem_dist.config.config_with` — the same dotted keys as ``--set`` — and then either
-fits a :class:`TorchTrainer` (``scaling.num_workers ≥ 1``, results relayed to Tune by
-``TuneReportCallback``) or, for ``num_workers: 0``, runs the per-worker function in the trial itself.
+fits a :class:`TorchTrainer` (``scaling.num_workers ≥ 1``; its reports reach Tune from the trial's own
+thread, :func:`.worker.fit_reporting_to_tune`) or, for ``num_workers: 0``, trains in the trial itself.
+A :class:`.watchdog.StallWatchdog` in the driver names (and by default fails) a trial or a sweep that stalls.
 
 Layout under ``out``: ``run.json``, ``trials.csv``, ``summary.{csv,md}``, ``trials/<trial>/`` (results.json,
 best/state.pt) and ``ray/<run.name>/`` (Tune's experiment state; Ray Train checkpoints under ``ray/train``).
@@ -42,7 +43,8 @@ from .resources import function_resources, max_concurrent, ray_storage, trial_re
 from .resume import experiment_exists, finished_results, run_inprocess_trial, stopped_record
 from .search import EarlyStopRecorder, SampleBook, make_scheduler, make_searcher, tune_space
 from .trials import POPULATION, SCORE_KEY, SEARCH_FILE, STOPPED_FILE, trial_spec
-from .worker import make_trainer, quiet_ray_logs
+from .watchdog import StallWatchdog
+from .worker import fit_reporting_to_tune, quiet_ray_logs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,6 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
     drew (``searched``; its name is the Tune trial's, see :class:`.search.SampleBook`), start to
     finish (resuming from its last checkpoint). Each member writes its own ``trials/<name>/results.json``."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     started = time.time()
     quiet_ray_logs()
@@ -69,8 +70,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
             ckpt_dir = storage.join(run_dirs[0] if len(cfgs) == 1 else storage.join(out, "populations", spec.name), "checkpoints")
             results = run_inprocess_trial(cfgs, run_dirs, ckpt_dir, options)
         else:
-            trainer = make_trainer(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"), callbacks=[TuneReportCallback()])
-            results = trainer.fit().return_value
+            results = fit_reporting_to_tune(cfgs, run_dirs, spec.name, ray_storage(cfg, out, "train"))
         ended = time.time()
         node_id = ray.get_runtime_context().get_node_id()  # where the trial function ran
         for run_dir, res in zip(run_dirs, results):
@@ -81,6 +81,7 @@ def run_trial(config: dict[str, Any], *, base: dict[str, Any], out: str, single:
             write_json(storage.join(run_dir, "results.json"), res, options)
     # A final report, so Tune holds completion metrics even for trials that had nothing left to train;
     # with one member, its best validation score: what a searcher learns from and a scheduler expects.
+    # Safe: every epoch report went out from this thread before (one reporting path, see .worker).
     final = {"done/best_epoch": [-1 if r["best_epoch"] is None else r["best_epoch"] for r in results], "done/test_auc": [r["test"].get("auc") for r in results]}
     if len(results) == 1:
         final[SCORE_KEY] = score_of(results[0]["val"] or {}, cfgs[0].train.select_metric)
@@ -99,8 +100,9 @@ def trial_timing(worker: dict[str, Any], started: float, ended: float) -> dict[s
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | None = None):
-    """Run the plan's trials with Ray Tune (Ray must be initialised); returns the ResultGrid."""
+def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | None = None, watchdog: StallWatchdog | None = None):
+    """Run the plan's trials with Ray Tune (Ray must be initialised); returns the ResultGrid. ``watchdog``:
+    the stall watchdog to use (one is made when not given)."""
     import ray
     from ray import tune
 
@@ -136,6 +138,7 @@ def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | Non
     scheduler = make_scheduler(cfg) if not plan.single else None
     if scheduler is not None:  # stopped trials get their stopped.json from the driver (see .search)
         callbacks = [*(callbacks or []), EarlyStopRecorder(cfg, out, options)]
+    watchdog = watchdog or StallWatchdog(cfg, storage.redact(storage.join(out, "logs"), options))
 
     # Never Tuner.restore: it unpickles state from the output prefix. A fresh experiment resumes from
     # our own JSON records and weights-only checkpoints instead (see .resume).
@@ -153,7 +156,8 @@ def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | Non
             storage_path=exp_root,
             storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=max(cfg.run.max_failures, 0)),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []), watchdog],
+            stop=watchdog.stopper(),
             verbose=0,  # the trial table of TuneMetricsCallback reports progress
         ),
     )
@@ -259,8 +263,9 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
         planned = [] if plan.searched else [m.name for s in plan.populations for m in s.members]  # "k of N grid points" from the plan
         callback = TuneMetricsCallback(cfg, exporter, planned=planned, total=cfg.sweep.num_samples if plan.searched else None, tracker=tracker)
         started = time.monotonic()
+        watchdog = StallWatchdog(cfg, storage.redact(storage.join(out, "logs"), options))
         try:
-            results = run_trials(plan, out, resume=resume, callbacks=[callback, *(callbacks or [])])
+            results = run_trials(plan, out, resume=resume, callbacks=[callback, *(callbacks or [])], watchdog=watchdog)
         except KeyboardInterrupt:  # Ctrl-C (Tune's own handler is off, see .interrupt): no summary, no report
             callback.mark(INTERRUPTED_STATE)
             callback.final_table()
@@ -284,5 +289,7 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
             if errors
             else "none of them raised an error (they never ran to the end)"
         )
-        raise SweepError(f"{len(failed)} of {len(rows)} grid point(s) did not finish ({', '.join(failed)}); {where}; rerun with --resume to train them")
+        stalls = "".join(f"\n  {line}" for line in watchdog.stalls)  # the stall lines, once more at the end
+        raise SweepError(f"{len(failed)} of {len(rows)} grid point(s) did not finish ({', '.join(failed)}); {where}; rerun with --resume to train them"
+                         f"{stalls}")
     return summary

@@ -7,6 +7,7 @@ results.json, and the one decoder of a Tune trial's config into the grid points 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,13 @@ def progress_metrics(metrics: dict[str, Any], epoch: int, epochs: int) -> dict[s
     if epoch + 1 < epochs:
         metrics[PROGRESS_KEY] = epoch + 1
     return metrics
+
+
+def stall_if_asked(stall_at: int | None, epoch: int) -> None:
+    """``debug.stall_at_epoch``: stop for good, idle, after epoch ``epoch``'s report and checkpoint (a hung
+    worker, for the stall watchdog's test and demos; a resumed run starts after it). Returns at once otherwise."""
+    while stall_at is not None and epoch == stall_at:
+        time.sleep(3600)
 
 
 @dataclass

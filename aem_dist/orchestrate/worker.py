@@ -2,8 +2,13 @@
 
 ``train_loop_per_worker`` wraps :func:`aem_dist.engine.loop.fit` — there is no second training loop.
 It resumes from Ray's latest checkpoint, reports every epoch (all ranks: ``report`` is a barrier; rank
-0 attaches the checkpoint; ``node_id`` names the node that trains), keeps the best state in
-``run_dir/best/state.pt``, and returns the results dict from rank 0 (``worker_node_ids``: each rank's node).
+0 attaches the checkpoint; ``node_id`` names the node that trains, ``worker_pid`` rank 0's process, which
+the stall watchdog looks at), keeps the best state in ``run_dir/best/state.pt``, and returns the results
+dict from rank 0 (``worker_node_ids``: each rank's node).
+
+:func:`fit_reporting_to_tune` runs such a trainer inside a Tune trial with one reporting path: rank 0's
+reports reach Tune only from the trial function's own thread (see docs/ARCHITECTURE.md, "One reporting
+path per trial").
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from typing import Any
 
@@ -30,15 +36,17 @@ from ..engine.stages import model_init
 from ..observe.callbacks import tune_metrics
 from ..storage import StorageOptions
 from .resources import trial_device, worker_resources
-from .trials import progress_metrics
+from .trials import progress_metrics, stall_if_asked
 
 
 class RayReporter:
     """``on_epoch`` hook: report metrics (+ rank 0's checkpoint) to Ray Train or Ray Tune, and keep
     each member's best state in its ``best_dirs[k]/state.pt``."""
 
-    def __init__(self, api: Any, ctx: DistContext, best_dirs: list[str], options: StorageOptions, every: int = 1, epochs: int = 1):
+    def __init__(self, api: Any, ctx: DistContext, best_dirs: list[str], options: StorageOptions, every: int = 1, epochs: int = 1,
+                 stall_at: int | None = None):
         self.api = api
+        self.stall_at = stall_at  # debug.stall_at_epoch: stop reporting there (the watchdog's test)
         self.ctx = ctx
         self.best_dirs = best_dirs
         self.options = options
@@ -52,6 +60,7 @@ class RayReporter:
         if self.checkpoint_s is not None:  # the previous epoch's save: this one's is still to come
             report.extra["time/checkpoint_s"] = self.checkpoint_s
         report.extra["node_id"] = self.node_id  # which node trains the trial now (it changes after a node loss)
+        report.extra["worker_pid"] = os.getpid()  # rank 0's process: the stall watchdog checks whether it still works
         metrics = tune_metrics(progress_metrics(report.flat(), report.epoch, self.epochs))  # ASHA's time attribute (see .search)
         # run.checkpoint_every: a report without a checkpoint still passes metrics (and is the barrier)
         due = (report.epoch + 1) % self.every == 0 or report.epoch + 1 == self.epochs
@@ -69,6 +78,8 @@ class RayReporter:
             self.api.report(metrics, checkpoint=checkpoint)  # persists the checkpoint before returning
             self.checkpoint_s = time.perf_counter() - t0
             self.total_s += self.checkpoint_s
+        if self.ctx.is_main:
+            stall_if_asked(self.stall_at, report.epoch)
 
 
 def quiet_ray_logs() -> None:
@@ -116,7 +127,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     best_dirs = [storage.join(d, "best") for d in config["run_dirs"]]
     # IBMIL stage 1, MHIM-MIL teacher init (models with stages never fuse into populations); None for most models
     init = model_init(cfg, config["run_dirs"][0], options, ctx) if len(cfgs) == 1 else None
-    reporter = RayReporter(api, ctx, best_dirs, options, every=cfg.run.checkpoint_every, epochs=cfg.train.epochs)
+    reporter = RayReporter(api, ctx, best_dirs, options, every=cfg.run.checkpoint_every, epochs=cfg.train.epochs, stall_at=cfg.debug.stall_at_epoch)
     fit_start = time.time()
     results = fit_members(cfgs, ctx=ctx, resume=resume, on_epoch=reporter, options=options, model_init=init)
     ended = time.time()
@@ -153,3 +164,60 @@ def make_trainer(cfgs: list[Config], run_dirs: list[str], name: str, storage_pat
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
+
+
+class RelayReports(ray.train.UserCallback):
+    """Train callback (in Train's controller actor): rank 0's metrics of each report into ``queue``, which
+    only the trial function's thread reads (:func:`fit_reporting_to_tune`). It replaces Ray's
+    ``TuneReportCallback``, whose ``ray.tune.report`` from the controller is relayed by the trial actor's
+    main thread — the one consumer of Tune's one-slot result queue — and so can deadlock with any report
+    the trial function makes after ``fit()`` returned."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put(metrics[0])  # blocks until the queue actor holds it, so before fit() can return
+
+
+_FIT_ENDED = "__aem_fit_ended__"  # the last item of the relay queue
+
+
+def fit_reporting_to_tune(cfgs: list[Config], run_dirs: list[str], name: str, storage_path: str) -> list[dict[str, Any]]:
+    """``make_trainer(...).fit()`` inside a Tune trial, each epoch's metrics reported to Tune by this (the
+    trial function's) thread, in order, and all of them before this returns; returns the workers' results.
+
+    ``fit()`` runs in a helper thread; the relay queue is a 0-CPU Ray queue actor (a trial holds no CPU
+    beyond its bundle). Tune's checkpoints are not used: trials resume from Ray Train's own checkpoints."""
+    from ray.util.queue import Empty, Queue
+
+    relay = Queue(actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = make_trainer(cfgs, run_dirs, name, storage_path, callbacks=[RelayReports(relay)]).fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial thread below
+            outcome["error"] = e
+        finally:
+            relay.put(_FIT_ENDED)  # after every report of the run: each put returned before fit() did
+
+    thread = threading.Thread(target=fit, name="aem-fit", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = relay.get(timeout=5.0)
+            except Empty:
+                if thread.is_alive():
+                    continue
+                break  # the fit thread ended without its closing put (the queue actor failed): nothing more comes
+            if item == _FIT_ENDED:
+                break
+            ray.tune.report(item)
+        thread.join()
+    finally:
+        relay.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"].return_value
