@@ -138,7 +138,7 @@ def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | Non
     scheduler = make_scheduler(cfg) if not plan.single else None
     if scheduler is not None:  # stopped trials get their stopped.json from the driver (see .search)
         callbacks = [*(callbacks or []), EarlyStopRecorder(cfg, out, options)]
-    watchdog = watchdog or StallWatchdog(cfg, storage.redact(storage.join(out, "logs"), options))
+    watchdog = watchdog or sweep_watchdog(cfg, out)
 
     # Never Tuner.restore: it unpickles state from the output prefix. A fresh experiment resumes from
     # our own JSON records and weights-only checkpoints instead (see .resume).
@@ -166,6 +166,12 @@ def run_trials(plan: SweepPlan, out: str, *, resume: bool, callbacks: list | Non
     finally:
         if searched:
             book.close()
+
+
+def sweep_watchdog(cfg: Config, out: str) -> StallWatchdog:
+    """The stall watchdog of a sweep into ``out``; its lines name the run log folder ``out/logs``."""
+    options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
+    return StallWatchdog(cfg, storage.redact(storage.join(out, "logs"), options))
 
 
 def _population_name(trial: Any) -> str:
@@ -263,7 +269,7 @@ def run_sweep(cfg: Config, out: str, *, resume: bool = False, announce: Callable
         planned = [] if plan.searched else [m.name for s in plan.populations for m in s.members]  # "k of N grid points" from the plan
         callback = TuneMetricsCallback(cfg, exporter, planned=planned, total=cfg.sweep.num_samples if plan.searched else None, tracker=tracker)
         started = time.monotonic()
-        watchdog = StallWatchdog(cfg, storage.redact(storage.join(out, "logs"), options))
+        watchdog = sweep_watchdog(cfg, out)
         try:
             results = run_trials(plan, out, resume=resume, callbacks=[callback, *(callbacks or [])], watchdog=watchdog)
         except KeyboardInterrupt:  # Ctrl-C (Tune's own handler is off, see .interrupt): no summary, no report

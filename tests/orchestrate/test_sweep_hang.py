@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ def test_late_relay_of_the_last_epoch_cannot_hang_a_sweep(demo_data, tmp_path):
         pytest.fail(f"the sweep hung after the late relay (no end within {LATE_RELAY_TIMEOUT_S} s):\n{output[-3000:]}")
     finally:
         _kill_leftovers(str(private_tmp))
+        shutil.rmtree(private_tmp, ignore_errors=True)
     assert proc.returncode == 0, output[-3000:]
     assert "late relay held" in output  # the interleaving was forced, not hoped for
     rows = read_csv(str(out / "trials.csv"))
