@@ -62,6 +62,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the sweeps (default: a temp dir)")
     args = ap.parse_args()
     root = Path(args.out or tempfile.mkdtemp(prefix="aem-stress-"))
+    root.mkdir(parents=True, exist_ok=True)
     totals = {"ok": 0, "error": 0, "hung": 0}
     trials = 0
     for k in range(args.sweeps):
