@@ -29,7 +29,7 @@ PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 LossKind = Literal["neg_entropy", "kl_uniform"]
 SelectMetric = Literal["auc+f1", "auc", "f1", "loss", "last"]
 SelectTie = Literal["val_loss", "later", "earlier"]
-Precision = Literal["fp32", "tf32", "bf16"]
+Precision = Literal["fp32", "tf32", "bf16", "auto"]
 CompileMode = Literal["off", "on"]
 DeviceCacheMode = Literal["auto", "on", "off"]
 
@@ -144,8 +144,9 @@ class TrainConfig(_Section):
 
     log_every: int = Field(0, ge=0, description="Read the device-side step statistics (loss terms, NaN/Inf check) every this many steps; 0 = once per epoch "
         "(and every 256 steps). A non-finite loss stops the run at most this many steps late, before any checkpoint of the poisoned weights.")
-    precision: Precision = Field("fp32", description="Matmul precision: fp32; tf32 (CUDA tensor cores, float32 tensors); bf16 (autocast for the linear layers; "
-        "softmax, entropy, AEM and loss stay float32).")
+    precision: Precision = Field("fp32", description="Matmul precision: fp32; tf32 (CUDA tensor cores, float32 tensors); bf16 (autocast: every matmul of "
+        "training and evaluation in bfloat16; softmax, entropy, AEM, loss and optimizer state stay float32); auto (bf16 where the device has native bf16 "
+        "matrix units: AMX/AVX512-BF16 CPUs, CUDA compute capability >= 8.0; fp32 elsewhere).")
     compile: CompileMode = Field("off", description="torch.compile the model forward + loss with dynamic shapes (recompiles capped and logged); same numbers "
         "as eager within 1e-4 relative.")
     deterministic: bool = Field(False, description="Deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG, no atomics in segment "

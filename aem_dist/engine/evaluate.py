@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data.loader import SplitLoader
+from . import precision as prec
 from .dist import DistContext
 from .metrics import attention_stats, bag_attention_stats, classification_metrics
 
@@ -38,15 +39,19 @@ class EvalResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: SplitLoader, ctx: DistContext, *, keep_attention: bool = False, epoch: int = 0) -> list[BagPrediction]:
+def predict(model: nn.Module, loader: SplitLoader, ctx: DistContext, *, keep_attention: bool = False, epoch: int = 0,
+        precision: str = "fp32") -> list[BagPrediction]:
     """This rank's per-bag predictions: probabilities, attention statistics and (``keep_attention``)
-    the per-instance attention itself."""
+    the per-instance attention itself. The forward runs at ``precision`` (the run's ``train.precision``:
+    bf16 autocast for its matmuls), probabilities and attention are computed from float32 outputs."""
     model.eval()
     out_rows: list[BagPrediction] = []
     for batch in loader.epoch(epoch):
         coords = batch.coords
         batch = batch.to(ctx.device, next(model.parameters()).dtype)
-        out = model(batch.feats, batch.bag_index, batch.n_bags)
+        with prec.autocast(precision, batch.feats.device):
+            out = model(batch.feats, batch.bag_index, batch.n_bags)
+        out = prec.float32_output(out)
         probs = torch.softmax(out.logits.double(), dim=1).cpu().numpy()
         attn = out.instance_attention(batch.bag_index, batch.n_bags)
         emb = out.embedding.float().cpu().numpy() if keep_attention and out.embedding is not None else None

@@ -224,7 +224,7 @@ class Single:
         seed_epoch(self.cfg.train.seed, epoch, rank)
 
     def predict(self, loader: SplitLoader, ctx: DistContext, epoch: int) -> list[list[BagPrediction]]:
-        return [predict(self.core, loader, ctx, epoch=epoch)]
+        return [predict(self.core, loader, ctx, epoch=epoch, precision=self.cfg.train.precision)]
 
     def lrs(self) -> list[float]:
         return [self.optimizer.param_groups[0]["lr"]]
@@ -298,6 +298,27 @@ def fit(
     return fit_members([cfg], ctx=ctx, resume=resume, on_epoch=on_epoch, options=options, model_init=model_init)[0]
 
 
+def with_precision(cfgs: list[Config], manifest: Manifest, ctx: DistContext) -> list[Config]:
+    """``cfgs`` with ``train.precision`` as the run uses it, the backend flags set and the choice logged
+    once: ``auto`` resolved by the device's bf16 units (:func:`aem_dist.engine.precision.resolve`), and
+    bf16 replaced by fp32 for a model whose forward fails under bf16 autocast (one warning line)."""
+    t = cfgs[0].train
+    units = precision.bf16_units(ctx.device.type)
+    used = precision.resolve(t.precision, units)
+    if used == "bf16":
+        with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+            why = precision.bf16_failure(build_model(cfgs[0].model, manifest.dim, manifest.n_classes).to(ctx.device), manifest.dim, ctx.device)
+        if why is not None:
+            log.warning("train.precision=%s: model.name=%s cannot run in bfloat16 (%s); running fp32", t.precision, cfgs[0].model.name, why)
+            used = "fp32"
+    applied = precision.configure(used, t.deterministic, ctx.device)
+    if ctx.is_main:
+        log.info("numerics: %s", applied | {"requested": t.precision, "bf16_units": units or None})
+    if used == t.precision:
+        return cfgs
+    return [c.model_copy(update={"train": c.train.model_copy(update={"precision": used})}) for c in cfgs]
+
+
 def fit_members(
     cfgs: list[Config],
     *,
@@ -311,9 +332,10 @@ def fit_members(
     (``model_init``: single runs only, see :func:`fit`)."""
     cfg = cfgs[0]  # data, model, epochs and budgets are the same for every member
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
-    log.info("numerics: %s", precision.configure(cfg.train.precision, cfg.train.deterministic, ctx.device))
     data = open_data(cfg, ctx, options)
     m = data.manifest
+    cfgs = with_precision(cfgs, m, ctx)  # train.precision resolved (auto; a model that cannot run bf16)
+    cfg = cfgs[0]
     if len(cfgs) == 1:
         trainee = Single.build(cfg, m.dim, m.n_classes, ctx, model_init)
     else:

@@ -123,9 +123,12 @@ class Population(nn.Module):
             return params, feats, None
         w = params.pop(f"{self.input_linear}.weight")  # (K, H, D)
         b = params.pop(f"{self.input_linear}.bias", None)  # (K, H)
-        pre = (feats @ w.reshape(-1, w.shape[-1]).t()).view(feats.shape[0], self.size, -1)  # (T, K, H)
+        # The step's largest matmul: at train.precision like every other Linear (bf16: bfloat16 in, float32
+        # accumulation, bfloat16 out, as nn.Linear under autocast), so no FLOP of the step is left in float32.
+        with prec.autocast(self.precision, feats.device):
+            pre = (feats @ w.reshape(-1, w.shape[-1]).t()).view(feats.shape[0], self.size, -1)  # (T, K, H)
         if b is not None:
-            pre = pre + b
+            pre = pre + b.to(pre.dtype)  # (fp32: the same tensor, so the float32 path is unchanged)
         return params, pre.transpose(0, 1), 0  # (K, T, H)
 
     def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, labels: torch.Tensor, rng: "MemberRNG | None" = None) -> dict[str,
@@ -153,7 +156,9 @@ class Population(nn.Module):
         buffers = self.buffers_stacked()
 
         def one(p, b, x):
-            out = functional_call(self.base, (p, b), (x, bag_index, n_bags))
+            with prec.autocast(self.precision, x.device):  # evaluation at the training precision too
+                out = functional_call(self.base, (p, b), (x, bag_index, n_bags))
+            out = prec.float32_output(out)
             attn = out.instance_attention(bag_index, n_bags)
             return out.logits, (attn if attn is not None else out.logits.new_zeros(0))
 

@@ -17,6 +17,7 @@ from .. import __version__, storage
 from ..config import Config, mask_userinfo
 from ..data.manifest import MANIFEST, MAX_MANIFEST_BYTES
 from ..storage import StorageOptions
+from . import precision as prec
 from .loop import FitResult
 
 PACKAGES = ("torch", "ray", "numpy", "webdataset", "zarr", "s3fs", "fsspec", "scikit-learn", "pydantic", "prometheus-client")
@@ -103,10 +104,19 @@ def resources() -> dict[str, Any]:
 
 
 def numerics(cfg: Config) -> dict[str, Any]:
-    """What decides whether a GPU run repeats bit for bit (docs/gpu.md), for run.json."""
+    """What decides whether a GPU run repeats bit for bit (docs/gpu.md), for run.json: ``precision`` as
+    configured, ``precision_used`` as resolved on this machine's training device (``auto``; a model that
+    cannot run bf16 falls back to fp32 at training start and says so in the log) and ``bf16_units``, the
+    native bf16 matrix units found there (:func:`aem_dist.engine.precision.bf16_units`)."""
+    import torch
+
     t = cfg.train
+    gpu = cfg.scaling.use_gpu or t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    units = prec.bf16_units("cuda" if gpu and torch.cuda.is_available() else "cpu")
     return {
         "precision": t.precision,
+        "precision_used": prec.resolve(t.precision, units),
+        "bf16_units": units,
         "compile": t.compile,
         "deterministic": t.deterministic,
         "device_cache": cfg.data.device_cache,
