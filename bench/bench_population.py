@@ -8,20 +8,22 @@ The sweep: ``configs/camelyon16.yaml`` (ABMIL, hidden 128, AdamW lr 1e-4 cosine,
 val + test every epoch) on ``wsi-small`` at ``--scale`` 0.25, ``--epochs`` 10, a grid of ``--seeds`` ×
 ``--lams`` (the paper's 5 × 7 by default), three ways:
 
-* ``unfused`` — ``aem-dist sweep --set sweep.population=off``: one Ray Tune trial per grid point, each a
-  1-worker TorchTrainer (today's sweep before populations), as many at once as the CPUs allow;
-* ``fused``   — ``aem-dist sweep --set train.data_seed=0``: the whole grid fuses into populations
-  (``sweep.population: auto``), each a 1-worker TorchTrainer given every CPU;
+* ``unfused`` — ``aem-dist sweep --set sweep.population=off``: one Ray Tune trial per grid point, each
+  training in its trial's process (``scaling.num_workers: 0``, as the config ships), one CPU each, as
+  many at once as the CPUs allow;
+* ``fused-bf16`` / ``fused-fp32`` — ``aem-dist sweep --set train.data_seed=0 --set sweep.trial_cpus=2``
+  at ``train.precision`` bf16 / fp32: the whole grid fuses into one population (``sweep.population:
+  auto``) trained in one in-process trial given every CPU;
 * ``loop``    — the grid as sequential runs of a batch-1 loop like the paper's script (the model of
   bench_packing.py, fp32 tensors in RAM loaded once and not timed), training and evaluating val and
   test every epoch.
 
-Both sweeps are timed end to end (the command's wall time: Ray start-up, trials, tables, report). The
+The sweeps are timed end to end (the command's wall time: Ray start-up, trials, tables; report off). The
 per-trial timing record (results.json ``timing``) gives where a trial's time goes.
 
 Step time: a K-member population's training step vs one model's (the engine's ``Single``), K ∈ {1, 7,
-35}, one bag per step on ``mil-small`` and ``wsi-small`` bags: member-steps/s and the FLOP rate as a
-fraction of a bare matmul chain of the same shapes (x @ W for all members at once, then the members'
+35}, fp32 and bf16, one bag per step on ``mil-small`` and ``wsi-small`` bags: member-steps/s and the FLOP
+rate as a fraction of a bare matmul chain of the same shapes in the same dtype (x @ W for all members at once, then the members'
 V/U layers as a batched matmul, forward + backward) timed in the same process.
 """
 
@@ -58,7 +60,9 @@ def cli(*args: str, log: Path) -> float:
 
 def sweep(data: str, out: Path, seeds: int, lams: list[float], epochs: int, *extra: str) -> dict:
     grid = f"sweep.grid={{train.seed: {list(range(seeds))}, loss.lam: {lams}}}"
-    sets = [f"data.root={data}", f"train.epochs={epochs}", "scaling.num_workers=1", "train.progress=false", "metrics.port=0", "metrics.grace_s=0", grid, *extra]
+    # in-process trials (scaling.num_workers 0, as configs/camelyon16.yaml ships): no per-trial Ray Train start-up
+    sets = [f"data.root={data}", f"train.epochs={epochs}", "scaling.num_workers=0", "train.progress=false", "metrics.port=0", "metrics.grace_s=0",
+        "sweep.report=false", grid, *extra]
     wall = cli("sweep", "--config", "camelyon16", "--out", str(out), *[a for s in sets for a in ("--set", s)], log=out.with_suffix(".log"))
     timings = [json.loads(p.read_text())["timing"] for p in sorted(out.glob("trials/*/results.json"))]
     trials = list({json.dumps(t, sort_keys=True): t for t in timings}.values())  # a population's members share one record
@@ -99,11 +103,16 @@ def paper_loop(data: str, seeds: int, lams: list[float], epochs: int) -> dict:
     return {"wall_s": time.perf_counter() - t0, "runs": seeds * len(lams)}
 
 
-def bare_rate(instances: int, dim: int, k: int, repeats: int = 10) -> float:
-    """FLOP/s of the population's matmuls as bare ops: x @ W (all members), then V/U per member (bmm)."""
-    x = torch.randn(instances, dim)
-    w1 = torch.randn(dim, k * HIDDEN, requires_grad=True)
-    w2 = torch.randn(k, HIDDEN, 2 * HIDDEN, requires_grad=True)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_rate(instances: int, dim: int, k: int, dtype: torch.dtype = torch.float32, repeats: int = 10, device: torch.device = torch.device("cpu")) -> float:
+    """FLOP/s of the population's matmuls as bare ops in ``dtype``: x @ W (all members), then V/U per member (bmm)."""
+    x = torch.randn(instances, dim, dtype=dtype, device=device)
+    w1 = torch.randn(dim, k * HIDDEN, dtype=dtype, device=device, requires_grad=True)
+    w2 = torch.randn(k, HIDDEN, 2 * HIDDEN, dtype=dtype, device=device, requires_grad=True)
 
     def step():
         h = (x @ w1).view(instances, k, HIDDEN).transpose(0, 1)
@@ -111,46 +120,63 @@ def bare_rate(instances: int, dim: int, k: int, repeats: int = 10) -> float:
 
     for _ in range(2):
         step()
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(repeats):
         step()
+    sync(device)
     dt = (time.perf_counter() - t0) / repeats
     return 3.0 * 2 * instances * (dim * HIDDEN + 2 * HIDDEN * HIDDEN) * k / dt
 
 
-def step_times(preset: str, ks: list[int], steps: int) -> list[dict]:
+def step_times(preset: str, ks: list[int], steps: int, precisions: tuple[str, ...] = ("fp32", "bf16"), device: str = "cpu") -> list[dict]:
+    """One training step (forward, loss, backward, AdamW) of K members vs one model, per precision; the
+    FLOP rate as a fraction of the bare matmul chain of the same shapes in the same dtype."""
     from aem_dist.config import load_config
     from aem_dist.data.loader import InMemoryLoader, LoaderSpec
     from aem_dist.engine.dist import DistContext
     from aem_dist.engine.loop import Single
     from aem_dist.engine.population import Members
+    from aem_dist.models import build_model
 
     spec, bags = load_bags(preset)
     loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=1))
-    batches = [b for _, b in zip(range(steps), loader.epoch(0))]
+    dev = torch.device(device)
+    ctx = DistContext(device=dev)
+    batches = [b.to(dev, torch.float32) for _, b in zip(range(steps), loader.epoch(0))]
     instances = int(np.mean([b.n_instances for b in batches]))
 
     class Dims:  # what Members reads from a manifest
         dim, n_classes = spec.dim, spec.n_classes
 
     rows = []
-    for k in ks:
-        cfgs = [load_config("camelyon16", [f"train.seed={i}", f"loss.lam={LAMS[i % len(LAMS)]}", "train.data_seed=0", "train.progress=false"]) for i in range(k)]
-        trainee = Single.build(cfgs[0], spec.dim, spec.n_classes, DistContext()) if k == 1 else Members(cfgs, Dims, DistContext())
+    for precision in precisions:
+        for k in ks:
+            cfgs = [load_config("camelyon16", [f"train.seed={i}", f"loss.lam={LAMS[i % len(LAMS)]}", "train.data_seed=0", "train.progress=false",
+                f"train.precision={precision}"]) for i in range(k)]
+            if k == 1:
+                torch.manual_seed(0)
+                trainee = Single(cfgs[0], build_model(cfgs[0].model, spec.dim, spec.n_classes).to(dev), ctx)
+            else:
+                trainee = Members(cfgs, Dims, ctx)
+            trainee.seed_epoch(0, 0)
 
-        def run():
-            for b in batches:
-                loss, _ = trainee.loss(b)
-                trainee.optimizer.zero_grad()
-                loss.sum().backward()
-                trainee.optimizer.step()
+            def run():
+                for b in batches:
+                    trainee.optimizer.zero_grad()
+                    trainee.backward(b, ctx)
+                    trainee.optimizer.step()
 
-        run()  # warm-up
-        t0 = time.perf_counter()
-        run()
-        dt = (time.perf_counter() - t0) / len(batches)
-        flops = model_flops(instances, spec.dim, spec.n_classes, 1) * k
-        rows.append({"preset": preset, "K": k, "step_ms": dt * 1e3, "member_steps_per_s": k / dt, "gflops": flops / dt / 1e9, "of_bare": flops / dt / bare_rate(instances, spec.dim, k), "instances": instances})
+            run()  # warm-up
+            sync(dev)
+            t0 = time.perf_counter()
+            run()
+            sync(dev)
+            dt = (time.perf_counter() - t0) / len(batches)
+            flops = model_flops(instances, spec.dim, spec.n_classes, 1) * k
+            bare = bare_rate(instances, spec.dim, k, torch.bfloat16 if precision == "bf16" else torch.float32, device=dev)
+            rows.append({"preset": preset, "precision": precision, "K": k, "step_ms": dt * 1e3, "member_steps_per_s": k / dt, "gflops": flops / dt / 1e9,
+                "of_bare": flops / dt / bare, "bare_gflops": bare / 1e9, "instances": instances})
     return rows
 
 
@@ -162,6 +188,10 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.25)
     ap.add_argument("--only", choices=("sweep", "steps"), default=None)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--skip-unfused", action="store_true", help="leave out the one-trial-per-point sweep (the longest)")
+    ap.add_argument("--device", default="cpu", help="device of the step-time table (cuda on a GPU)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the step-time table")
+    ap.add_argument("--wsi-steps", type=int, default=20, help="wsi-small steps per timing")
     args = ap.parse_args()
     out: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if args.only != "steps":
@@ -172,23 +202,31 @@ def main() -> None:
         print(f"grid {args.seeds} seeds x {len(lams)} λ, {args.epochs} epochs, wsi-small x{args.scale}; work in {work}", file=sys.stderr)
         out["loop"] = paper_loop(data, args.seeds, lams, args.epochs)
         print(f"  loop done: {out['loop']['wall_s']:.0f} s", file=sys.stderr)
-        out["fused"] = sweep(data, work / "fused", args.seeds, lams, args.epochs, "train.data_seed=0", "sweep.trial_cpus=2")
-        print(f"  fused done: {out['fused']['wall_s']:.0f} s", file=sys.stderr)
-        out["unfused"] = sweep(data, work / "unfused", args.seeds, lams, args.epochs, "sweep.population=off")
-        print(f"  unfused done: {out['unfused']['wall_s']:.0f} s", file=sys.stderr)
+        for way, extra in (("fused-bf16", ("train.precision=bf16",)), ("fused-fp32", ("train.precision=fp32",)), ("unfused", ("sweep.population=off",))):
+            if way == "unfused" and args.skip_unfused:
+                continue
+            fused = ("train.data_seed=0", "sweep.trial_cpus=2") if way.startswith("fused") else ()
+            out[way] = sweep(data, work / way, args.seeds, lams, args.epochs, *fused, *extra)
+            print(f"  {way} done: {out[way]['wall_s']:.0f} s", file=sys.stderr)
         n = args.seeds * len(lams)
         print(f"\nsweep of {n} grid points ({args.seeds} seeds x {len(lams)} λ), {args.epochs} epochs, batch of one bag, wsi-small x{args.scale}")
-        print(f"{'way':<9} {'wall s':>8} {'trials':>7} {'fused is':>9}")
-        for way in ("unfused", "fused", "loop"):
-            r = out[way]
-            print(f"{way:<9} {r['wall_s']:>8.1f} {r.get('trials', r.get('runs')):>7} {r['wall_s'] / out['fused']['wall_s']:>8.2f}x")
-        print("\nper trial (mean s): " + "  ".join(f"{w}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[w]["per_trial"].items()) for w in ("unfused", "fused")))
+        print(f"{'way':<11} {'wall s':>8} {'trials':>7} {'fused bf16 is':>14} {'fused fp32 is':>14}")
+        for way in ("unfused", "fused-bf16", "fused-fp32", "loop"):
+            if way in out:
+                r = out[way]
+                print(f"{way:<11} {r['wall_s']:>8.1f} {r.get('trials', r.get('runs')):>7} {r['wall_s'] / out['fused-bf16']['wall_s']:>13.2f}x "
+                      f"{r['wall_s'] / out['fused-fp32']['wall_s']:>13.2f}x")
+        print("\nper trial (mean s): " + "  ".join(f"{w}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[w]["per_trial"].items())
+            for w in ("unfused", "fused-bf16", "fused-fp32") if w in out))
     if args.only != "sweep":
-        out["steps"] = step_times("mil-small", [1, 7, 35], 200) + step_times("wsi-small", [1, 7, 35], 20)
-        print(f"\n{'dataset':<10} {'K':>3} {'inst/bag':>8} {'step ms':>8} {'member-steps/s':>15} {'vs K=1':>7} {'GFLOP/s':>8} {'of bare':>8}")
+        torch.set_num_threads(args.threads)
+        out["steps"] = step_times("mil-small", [1, 7, 35], 200, device=args.device) + step_times("wsi-small", [1, 7, 35], args.wsi_steps, device=args.device)
+        print(f"\n{'dataset':<10} {'prec':>5} {'K':>3} {'inst/bag':>8} {'step ms':>8} {'member-steps/s':>15} {'vs K=1':>7} {'GFLOP/s':>8} {'bare':>7} "
+              f"{'of bare':>8}")
         for r in out["steps"]:
-            base = next(b for b in out["steps"] if b["preset"] == r["preset"] and b["K"] == 1)
-            print(f"{r['preset']:<10} {r['K']:>3} {r['instances']:>8} {r['step_ms']:>8.2f} {r['member_steps_per_s']:>15.0f} {r['member_steps_per_s'] / base['member_steps_per_s']:>6.2f}x {r['gflops']:>8.1f} {r['of_bare']:>7.0%}")
+            base = next(b for b in out["steps"] if b["preset"] == r["preset"] and b["precision"] == r["precision"] and b["K"] == 1)
+            print(f"{r['preset']:<10} {r['precision']:>5} {r['K']:>3} {r['instances']:>8} {r['step_ms']:>8.2f} {r['member_steps_per_s']:>15.0f} "
+                  f"{r['member_steps_per_s'] / base['member_steps_per_s']:>6.2f}x {r['gflops']:>8.1f} {r['bare_gflops']:>7.1f} {r['of_bare']:>7.0%}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
 

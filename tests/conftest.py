@@ -26,7 +26,15 @@ def pytest_collection_modifyitems(config, items):
     """An integration test runs real Ray, SeaweedFS and Prometheus processes on a shared 2-core machine,
     where a scheduling hiccup can fail one run: it gets one more try (pytest-rerunfailures), which the
     output shows (``R``, a RERUN line and "N rerun" in the closing line). A second failure fails."""
+    gpu_skip = None
     for item in items:
+        if item.get_closest_marker("gpu"):
+            import torch
+
+            if not torch.cuda.is_available():
+                # GPU-only by nature (not a missing test component), so skipped under CI=true too, with the reason.
+                gpu_skip = gpu_skip or pytest.mark.skip(reason="needs a CUDA GPU (none visible here); bench/gpu_check.sh runs the gpu tests on one")
+                item.add_marker(gpu_skip)
         if item.get_closest_marker("integration") and not item.get_closest_marker("flaky"):
             item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=5))
 

@@ -21,16 +21,29 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    cpus: float | None = None  # the CPU share this process was given (a Ray trial or worker); None: not set
 
     @classmethod
-    def current(cls, device: torch.device | str | None = None) -> "DistContext":
-        """From the initialised process group (if any) and the given or best device."""
+    def current(cls, device: torch.device | str | None = None, cpus: float | None = None) -> "DistContext":
+        """From the initialised process group (if any), the given or best device and the CPU share."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device)
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device)
-        return cls(0, 1, 0, device)
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), device, cpus)
+        return cls(0, 1, 0, device, cpus)
+
+    def use_cpu_share(self) -> int | None:
+        """torch's intra-op threads = this process's CPU share (whole CPUs, at least 1, at most the CPUs it
+        may run on), so a trial given 1 of 2 cores does not spin a second thread on its neighbour's core
+        and a population given every core uses them all. Returns the thread count (None: no share set,
+        torch's threads left as they are)."""
+        if self.cpus is None:
+            return None
+        usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = max(1, min(usable, int(self.cpus + 1e-9)))
+        torch.set_num_threads(n)
+        return n
 
     @property
     def distributed(self) -> bool:

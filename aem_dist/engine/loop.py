@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -214,6 +215,12 @@ class Single:
             self._step = loss_step(self.module, self.core, self.cfg)
         return self._step(batch)
 
+    def backward(self, batch: PackedBatch, ctx: DistContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward, loss and backward of one step; returns ``(total, named terms)``."""
+        loss, terms = self.loss(batch)
+        (loss * ctx.bag_share(batch.n_bags, loss)).sum().backward()  # every bag of the step weighs 1/Σn under DDP
+        return loss, terms
+
     def clip_grads_(self, max_norm: float) -> None:
         torch.nn.utils.clip_grad_norm_(self.core.parameters(), max_norm)
 
@@ -264,9 +271,8 @@ def train_epoch(trainee, sched, loader: SplitLoader, cfg: Config, ctx: DistConte
             break
         data_wait += time.perf_counter() - t0
         batch = subsample(batch, cfg.data.subsample_ratio, gen).to(ctx.device, trainee.dtype)
-        loss, terms = trainee.loss(batch)  # forward + loss at train.precision (compiled if train.compile)
         opt.zero_grad(set_to_none=True)
-        (loss * ctx.bag_share(batch.n_bags, loss)).sum().backward()  # every bag of the step weighs 1/Σn under DDP
+        loss, terms = trainee.backward(batch, ctx)  # forward + loss + backward at train.precision (compiled if train.compile)
         if cfg.train.grad_clip:
             trainee.clip_grads_(cfg.train.grad_clip)
         opt.step()
@@ -332,6 +338,9 @@ def fit_members(
     (``model_init``: single runs only, see :func:`fit`)."""
     cfg = cfgs[0]  # data, model, epochs and budgets are the same for every member
     ctx = ctx or DistContext.current(resolve_device(cfg.train.device))
+    threads = ctx.use_cpu_share()  # a trial's torch threads = the CPUs it was given
+    if threads is not None and ctx.is_main:
+        log.info("torch threads: %d (CPU share %g of %d visible)", threads, ctx.cpus, os.cpu_count() or 1)
     data = open_data(cfg, ctx, options)
     m = data.manifest
     cfgs = with_precision(cfgs, m, ctx)  # train.precision resolved (auto; a model that cannot run bf16)

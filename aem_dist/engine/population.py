@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -116,36 +117,38 @@ class Population(nn.Module):
         terms["aem"] = attention_regulariser(out, n_bags, "kl_uniform" if kl else "neg_entropy")
         return terms
 
-    def _inputs(self, feats: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, int | None]:
-        """The parameters the forward still needs, its input and the input's member axis (None: shared)."""
-        params = self.params()
+    def _inputs(self, feats: torch.Tensor, part: slice = slice(None)) -> tuple[dict[str, torch.Tensor], torch.Tensor, int | None]:
+        """The parameters of members ``part`` the forward still needs, its input and the input's member axis (None: shared)."""
+        rows = self.flat if part == slice(None) else self.flat[part]  # (k, P): one slice, then per-name views of it
+        k = rows.shape[0]
+        params = {n: rows[:, a:b].view(k, *s) for n, s, a, b in zip(self.names, self.shapes, self.offsets, self.offsets[1:])}
         if self.input_linear is None:
             return params, feats, None
-        w = params.pop(f"{self.input_linear}.weight")  # (K, H, D)
-        b = params.pop(f"{self.input_linear}.bias", None)  # (K, H)
+        w = params.pop(f"{self.input_linear}.weight")  # (k, H, D)
+        b = params.pop(f"{self.input_linear}.bias", None)  # (k, H)
         # The step's largest matmul: at train.precision like every other Linear (bf16: bfloat16 in, float32
         # accumulation, bfloat16 out, as nn.Linear under autocast), so no FLOP of the step is left in float32.
         with prec.autocast(self.precision, feats.device):
-            pre = (feats @ w.reshape(-1, w.shape[-1]).t()).view(feats.shape[0], self.size, -1)  # (T, K, H)
+            pre = (feats @ w.reshape(-1, w.shape[-1]).t()).view(feats.shape[0], k, -1)  # (T, k, H)
         if b is not None:
             pre = pre + b.to(pre.dtype)  # (fp32: the same tensor, so the float32 path is unchanged)
-        return params, pre.transpose(0, 1), 0  # (K, T, H)
+        return params, pre.transpose(0, 1), 0  # (k, T, H)
 
-    def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, labels: torch.Tensor, rng: "MemberRNG | None" = None) -> dict[str,
-            torch.Tensor]:
-        """Every member's named loss terms on one packed batch: name → (K,) (``aem`` unweighted)."""
-        params, x, x_dim = self._inputs(feats)
-        buffers = self.buffers_stacked()
+    def forward(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, labels: torch.Tensor, rng: "MemberRNG | None" = None,
+            part: slice = slice(None)) -> dict[str, torch.Tensor]:
+        """Members ``part``'s (default: all) named loss terms on one packed batch: name → (k,) (``aem`` unweighted)."""
+        params, x, x_dim = self._inputs(feats, part)
+        buffers = {n: b[part] for n, b in self.buffers_stacked().items()}
         if self.vectorised:
             fn = vmap(lambda p, b, x: self._member(p, b, x, bag_index, n_bags, labels, None), in_dims=(0, 0, x_dim), randomness="different")
             terms, neg, kl = fn(params, buffers, x)
-            terms["aem"] = torch.where(self.kl_mask, kl, neg)
+            terms["aem"] = torch.where(self.kl_mask[part], kl, neg)
             return terms
         per_member = []
-        for k in range(self.size):
+        for i, k in enumerate(range(self.size)[part]):
             with rng.member(k) if rng is not None else contextlib.nullcontext():
-                xk = x if x_dim is None else x[k]
-                per_member.append(self._member({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, xk, bag_index, n_bags, labels,
+                xk = x if x_dim is None else x[i]
+                per_member.append(self._member({n: p[i] for n, p in params.items()}, {n: b[i] for n, b in buffers.items()}, xk, bag_index, n_bags, labels,
                     bool(self.kl_mask[k])))
         return {name: torch.stack([t[name] for t in per_member]) for name in per_member[0]}
 
@@ -327,11 +330,33 @@ class Members:
         )
         self.rng = MemberRNG(ctx.device)
         self.dtype = dtype  # features are cast to the members' dtype per step
+        self.hidden = cfgs[0].model.hidden
+        self.chunk: int | None = None  # members per chunk of a step; None: sized to the cache per batch (chunk_size)
 
-    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``((K,) totals, named (K,) terms)`` of one step over the shared batch."""
-        terms = self.module(batch.feats, batch.bag_index, batch.n_bags, batch.labels, rng=None if self.pop.vectorised else self.rng)
-        return total_loss(terms, self.lam), terms
+    def loss(self, batch, part: slice = slice(None)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``((k,) totals, named (k,) terms)`` of members ``part`` (default: all) over the shared batch."""
+        terms = self.module(batch.feats, batch.bag_index, batch.n_bags, batch.labels, rng=None if self.pop.vectorised else self.rng, part=part)
+        return total_loss(terms, self.lam[part]), terms
+
+    def backward(self, batch, ctx) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward, loss and backward of one step, chunk of members after chunk (:func:`member_chunks`): each
+        chunk's activations are made and consumed by its backward while they are still in cache, instead of
+        K members' activations streaming through memory. Members share no parameter, so the gradient is the
+        same as one backward of Σ_k L_k. Returns the detached ``((K,) totals, named (K,) terms)``."""
+        parts = member_chunks(self.size, self.chunk or chunk_size(batch.n_instances, self.hidden, self.size, self.pop.precision))
+        share = ctx.bag_share(batch.n_bags, self.lam)  # one all-reduce per step, whatever the chunks
+        losses, terms = [], []
+        for i, part in enumerate(parts):
+            # DDP: gradients of earlier chunks accumulate locally; the last chunk's backward all-reduces them all.
+            quiet = i < len(parts) - 1 and hasattr(self.module, "no_sync")
+            with self.module.no_sync() if quiet else contextlib.nullcontext():
+                loss, t = self.loss(batch, part)
+                (loss * share).sum().backward()
+            losses.append(loss.detach())
+            terms.append({k: v.detach() for k, v in t.items()})
+        if len(parts) == 1:
+            return losses[0], terms[0]
+        return torch.cat(losses), {k: torch.cat([t[k] for t in terms]) for k in terms[0]}
 
     def clip_grads_(self, max_norm: float) -> None:
         clip_member_grads_(self.pop.flat, max_norm)
@@ -362,6 +387,46 @@ class Members:
 
     def member_model_state(self, k: int) -> dict[str, torch.Tensor]:
         return self.pop.member_state_dict(k)
+
+
+ACTIVATION_TENSORS = 8  # (T, hidden)-sized tensors of one member live in a gated-attention forward + backward
+_CACHE: list[int] = []  # cache_bytes(), read once
+
+
+def _cpus(cpu_list: str) -> int:
+    """How many CPUs a sysfs list such as ``0-3,8`` names."""
+    return sum(int(hi or lo) - int(lo) + 1 for lo, _, hi in (r.partition("-") for r in cpu_list.strip().split(",") if r))
+
+
+def cache_bytes(sysfs: str = "/sys/devices/system/cpu/cpu0/cache") -> int:
+    """The cache one chunk of members should fit in: one core's L2 plus its share of the L3 (sysfs), else 2 MiB."""
+    if _CACHE and sysfs == "/sys/devices/system/cpu/cpu0/cache":
+        return _CACHE[0]
+    per_level: dict[int, int] = {}
+    for d in Path(sysfs).glob("index*"):
+        try:
+            level, size, shared = (d / "level").read_text(), (d / "size").read_text().strip(), (d / "shared_cpu_list").read_text()
+            n = int(size.rstrip("KM")) * {"K": 1024, "M": 1024**2}.get(size[-1], 1)
+            per_level[int(level)] = n // max(1, _cpus(shared)) if int(level) == 3 else n
+        except (OSError, ValueError):
+            continue
+    out = per_level.get(2, 0) + per_level.get(3, 0) or 2 * 1024**2
+    if sysfs == "/sys/devices/system/cpu/cpu0/cache":
+        _CACHE.append(out)
+    return out
+
+
+def chunk_size(instances: int, hidden: int, members: int, precision: str) -> int:
+    """Members per chunk so that one chunk's activations, ``ACTIVATION_TENSORS × instances × hidden``
+    words each, fit in :func:`cache_bytes` (at least 1, at most all)."""
+    word = 2 if precision == "bf16" else 4
+    per_member = ACTIVATION_TENSORS * max(1, instances) * hidden * word
+    return max(1, min(members, cache_bytes() // per_member))
+
+
+def member_chunks(members: int, chunk: int) -> list[slice]:
+    """``members`` split into contiguous slices of ``chunk`` (the last may be shorter)."""
+    return [slice(a, min(a + chunk, members)) for a in range(0, members, max(1, chunk))]
 
 
 def population_key(cfg) -> str:

@@ -100,7 +100,7 @@ def run_inprocess_trial(cfgs: list[Config], run_dirs: list[str], checkpoints: st
 
     best_dirs = [storage.join(d, "best") for d in run_dirs]
     # the GPU Ray assigned to this trial (sweep.trial_gpus), never just any visible one
-    ctx = DistContext.current(trial_device(cfgs[0].train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+    ctx = DistContext.current(trial_device(cfgs[0].train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")), cpus=cfgs[0].sweep.trial_cpus)
     # IBMIL stage 1, MHIM-MIL teacher init (models with stages never fuse into populations)
     init = model_init(quiet[0], run_dirs[0], options, ctx) if len(cfgs) == 1 else None
     results = run_local_members(quiet, checkpoints, best_dirs, options=options, on_epoch=report, model_init=init, ctx=ctx)

@@ -114,11 +114,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]] | None
     api = ray.train if config.get("api", "train") == "train" else ray.tune
     options = StorageOptions.from_config(cfg.storage, cfg.data.retries)
     if api is ray.train:
-        ctx = DistContext.current(ray.train.torch.get_device())
+        ctx = DistContext.current(ray.train.torch.get_device(), cpus=worker_resources(cfg).get("CPU"))  # torch threads = the worker's CPUs
         if ctx.device.type == "cuda":
             torch.cuda.set_device(ctx.device)  # nccl collectives (all_gather_object) use the current device
     else:
-        ctx = DistContext.current(trial_device(cfg.train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")))
+        ctx = DistContext.current(trial_device(cfg.train.device, ray.get_gpu_ids(), os.environ.get("CUDA_VISIBLE_DEVICES")), cpus=cfg.sweep.trial_cpus)
     resume = None
     checkpoint = api.get_checkpoint()
     if checkpoint is not None:

@@ -19,13 +19,16 @@ def _worker(rank: int, port: int, root: str, queue) -> None:
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        from aem_dist.engine import population
         from aem_dist.engine.loop import fit, fit_members
 
         cfgs = _cfgs(root, "abmil", MEMBERS, "train.max_bags_per_batch=3")
         pop = fit_members(cfgs)
         solo = [fit(c) for c in cfgs]
+        population.chunk_size = lambda *args: 1  # one member per chunk: the no_sync path of chunked steps under DDP
+        chunked = fit_members(cfgs)
         if rank == 0:
-            queue.put(([r.history for r in pop], [r.history for r in solo]))
+            queue.put(([r.history for r in pop], [r.history for r in solo], [r.history for r in chunked]))
     finally:
         # every DDP wrapper gone and every rank done before the group goes
         gc.collect()
@@ -50,10 +53,11 @@ def test_ddp_population_equals_ddp_standalone_runs(tmp_path_factory):
     procs = [ctx.Process(target=_worker, args=(r, port, root, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    pop, solo = queue.get(timeout=300)
+    pop, solo, chunked = queue.get(timeout=300)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for got, want in zip(pop, solo):
+    for got, want, by_member in zip(pop, solo, chunked):
         assert got[0]["train"]["bags"] == want[0]["train"]["bags"] > 0  # both ranks' bags counted
         _assert_same_history(got, want)
+        _assert_same_history(by_member, want)
