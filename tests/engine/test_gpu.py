@@ -10,6 +10,7 @@ from aem_dist.engine import precision
 from aem_dist.engine.dist import DistContext
 from aem_dist.engine.loop import fit
 from aem_dist.engine.population import Members
+from tests.core.test_train import metrics_only
 from tests.engine.test_bf16_everywhere import Dims, MatmulDtypes, _batch, _cfgs
 
 pytestmark = pytest.mark.gpu
@@ -39,5 +40,4 @@ def test_deterministic_cuda_run_repeats_bit_for_bit(demo_data):
         a, b = fit(cfg), fit(cfg)
     finally:
         precision.configure("fp32", False, torch.device("cpu"))
-    strip = lambda h: [{k: v for k, v in r.items() if k != "time"} | {"train": {k: v for k, v in r["train"].items() if k != "data_wait_s"}} for r in h]  # noqa: E731
-    assert strip(a.history) == strip(b.history)
+    assert metrics_only(a.history) == metrics_only(b.history)

@@ -9,6 +9,7 @@ from aem_dist.config import load_config
 from aem_dist.data.packing import PackedBatch
 from aem_dist.engine.dist import DistContext
 from aem_dist.engine.population import Members, cache_bytes, chunk_size, member_chunks
+from tests.core.test_population import float64  # noqa: F401  (the fixture)
 
 
 class Dims:  # what Members reads from a manifest
@@ -37,14 +38,6 @@ def test_chunked_step_gives_the_gradient_of_one_backward(float64, model):
         torch.testing.assert_close(got, whole, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(got_loss, loss, rtol=1e-12, atol=1e-14)
         assert got_loss.shape == (5,) and set(got_terms) == set(terms) and not got_loss.requires_grad
-
-
-@pytest.fixture
-def float64():
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(before)
 
 
 def test_chunks_are_sized_to_the_cache(tmp_path):
