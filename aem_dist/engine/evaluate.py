@@ -66,7 +66,10 @@ def predict_population(pop: nn.Module, loader: SplitLoader, ctx: DistContext, *,
     out_rows: list[list[BagPrediction]] = [[] for _ in range(pop.size)]
     for batch in loader.epoch(epoch):
         batch = batch.to(ctx.device, pop.flat.dtype)
-        logits, attn = pop.predict(batch.feats, batch.bag_index, batch.n_bags)  # (K, B, C), (K, T)
+        # chunk of members after chunk, as in training: each chunk's activations sized to the cache
+        outs = [pop.predict(batch.feats, batch.bag_index, batch.n_bags, part) for part in pop.chunks(batch.n_instances)]
+        logits = torch.cat([o[0] for o in outs])  # (K, B, C)
+        attn = torch.cat([o[1] for o in outs]) if outs[0][1] is not None else None  # (K, T)
         probs = torch.softmax(logits.double(), dim=2).cpu().numpy()
         attn_np = attn.double().cpu().numpy() if attn is not None else None
         for k, rows in enumerate(out_rows):

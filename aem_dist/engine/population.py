@@ -84,6 +84,9 @@ class Population(nn.Module):
         object.__setattr__(self, "base", base)
         self.register_buffer("kl_mask", torch.tensor(kl_uniform, dtype=torch.bool), persistent=False)
         self.vectorised = True  # decided by probe()
+        self.chunk: int | None = None  # members per chunk of a step; None: sized to the cache per batch (chunk_size)
+        shapes = dict(zip(self.names, self.shapes))
+        self.hidden = shapes[f"{self.input_linear}.weight"][0] if f"{self.input_linear}.weight" in shapes else 128  # activation width
 
     # --- views --------------------------------------------------------------------------------
 
@@ -152,11 +155,15 @@ class Population(nn.Module):
                     bool(self.kl_mask[k])))
         return {name: torch.stack([t[name] for t in per_member]) for name in per_member[0]}
 
+    def chunks(self, instances: int) -> list[slice]:
+        """The member chunks of a step over ``instances`` rows (:func:`chunk_size`, or ``self.chunk`` when set)."""
+        return member_chunks(self.size, self.chunk or chunk_size(instances, self.hidden, self.size, self.precision))
+
     @torch.no_grad()
-    def predict(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Every member's bag logits (K, B, C) and per-instance attention (K, T) (None without attention)."""
-        params, x, x_dim = self._inputs(feats)
-        buffers = self.buffers_stacked()
+    def predict(self, feats: torch.Tensor, bag_index: torch.Tensor, n_bags: int, part: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Members ``part``'s (default: all) bag logits (k, B, C) and per-instance attention (k, T) (None without attention)."""
+        params, x, x_dim = self._inputs(feats, part)
+        buffers = {n: b[part] for n, b in self.buffers_stacked().items()}
 
         def one(p, b, x):
             with prec.autocast(self.precision, x.device):  # evaluation at the training precision too
@@ -168,7 +175,8 @@ class Population(nn.Module):
         if self.vectorised:
             logits, attn = vmap(one, in_dims=(0, 0, x_dim))(params, buffers, x)
         else:
-            outs = [one({n: p[k] for n, p in params.items()}, {n: b[k] for n, b in buffers.items()}, x if x_dim is None else x[k]) for k in range(self.size)]
+            outs = [one({n: p[i] for n, p in params.items()}, {n: b[i] for n, b in buffers.items()}, x if x_dim is None else x[i])
+                for i in range(len(range(self.size)[part]))]
             logits, attn = torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
         return logits, (attn if attn.shape[-1] == feats.shape[0] else None)
 
@@ -330,8 +338,6 @@ class Members:
         )
         self.rng = MemberRNG(ctx.device)
         self.dtype = dtype  # features are cast to the members' dtype per step
-        self.hidden = cfgs[0].model.hidden
-        self.chunk: int | None = None  # members per chunk of a step; None: sized to the cache per batch (chunk_size)
 
     def loss(self, batch, part: slice = slice(None)) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``((k,) totals, named (k,) terms)`` of members ``part`` (default: all) over the shared batch."""
@@ -343,7 +349,7 @@ class Members:
         chunk's activations are made and consumed by its backward while they are still in cache, instead of
         K members' activations streaming through memory. Members share no parameter, so the gradient is the
         same as one backward of Σ_k L_k. Returns the detached ``((K,) totals, named (K,) terms)``."""
-        parts = member_chunks(self.size, self.chunk or chunk_size(batch.n_instances, self.hidden, self.size, self.pop.precision))
+        parts = self.pop.chunks(batch.n_instances)
         share = ctx.bag_share(batch.n_bags, self.lam)  # one all-reduce per step, whatever the chunks
         losses, terms = [], []
         for i, part in enumerate(parts):

@@ -99,8 +99,11 @@ class SweepPlan:
 
 
 def auto_limit(cfg: Config, manifest: Manifest | None) -> int:
-    """Members per population for ``sweep.population: auto``: all, up to :data:`AUTO_MAX_MEMBERS`, and
-    as many as one step's activations fit in :data:`MEMORY_SHARE` of this node's RAM."""
+    """Members per population for ``sweep.population: auto``: all, up to :data:`AUTO_MAX_MEMBERS`, as long as
+    one member's step activations fit in :data:`MEMORY_SHARE` of this node's RAM. A population's step runs
+    chunk of members after chunk, each chunk's forward and backward sized to the CPU cache
+    (:func:`aem_dist.engine.population.chunk_size`), so its activations are one chunk's, not K members':
+    neither memory nor per-member speed falls with K, and the whole grid fuses."""
     if manifest is None or "train" not in manifest.splits:
         return AUTO_MAX_MEMBERS
     sizes = sorted((b.n for b in manifest.split("train").bags()), reverse=True)
@@ -110,4 +113,4 @@ def auto_limit(cfg: Config, manifest: Manifest | None) -> int:
     step = max(step, sizes[0] if sizes else 1)  # an oversize bag trains alone, whole
     per_member = step * cfg.model.hidden * 4 * ACTIVATION_WORDS
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return max(1, min(AUTO_MAX_MEMBERS, int(ram * MEMORY_SHARE // max(per_member, 1))))
+    return AUTO_MAX_MEMBERS if per_member <= ram * MEMORY_SHARE else 1

@@ -20,7 +20,7 @@ def _grads(chunk: int | None, model: str) -> tuple[torch.Tensor, torch.Tensor, d
     cfgs = [load_config("demo", [f"model.name={model}", "model.hidden=16", "train.data_seed=0", f"train.seed={i}", f"loss.lam={0.2 * i}"]
         + (["loss.kind=kl_uniform"] if i == 2 else [])) for i in range(5)]
     members = Members(cfgs, Dims, DistContext())
-    members.chunk = chunk
+    members.pop.chunk = chunk
     members.seed_epoch(0, 0)
     torch.manual_seed(1)
     sizes = torch.tensor([4, 1, 6])
@@ -54,3 +54,15 @@ def test_chunks_are_sized_to_the_cache(tmp_path):
     assert chunk_size(10**6, 128, 35, "fp32") == 1  # a huge bag: one member at a time
     assert chunk_size(1800, 128, 35, "bf16") >= chunk_size(1800, 128, 35, "fp32")  # bf16 activations are half the bytes
     assert member_chunks(7, 3) == [slice(0, 3), slice(3, 6), slice(6, 7)] and member_chunks(2, 5) == [slice(0, 2)]
+
+
+def test_chunked_prediction_equals_one_pass(float64):
+    cfgs = [load_config("demo", ["model.hidden=16", "train.data_seed=0", f"train.seed={i}"]) for i in range(5)]
+    pop = Members(cfgs, Dims, DistContext()).pop
+    feats, bag_index = torch.randn(11, 12), torch.repeat_interleave(torch.arange(3), torch.tensor([4, 1, 6]))
+    logits, attn = pop.predict(feats, bag_index, 3)
+    pop.chunk = 2
+    assert pop.chunks(11) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    parts = [pop.predict(feats, bag_index, 3, part) for part in pop.chunks(11)]
+    torch.testing.assert_close(torch.cat([p[0] for p in parts]), logits, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(torch.cat([p[1] for p in parts]), attn, rtol=1e-12, atol=1e-14)
