@@ -4,6 +4,7 @@
     python bench/bench_packing.py --quick      # fewer epochs
     python bench/bench_packing.py --presets mil-small --modes paper,ours-32,ours-32c   # + torch.compile
     python bench/bench_packing.py --presets mil-small --interleave 7   # paper / ours-32 / ours-32c in one process
+    python bench/bench_packing.py --presets wsi-small --interleave 5 --modes paper,ours-1,ours-1-bf16   # bf16 engine vs fp32 paper loop
 
 ``--interleave R`` builds the paper loop and the engine (eager and compiled, 32 bags per step) in one
 process and times one epoch of each in turn, R rounds (the order rotates each round), then reports the
@@ -20,7 +21,9 @@ For each dataset (``mil-small``: ~10 instances a bag, like classic MIL sets; ``w
   has the instance budget ``max_instances_per_batch`` = 8192 (as in configs/demo.yaml: a step's
   activations stay cache-sized when bags are large);
 * ``ours-32c`` (only with ``--modes``) — ``ours-32`` with ``train.compile=on`` (the forward + loss
-  through ``torch.compile``; compile time is spent in the warm-up epoch and not timed).
+  through ``torch.compile``; compile time is spent in the warm-up epoch and not timed);
+* ``ours-1-bf16`` / ``ours-32-bf16`` (``--interleave`` with ``--modes``) — the engine at
+  ``train.precision=bf16`` (every matmul in bfloat16; the paper loop stays fp32).
 
 Each configuration runs in its own process (so peak RSS is its own) and reports bags/s, instances/s,
 peak RSS, and the achieved FLOP rate of its training steps as a fraction of a plain fp32 matmul chain
@@ -43,6 +46,7 @@ import torch.nn.functional as F
 
 HIDDEN = 128
 LAM = 0.1
+DEFAULT_MODES = "paper,ours-1,ours-32"
 
 
 def load_bags(preset: str):
@@ -137,13 +141,13 @@ def run_ours(bags, spec, epochs: int, max_bags: int, compile_: bool = False) -> 
     return {"seconds": time.perf_counter() - t0, "steps": steps}
 
 
-def epoch_runners(bags, spec) -> dict:
-    """One-epoch closures for paper, ours-32 and ours-32c on the same bags (warm-up done)."""
+def epoch_runners(bags, spec, modes: list[str]) -> dict:
+    """One-epoch closures for the paper loop and each engine mode (``ours-B`` bags per step, ``-bf16``
+    at train.precision bf16, a trailing ``c`` compiled) on the same bags (warm-up done)."""
     from aem_dist.config import load_config
     from aem_dist.data.loader import InMemoryLoader, LoaderSpec
     from aem_dist.engine.dist import DistContext
-    from aem_dist.engine.loop import CosineToZero, make_optimizer, train_epoch
-    from aem_dist.models import build_model
+    from aem_dist.engine.loop import CosineToZero, Single, train_epoch
 
     torch.manual_seed(0)
     paper = PaperABMIL(spec.dim, spec.n_classes)
@@ -163,19 +167,22 @@ def epoch_runners(bags, spec) -> dict:
         return len(bags)
 
     runners = {"paper": paper_epoch}
-    for mode, compile_ in (("ours-32", "off"), ("ours-32c", "on")):
-        cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", "train.max_bags_per_batch=32", "train.progress=false", f"train.compile={compile_}"])
-        loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=32, max_instances=8192))
-        torch.manual_seed(0)
-        model = build_model(cfg.model, spec.dim, spec.n_classes)
-        opt = make_optimizer(model, cfg, torch.device("cpu"))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero(1000 * loader.steps(0)))
+    for mode in modes:
+        if mode == "paper":
+            continue
+        max_bags = int(mode.split("-")[1].rstrip("c"))
+        sets = [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false",
+            f"train.compile={'on' if mode.endswith('c') else 'off'}", f"train.precision={'bf16' if 'bf16' in mode else 'fp32'}"]
+        cfg = load_config(None, sets)
+        loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=max_bags, max_instances=None if max_bags == 1 else 8192))
+        trainee = Single.build(cfg, spec.dim, spec.n_classes, DistContext())
+        sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, CosineToZero(1000 * loader.steps(0)))
         state = {"epoch": 0}
 
-        def ours_epoch(model=model, opt=opt, sched=sched, loader=loader, cfg=cfg, state=state) -> int:
+        def ours_epoch(trainee=trainee, sched=sched, loader=loader, cfg=cfg, state=state) -> int:
             state["epoch"] += 1
-            stats, _ = train_epoch(model, model, opt, sched, loader, cfg, DistContext(), state["epoch"])
-            return int(stats["bags"])
+            stats, _ = train_epoch(trainee, sched, loader, cfg, DistContext(), state["epoch"])
+            return int(stats[0]["bags"])
 
         runners[mode] = ours_epoch
     for run in runners.values():
@@ -183,11 +190,11 @@ def epoch_runners(bags, spec) -> dict:
     return runners
 
 
-def interleaved(preset: str, rounds: int) -> None:
-    """Median bags/s of paper, ours-32, ours-32c timed in turn in one process."""
+def interleaved(preset: str, rounds: int, modes: list[str]) -> None:
+    """Median bags/s of the paper loop and each mode timed in turn in one process."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     spec, bags = load_bags(preset)
-    runners = epoch_runners(bags, spec)
+    runners = epoch_runners(bags, spec, modes)
     names = list(runners)
     rates: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
@@ -200,8 +207,8 @@ def interleaved(preset: str, rounds: int) -> None:
     print(f"{'mode':<9} {'median bags/s':>13} {'vs paper':>8}   per round")
     for n in names:
         print(f"{n:<9} {med[n]:>13.0f} {med[n] / med['paper']:>7.2f}x   " + " ".join(f"{v:.0f}" for v in rates[n]))
-    ratios = [c / p for c, p in zip(rates["ours-32c"], rates["paper"])]
-    print(f"per-round ratio ours-32c / paper: {' '.join(f'{x:.1f}' for x in ratios)}")
+    for n in names[1:]:
+        print(f"per-round ratio {n} / paper: {' '.join(f'{c / p:.2f}' for c, p in zip(rates[n], rates['paper']))}")
 
 
 def child(preset: str, mode: str, epochs: int) -> None:
@@ -230,7 +237,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 timed epoch instead of 3")
     ap.add_argument("--presets", default="mil-small,wsi-small")
-    ap.add_argument("--modes", default="paper,ours-1,ours-32", help="comma-separated: paper, ours-1, ours-32, ours-32c (compiled)")
+    ap.add_argument("--modes", default=DEFAULT_MODES, help="comma-separated: paper, ours-1, ours-32, ours-32c (compiled)")
     ap.add_argument("--interleave", type=int, metavar="ROUNDS", help="time paper / ours-32 / ours-32c in turn in one process (see above)")
     ap.add_argument("--child", nargs=3, metavar=("PRESET", "MODE", "EPOCHS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -239,7 +246,7 @@ def main() -> None:
         return
     if args.interleave:
         for preset in args.presets.split(","):
-            interleaved(preset, args.interleave)
+            interleaved(preset, args.interleave, args.modes.split(",") if args.modes != DEFAULT_MODES else ["paper", "ours-32", "ours-32c"])
         return
     epochs = 1 if args.quick else 3
     rows = []

@@ -3,6 +3,7 @@
     PYTHONPATH=$PWD python bench/bench_population.py                  # the CAMELYON16 protocol shape (long)
     PYTHONPATH=$PWD python bench/bench_population.py --seeds 2 --lams 3 --epochs 3    # a quick look
     PYTHONPATH=$PWD python bench/bench_population.py --only steps     # the step-time table alone
+    PYTHONPATH=$PWD python bench/bench_population.py --only interleave --rounds 5 --wsi-steps 10   # loaded machine: steps in turn
 
 The sweep: ``configs/camelyon16.yaml`` (ABMIL, hidden 128, AdamW lr 1e-4 cosine, batch of one bag,
 val + test every epoch) on ``wsi-small`` at ``--scale`` 0.25, ``--epochs`` 10, a grid of ``--seeds`` ×
@@ -180,13 +181,75 @@ def step_times(preset: str, ks: list[int], steps: int, precisions: tuple[str, ..
     return rows
 
 
+def interleaved_steps(preset: str, k: int, rounds: int, bags_per_round: int) -> dict:
+    """Per member-step time of the paper's fp32 loop step (one model) against a K-member population at fp32
+    and at bf16 (the engine's chunked step), timed in turn on the same bags in one process, R rounds: on a
+    shared machine whose load drifts this compares them under the same conditions. Returns medians."""
+    from aem_dist.config import load_config
+    from aem_dist.data.loader import InMemoryLoader, LoaderSpec
+    from aem_dist.engine.dist import DistContext
+    from aem_dist.engine.population import Members
+
+    spec, bags = load_bags(preset)
+    loader = InMemoryLoader(bags, LoaderSpec("train", train=True, max_bags=1))
+    batches = [b for _, b in zip(range(bags_per_round), loader.epoch(0))]
+    xs = [b.feats.float() for b in batches]
+    ys = [b.labels for b in batches]
+
+    class Dims:  # what Members reads from a manifest
+        dim, n_classes = spec.dim, spec.n_classes
+
+    torch.manual_seed(0)
+    paper = PaperABMIL(spec.dim, spec.n_classes)
+    popt = torch.optim.AdamW(paper.parameters(), lr=1e-4, weight_decay=1e-4)
+
+    def paper_round() -> None:
+        for x, y in zip(xs, ys):
+            logits, log_a = paper(x)
+            loss = F.cross_entropy(logits, y) + 0.005 * (torch.exp(log_a) * log_a).sum()
+            popt.zero_grad()
+            loss.backward()
+            popt.step()
+
+    runners, members = {"paper-fp32": (paper_round, 1)}, {}
+    for precision in ("fp32", "bf16"):
+        cfgs = [load_config("camelyon16", [f"train.seed={i % 5}", f"loss.lam={LAMS[i % len(LAMS)]}", "train.data_seed=0", "train.progress=false",
+            f"train.precision={precision}"]) for i in range(k)]
+        m = members[precision] = Members(cfgs, Dims, DistContext())
+        m.seed_epoch(0, 0)
+
+        def pop_round(m=m) -> None:
+            for b in batches:
+                m.optimizer.zero_grad()
+                m.backward(b, DistContext())
+                m.optimizer.step()
+
+        runners[f"fused-{precision}"] = (pop_round, k)
+    for run, _ in runners.values():
+        run()  # warm-up
+    per: dict[str, list[float]] = {n: [] for n in runners}
+    names = list(runners)
+    for r in range(rounds):
+        for n in names[r % len(names):] + names[: r % len(names)]:
+            run, members_n = runners[n]
+            t0 = time.perf_counter()
+            run()
+            per[n].append((time.perf_counter() - t0) / (len(batches) * members_n))
+    med = {n: float(np.median(v)) for n, v in per.items()}
+    return {"preset": preset, "K": k, "rounds": rounds, "bags_per_round": len(batches), "instances": int(np.mean([b.n_instances for b in batches])),
+        "member_step_ms": {n: v * 1e3 for n, v in med.items()}, "per_round_ms": {n: [x * 1e3 for x in v] for n, v in per.items()},
+        "chunks": {p: len(m.pop.chunks(int(np.mean([b.n_instances for b in batches])))) for p, m in members.items()},
+        "load_avg": os.getloadavg()[0]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--lams", type=int, default=7, help="the first N of the paper's λ grid")
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--scale", type=float, default=0.25)
-    ap.add_argument("--only", choices=("sweep", "steps"), default=None)
+    ap.add_argument("--only", choices=("sweep", "steps", "interleave"), default=None)
+    ap.add_argument("--rounds", type=int, default=5, help="--only interleave: rounds")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--skip-unfused", action="store_true", help="leave out the one-trial-per-point sweep (the longest)")
     ap.add_argument("--device", default="cpu", help="device of the step-time table (cuda on a GPU)")
@@ -194,7 +257,7 @@ def main() -> None:
     ap.add_argument("--wsi-steps", type=int, default=20, help="wsi-small steps per timing")
     args = ap.parse_args()
     out: dict = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    if args.only != "steps":
+    if args.only in (None, "sweep"):
         lams = LAMS[: args.lams]
         work = Path(tempfile.mkdtemp(prefix="bench-pop-"))
         data = str(work / "wsi-small")
@@ -218,7 +281,15 @@ def main() -> None:
                       f"{r['wall_s'] / out['fused-fp32']['wall_s']:>13.2f}x")
         print("\nper trial (mean s): " + "  ".join(f"{w}: " + ", ".join(f"{k} {v:.1f}" for k, v in out[w]["per_trial"].items())
             for w in ("unfused", "fused-bf16", "fused-fp32") if w in out))
-    if args.only != "sweep":
+    if args.only == "interleave":
+        torch.set_num_threads(args.threads)
+        r = out["interleave"] = interleaved_steps("wsi-small", 35, args.rounds, args.wsi_steps)
+        print(f"\nwsi-small, K = {r['K']}, {r['rounds']} interleaved rounds of {r['bags_per_round']} one-bag steps (mean {r['instances']} instances), "
+              f"chunks {r['chunks']}, load average {r['load_avg']:.1f}")
+        base = r["member_step_ms"]["paper-fp32"]
+        for n, v in r["member_step_ms"].items():
+            print(f"{n:<11} {v:>8.2f} ms per member-step (median)  paper loop / this: {base / v:.2f}x")
+    if args.only not in ("sweep", "interleave"):
         torch.set_num_threads(args.threads)
         out["steps"] = step_times("mil-small", [1, 7, 35], 200, device=args.device) + step_times("wsi-small", [1, 7, 35], args.wsi_steps, device=args.device)
         print(f"\n{'dataset':<10} {'prec':>5} {'K':>3} {'inst/bag':>8} {'step ms':>8} {'member-steps/s':>15} {'vs K=1':>7} {'GFLOP/s':>8} {'bare':>7} "
