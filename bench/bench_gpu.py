@@ -127,7 +127,7 @@ def run_engine(bags, spec, device: torch.device, epochs: int, *, max_bags: int, 
     from aem_dist.data.loader import InMemoryLoader, LoaderSpec
     from aem_dist.engine import precision as prec
     from aem_dist.engine.dist import DistContext
-    from aem_dist.engine.loop import CosineToZero, make_optimizer, train_epoch
+    from aem_dist.engine.loop import CosineToZero, Single, train_epoch
     from aem_dist.models import build_model
 
     cfg = load_config(None, [f"loss.lam={LAM}", f"model.hidden={HIDDEN}", f"train.max_bags_per_batch={max_bags}", "train.progress=false", f"train.precision={precision}", f"train.compile={compile_}"])
@@ -139,17 +139,17 @@ def run_engine(bags, spec, device: torch.device, epochs: int, *, max_bags: int, 
     torch.manual_seed(0)
     model = build_model(cfg.model, spec.dim, spec.n_classes).to(device)
     ctx = DistContext(device=device)
-    opt = make_optimizer(model, cfg, device)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, CosineToZero((epochs + 1) * loader.steps(0)))
+    trainee = Single(cfg, model, ctx)  # the engine's trainee: fused AdamW, the step at train.precision
+    sched = torch.optim.lr_scheduler.LambdaLR(trainee.optimizer, CosineToZero((epochs + 1) * loader.steps(0)))
     t0 = time.perf_counter()
-    train_epoch(model, model, opt, sched, loader, cfg, ctx, 0)  # warm-up (and compile)
+    train_epoch(trainee, sched, loader, cfg, ctx, 0)  # warm-up (and compile)
     sync(device)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     steps = 0
     for e in range(epochs):
-        stats, _ = train_epoch(model, model, opt, sched, loader, cfg, ctx, e + 1)
-        steps += int(stats["steps"])
+        stats, _ = train_epoch(trainee, sched, loader, cfg, ctx, e + 1)
+        steps += int(stats[0]["steps"])
     sync(device)
     out = {"seconds": time.perf_counter() - t0, "steps": steps, "peak_mib": peak_mib(device), "warmup_s": warmup_s}
     prec.configure("fp32", False, device)
