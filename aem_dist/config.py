@@ -323,6 +323,14 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _grid_keys_exist(self) -> "Config":
+        for where, keys in (("sweep.grid", self.sweep.grid), ("sweep.space", self.sweep.space)):
+            for key in keys:
+                if _secret_bearing(key):  # swept values go into trial names, run.json, trials.csv, Tune's files
+                    raise ConfigError(f"{where}[{key!r}]: storage settings cannot be swept (the section holds credentials; swept values are written into "
+                        f"trial names and records)")
+        for key, values in self.sweep.grid.items():
+            if any(isinstance(v, str) and _USERINFO.search(v) for v in values):
+                raise ConfigError(f"sweep.grid[{key!r}]: a value holds a user:password URL; swept values are written into trial names and records")
         for key in self.sweep.grid:
             _check_dotted_key(self, key)
         for key in self.sweep.space:
@@ -455,9 +463,15 @@ def mask_userinfo(obj: Any) -> Any:
     return _USERINFO.sub(r"\1***:***@", obj) if isinstance(obj, str) else obj
 
 
+def _secret_bearing(key: str) -> bool:
+    """``storage`` and everything under it: the section holds the credentials, so an error, a sweep or a
+    display never shows any value given there (``--set storage=<secret>`` is as secret as ``storage.secret``)."""
+    return key == "storage" or key.startswith("storage.") or key in SECRET_KEYS
+
+
 def _shown_input(key: str, value: Any) -> str:
     """What an error may echo of a bad value: never a secret, never a whole section (which could hold one)."""
-    if any(key == k or key.startswith(k + ".") for k in SECRET_KEYS):
+    if _secret_bearing(key) or any(key == k or key.startswith(k + ".") for k in SECRET_KEYS):
         return " (got ***)"
     if isinstance(value, (dict, list, tuple, set)) or value is None:
         return f" (got a {type(value).__name__})" if value is not None else ""
@@ -485,7 +499,7 @@ def _format_error(err: ValidationError, prefix: str = "") -> str:
 def parse_value(text: str) -> Any:
     """Parse an override value like YAML does: '0.1' → 0.1, 'true' → True, '[1, 2]' → [1, 2], 'abc' → 'abc'."""
     try:
-        return yaml.safe_load(text)
+        return safe_yaml(text, "override")
     except yaml.YAMLError:
         return text
 
@@ -495,7 +509,10 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+            # Only the leading dotted name is echoed: a mistyped 'storage.secret:<S>' holds the secret.
+            name = re.match(r"[A-Za-z0-9_.]*", item).group()  # type: ignore[union-attr]
+            shown = repr(item) if name == item else f"{name!r}… (the rest not shown)"
+            raise ConfigError(f"override {shown} is not of the form key=value")
         key, value = item.split("=", 1)
         out[key.strip()] = parse_value(value)
     return out
@@ -578,12 +595,49 @@ def read_config_text(p: Path) -> str:
     return text
 
 
+MAX_YAML_NODES = 100_000  # a config is a few hundred values; aliases may not multiply it past this
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` after counting the values the document expands to, aliases expanded (memoised
+    per node, so the count itself is linear): a 527-byte alias bomb ("billion laughs") under
+    ``sweep.space`` expands to ~10^9 values for whoever walks it. Raises ConfigError above
+    MAX_YAML_NODES, yaml.YAMLError for invalid YAML."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    sizes: dict[int, int] = {}
+
+    def size(node: Any) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a cycle counts once (safe_load refuses nothing here; the walk must end)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(v) for v in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k) + size(v) for k, v in node.value)
+        sizes[id(node)] = min(n, MAX_YAML_NODES + 1)
+        return sizes[id(node)]
+
+    if root is not None and size(root) > MAX_YAML_NODES:
+        raise ConfigError(f"{where}: YAML expands to more than {MAX_YAML_NODES:,} values (aliases repeated into a bomb?); write the values out")
+    return yaml.safe_load(text)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error without the snippet of the offending line that PyYAML quotes (the line may hold
+    ``secret: …``): what is wrong and where (line, column) only."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    return where + ("; ".join(str(p) for p in parts if p) or type(err).__name__)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     p = resolve_config_path(path)
     try:
-        data = yaml.safe_load(read_config_text(p)) or {}
+        data = safe_yaml(read_config_text(p), str(p)) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
     return data

@@ -374,6 +374,19 @@ def read_json(url: str, options: StorageOptions | None = None, *, cap: int = MAX
         raise StorageError(f"{redact(url, options)}: not a valid {what} (not JSON: {str(err)[:120]})") from None
 
 
+def read_record(url: str, options: StorageOptions | None = None, what: str = "record file") -> dict[str, Any] | None:
+    """A JSON object file (run.json, results.json …) read with :func:`read_json`: None when there is
+    none, StorageError naming the file when it is refused, not JSON or not a JSON object (one line,
+    never a traceback of the reader that would have used it)."""
+    try:
+        data = read_json(url, options, what=what)
+    except FileNotFoundError:
+        return None
+    if not isinstance(data, dict):
+        raise StorageError(f"{redact(url, options)}: not a valid {what} (a JSON {type(data).__name__}, not an object)")
+    return data
+
+
 def probe(url: str, options: StorageOptions | None = None, write: bool = False) -> None:
     """Fail fast (seconds) when ``url``'s endpoint is unreachable, the credentials are wrong or the bucket
     is missing, before any long job starts. ``write`` also checks that an object can be created there."""
@@ -461,8 +474,8 @@ def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> t
     - ``s3://bucket/prefix`` → ``(pyarrow.fs.S3FileSystem(endpoint_override=..., timeouts, retries), "bucket/prefix")``,
       with the endpoint and region of ``options``, so checkpoints go to any S3-compatible server (MinIO,
       SeaweedFS, Ceph) and not only to AWS. Credentials are *not* part of the object: it finds them where
-      it is used (AWS_* variables, which :func:`export_credentials` sets from the config, or the
-      provider chain: web identity, instance profile);
+      it is used (the provider chain: AWS_* variables, the credentials file that
+      ``orchestrate.ray_env.credentials_to_file`` writes for a Ray session, web identity, instance profile);
     - any other fsspec URL (``gs://``, ``memory://`` …) → ``(PyFileSystem(FSSpecHandler(fs)), path)``.
 
     Ray pickles the returned filesystem to ship it to workers and Tune pickles it into ``tuner.pkl`` on
@@ -492,17 +505,7 @@ def ray_storage_filesystem(url: str, options: StorageOptions | None = None) -> t
             kwargs["region"] = region
         # No access_key/secret_key here: pyarrow pickles explicit credentials (Ray and Tune pickle this
         # object into their state on storage); without them it resolves the AWS_* variables (or any
-        # other credentials provider) in each process that uses it; ray_env exports config credentials.
+        # other credentials provider) in each process that uses it; ray_env writes them to a 0600 credentials file.
         return pafs.S3FileSystem(**kwargs), path
     fs, fs_path = open_fs(url, options)  # gs://, memory:// …: fsspec's own credential discovery
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), fs_path
-
-
-def export_credentials(options: StorageOptions) -> None:
-    """Make credentials given in the config visible to this process's environment (and so to the Ray
-    processes it starts), where filesystems built without explicit credentials find them. Memory only:
-    nothing is written, and objects that get pickled never hold them."""
-    pairs = {"AWS_ACCESS_KEY_ID": options.key, "AWS_SECRET_ACCESS_KEY": options.secret, "AWS_SESSION_TOKEN": options.token}
-    for name, value in pairs.items():
-        if value and os.environ.get(name) != value:
-            os.environ[name] = value

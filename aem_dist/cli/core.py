@@ -31,6 +31,8 @@ def synth(
         "'subtype_strength=[6, 2]' (docs/data.md, \"Synthetic data\"; recorded in the manifest).")] = None,
     probe: Annotated[bool, typer.Option("--probe/--no-probe", help="Fit the instance-level linear probe (tumour vs normal) and record its AUC in the "
         "manifest.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already at --out (its manifest is removed first, so an interrupted "
+        "rewrite is visibly no dataset). Without it an existing dataset is refused.")] = False,
 ) -> None:
     """Generate a synthetic WSI-like dataset (shards + manifest) from a preset."""
 
@@ -41,7 +43,7 @@ def synth(
         options = StorageOptions.from_config()
         knobs = parse_knobs(set_ or [])
         spec = get_spec(preset, scale, size_scale, knobs)
-        manifest = write_synthetic(spec, out, seed, shard_bytes=shard_mb << 20, options=options, probe=probe, knobs=knobs)
+        manifest = write_synthetic(spec, out, seed, shard_bytes=shard_mb << 20, options=options, probe=probe, knobs=knobs, overwrite=overwrite)
         if folds is not None:
             from ..data.folds import record_folds
 
@@ -140,7 +142,7 @@ def demo(
 
         data, sweep_out = storage.join(out, "data"), storage.join(out, "sweep")
         if not storage.exists(storage.join(data, "manifest.json")):
-            write_synthetic(get_spec("demo"), data, seed)
+            write_synthetic(get_spec("demo"), data, seed, overwrite=True)  # its own folder; an interrupted write is redone
         cfg = load_config("demo", [f"data.root={data}", *(set_ or [])])
         plan = check_config(cfg, sweep_out, sweep=True)
         typer.echo(f"demo data: {data}; sweeping {cfg.sweep.grid} with {cfg.scaling.num_workers} Ray Train worker(s) per trial")

@@ -56,6 +56,8 @@ def ingest(
     stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help="With --folds: stratify folds by class.")] = True,
     no_labels: Annotated[bool, typer.Option("--no-labels", help="Slides without labels, to predict on: every slide of the source goes into the test "
         "split unlabelled (no --labels; --classes optional). `aem-dist predict` on it writes predictions.csv and no metrics.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a dataset already at --out (its manifest is removed first, so an interrupted "
+        "rewrite is visibly no dataset). Without it an existing dataset is refused.")] = False,
 ) -> None:
     """Convert extracted features (CLAM/TRIDENT, .pt, AEM/ACMIL HDF5, zarr, MIL CSV) into a dataset."""
 
@@ -75,7 +77,7 @@ def ingest(
         result = run_ingest(format, src, out, labels_csv=labels, classes=names, val_frac=val_frac, test_frac=test_frac, seed=seed, shard_bytes=shard_mb << 20,
             on_bad=on_bad, options=options,
                             case_column=case_column, label_map=parse_label_map(label_map), dim=dim, report_all=all_, no_labels=no_labels,
-                            limits=Limits(max_instances_per_bag, max_dim))
+                            limits=Limits(max_instances_per_bag, max_dim), overwrite=overwrite)
         m = result.manifest
         if folds is not None:
             from ..data.folds import record_folds

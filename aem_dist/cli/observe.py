@@ -52,7 +52,8 @@ def report(
 def predict(
     run: Annotated[str, typer.Option(help="Run (or trial) folder holding best/state.pt, a model file from `aem-dist export` (*.safetensors), "
                                           "or with --ensemble a sweep folder; path, file:// or s3://.")],
-    out: Annotated[str, typer.Option(help="Zarr store to write (replaced if present); path, file:// or s3://. predictions.csv goes next to it.")],
+    out: Annotated[str, typer.Option(help="Zarr store to write: a new or empty location, or a store predict wrote before (replaced); "
+                                          "path, file:// or s3://. predictions.csv goes next to it.")],
     data: Annotated[Optional[str], typer.Option(help="Dataset folder or URL (default: data.root of the run's config).")] = None,
     split: Annotated[str, typer.Option(help="Split(s) to predict, comma-separated, e.g. test or val,test.")] = "test",
     max_instances: Annotated[int, typer.Option(help="Instances per forward pass (bags are packed, never cut; a larger bag runs alone).")] = 65_536,
@@ -78,12 +79,15 @@ def predict(
         from .. import storage
         from ..config import DataConfig
         from ..data.manifest import load_manifest
-        from ..observe.attention import load_run_model, predict_split, write_attention
-        from ..observe.predictions import accuracy_line, case_of, ensemble_members, predictions_csv
+        from ..observe.attention import check_output, load_run_model, predict_split, write_attention
+        from ..observe.predictions import accuracy_line, case_of, check_table_output, ensemble_members, predictions_csv
         from ..observe.predictions import ensemble as combine
         from ..storage import StorageOptions, redact
 
         options = StorageOptions.from_config()
+        table = csv_out or storage.join(out.rstrip("/").rsplit("/", 1)[0] if "/" in out.rstrip("/") else ".", "predictions.csv")
+        check_output(out, options)  # before any work: outputs never replace what predict did not write
+        check_table_output(table, options)
         if ensemble:
             members, what = ensemble_members(run, options)
             models = [load_run_model(m, options, checkpoint) for m in members]
@@ -111,7 +115,6 @@ def predict(
             attrs["ensemble"] = [redact(m, options) for m in members]
         class_names = model.meta.get("class_names") or []
         meta = write_attention(out, bags, class_names=class_names, attrs=attrs, options=options)
-        table = csv_out or storage.join(out.rstrip("/").rsplit("/", 1)[0] if "/" in out.rstrip("/") else ".", "predictions.csv")
         storage.atomic_write_text(table, predictions_csv(bags, class_names, case_of(load_manifest(root, options))), options)
         scored = accuracy_line(bags)
         scored = f"; {scored}" if scored else ""

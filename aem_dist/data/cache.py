@@ -296,13 +296,23 @@ class ShardCache:
 
     # -- local shards ---------------------------------------------------------------------------
     def _open_local(self, url: str, name: str, sha256: str, nbytes: int) -> IO[bytes]:
+        """A local shard, opened only if it is a regular file of the manifest's size (a name resolving
+        to /dev/zero, a fifo or a folder is refused at once, as the memory loader refuses it) and
+        hashed unless a marker says this very file was verified. The marker's stamp holds the inode
+        and ctime besides size and mtime: a shard changed in place with its size and mtime put back
+        still changes its ctime, so it is hashed again."""
         path = os.path.abspath(storage.strip_scheme(url))
         try:
-            f = open(path, "rb")
+            f = storage.open_regular(path)
         except FileNotFoundError:
             raise BadSampleError("missing_shard", f"shard listed in the manifest is missing at {path}", shard=name) from None
+        except (storage.NotRegularFile, OSError) as err:
+            raise BadSampleError("not_regular_file", f"shard cannot be read as a file: {err}", shard=name) from None
         st = os.fstat(f.fileno())
-        stamp = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        if st.st_size != nbytes:
+            f.close()
+            raise BadSampleError("sha256_mismatch", f"shard holds {st.st_size:,} bytes but the manifest says {nbytes:,}", shard=name)
+        stamp = {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino, "dev": st.st_dev}
         marker = self.root / "verified" / sha256
         try:
             if _own_regular_file(marker) and json.loads(marker.read_text()) == stamp:

@@ -24,7 +24,7 @@ from .. import storage
 from ..storage import StorageOptions
 from .manifest import Manifest
 from .schema import UNLABELLED, Bag, BadSampleError
-from .shards import DEFAULT_SHARD_BYTES, DatasetWriter
+from .shards import DEFAULT_SHARD_BYTES, DatasetWriter, check_output
 from .limits import Limits
 from .sources import RawBag, SourceError, open_source
 from .sources.labels import check_case_splits, check_label_variants, class_names_for, grouped_stratified_split, match_ids, read_labels
@@ -82,6 +82,7 @@ def ingest(
     dim: int | None = None,
     report_all: bool = False,
     no_labels: bool = False,
+    overwrite: bool = True,
 ) -> IngestResult:
     """Write the dataset at ``out``; returns its manifest and what was skipped.
 
@@ -91,9 +92,11 @@ def ingest(
     feature dim (default: the dim most slides' headers agree on). Raises :class:`SourceError` for a
     case in two CSV splits, label variants, or no majority dim; :class:`BadSampleError` for a bad bag
     (with ``report_all``: a :class:`SourceError` listing every bad bag). ``no_labels``: no labels at
-    all (``classes``, if given, names the classes of the model that will predict)."""
+    all (``classes``, if given, names the classes of the model that will predict). :class:`~aem_dist.data.shards.DatasetExists`
+    when ``out`` already holds a dataset and ``overwrite`` is False (the CLI's default; checked before any slide is read)."""
     from ..progress import progress as progress_bar
 
+    check_output(out, options, overwrite)
     source = open_source(fmt, src, limits)
     skipped: Counter = Counter()
     problems: list[BadSampleError] = []
@@ -185,7 +188,7 @@ def ingest(
                         bad(err)
                         continue
                     if writer is None:
-                        writer = DatasetWriter(out, dim, names, options=options, shard_bytes=shard_bytes, source=source_meta)
+                        writer = DatasetWriter(out, dim, names, options=options, shard_bytes=shard_bytes, source=source_meta, overwrite=overwrite)
                     if bag.coords is None:
                         no_coords.append(sid)
                     writer.add(split, bag)

@@ -19,6 +19,12 @@ import numpy as np
 
 MAX_TAR_HEADER_BYTES = 1 << 20  # a pax or GNU long-name header holds a few names, never megabytes
 MAX_HEATMAP_CELLS = 1 << 26  # 8192 × 8192 grid cells: a whole slide at any usual patch size
+# Compressed inputs (gzip/zstd HDF5 and zarr chunks, deflated zip entries of a .pt) may expand at most
+# this much: patch features are noise-like floats that compress ~1.1-2×, coords ~10×. A few MB that
+# declare gigabytes within the shape limits (constant chunks: 4 MB of gzip → 9.2 GB) are refused before
+# a byte is decompressed. Arrays below EXPANSION_FREE_BYTES are never refused for it.
+MAX_EXPANSION = 50
+EXPANSION_FREE_BYTES = 64 << 20
 
 
 class SizeError(ValueError):
@@ -78,14 +84,24 @@ def npy_array_shape(data: bytes, what: str) -> tuple[tuple[int, ...], np.dtype]:
     return shape, dtype
 
 
+def check_expansion(declared: int, stored: int, what: str) -> None:
+    """``declared`` bytes decompressed from ``stored`` bytes: refused above MAX_EXPANSION × (and
+    EXPANSION_FREE_BYTES), before anything is decompressed. Raises SizeError."""
+    if declared > max(EXPANSION_FREE_BYTES, MAX_EXPANSION * stored):
+        raise SizeError(f"{what} would expand {stored:,} stored bytes to {declared:,} ({declared / max(stored, 1):,.0f}×, limit {MAX_EXPANSION}×): a "
+            f"decompression bomb, not features")
+
+
 def check_stored_fully(arr: Any, what: str) -> None:
     """An HDF5 dataset or zarr array must have every chunk stored: missing chunks read back as the fill
-    value, so a tiny file can declare a huge array. Raises SizeError naming stored vs. declared."""
+    value, so a tiny file can declare a huge array. Compressed chunks may not expand more than
+    :data:`MAX_EXPANSION` (see :func:`check_expansion`). Raises SizeError naming stored vs. declared."""
     n_chunks = getattr(arr, "nchunks", None)
     if n_chunks is not None:  # zarr
         stored = arr.nchunks_initialized
         if stored < n_chunks:
             raise SizeError(f"{what} declares shape {tuple(arr.shape)} but only {stored} of its {n_chunks} chunks are stored")
+        check_expansion(int(arr.nbytes), int(arr.nbytes_stored()), what)
         return
     dsid = getattr(arr, "id", None)
     if dsid is None or not hasattr(dsid, "get_storage_size"):
@@ -102,6 +118,7 @@ def check_stored_fully(arr: Any, what: str) -> None:
     stored = dsid.get_num_chunks()
     if stored < expected:
         raise SizeError(f"{what} declares shape {tuple(arr.shape)} but only {stored} of its {expected} chunks are stored")
+    check_expansion(nbytes, int(dsid.get_storage_size()), what)
 
 
 def check_grid(cells: np.ndarray, what: str) -> tuple[int, int]:

@@ -184,6 +184,10 @@ def decode_bag(
     if check_finite and feats.dtype == np.float64 and np.abs(feats).max() > np.finfo(np.float32).max:
         # finite here, Inf once cast to the float32 that training packs
         raise BadSampleError("non_finite", "features hold values beyond float32 range (Inf once converted for training)")
+    if check_finite and feats.dtype != np.float16 and np.abs(feats).max() > np.finfo(np.float16).max:
+        # finite, but no encoder gives such features: the first layer overflows and training stops on a
+        # non-finite loss epochs later. ingest refuses the same values (shards are float16).
+        raise BadSampleError("non_finite", "features hold values beyond float16 range (±65504), as no feature extractor writes; they overflow in training")
     n_meta = meta.get("n_instances")
     if n_meta is not None and n_meta != feats.shape[0]:
         raise BadSampleError("count_mismatch", f"json n_instances {n_meta} != {feats.shape[0]} rows in feats.npy")

@@ -7,8 +7,10 @@ and the manifest is written last, only after every shard is committed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import re
 import tarfile
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -60,11 +62,38 @@ class _OpenShard:
     bags: list[BagEntry] = field(default_factory=list)
 
 
+class DatasetExists(storage.StorageError):
+    """The output location already holds a dataset (or the shards of an unfinished one) and ``overwrite`` is off."""
+
+
+_SHARD_FILE = re.compile(r"^(train|val|test)-\d{6}\.tar$")
+
+
+def check_output(root: str, options: StorageOptions | None = None, overwrite: bool = False) -> bool:
+    """Whether ``root`` holds a dataset's manifest; raises DatasetExists when it holds a manifest or
+    shards of ours (``train-000000.tar`` …) and ``overwrite`` is off. Other files are written beside."""
+    storage.probe(root, options)  # wrong endpoint/key/bucket: a one-line StorageError, not a listing traceback
+    fs, path = storage.open_fs(root, options)
+    has_manifest = fs.exists(f"{path}/{MANIFEST}")
+    shards = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)) if _SHARD_FILE.match(n)) if fs.isdir(path) else []
+    if not overwrite and (has_manifest or shards):
+        what = "a dataset (manifest.json)" if has_manifest else f"shards without a manifest ({', '.join(shards[:2])}…: an unfinished write?)"
+        raise DatasetExists(f"{storage.redact(root, options)} already holds {what}; pass --overwrite to replace it")
+    return has_manifest
+
+
 class DatasetWriter:
     """Write bags split by split into shards under ``root``; :meth:`close` writes the manifest.
 
     Use as a context manager: if the block raises, no manifest is written (shards already committed
     stay, but without a manifest the folder is not a dataset).
+
+    A ``root`` that already holds a dataset (a manifest, or shards of an unfinished write) is refused
+    when ``overwrite`` is False (the CLI's default: ``synth``/``ingest`` without ``--overwrite``; the
+    library default replaces). When it is replaced, the old manifest is removed *before* the first new shard is written,
+    so an interrupted rewrite is visibly no dataset rather than an old manifest over new shards, and
+    after the new manifest the old manifest's shards that the new one does not list are removed (only
+    those: nothing else in ``root`` is touched).
     """
 
     def __init__(
@@ -76,6 +105,7 @@ class DatasetWriter:
         options: StorageOptions | None = None,
         shard_bytes: int = DEFAULT_SHARD_BYTES,
         source: dict[str, Any] | None = None,
+        overwrite: bool = True,
     ):
         self.root = str(root)
         self.dim = int(dim)
@@ -88,7 +118,25 @@ class DatasetWriter:
         self._keys: dict[str, str] = {}
         self.manifest: Manifest | None = None
         storage.probe(self.root, options, write=True)  # wrong endpoint/key/bucket: fail before any work
+        self._old_shards = self._claim(overwrite)
         storage.makedirs(self.root, options)
+
+    def _claim(self, overwrite: bool) -> set[str]:
+        """Refuse an existing dataset without ``overwrite``; with it, invalidate its manifest first.
+        Returns the shard names the old manifest listed (removed after the new manifest is written)."""
+        has_manifest = check_output(self.root, self.options, overwrite)
+        fs, path = storage.open_fs(self.root, self.options)
+        url = storage.join(self.root, MANIFEST)
+        old: set[str] = set()
+        if has_manifest:
+            try:
+                from .manifest import parse_manifest
+
+                old = {s.name for e in parse_manifest(storage.read_bytes(url, self.options, cap=256 << 20, what="manifest")).splits.values() for s in e.shards}
+            except (ValueError, storage.StorageError):
+                old = set()  # an unreadable old manifest: its shards are left where they are
+            fs.rm_file(f"{path}/{MANIFEST}")  # first: from now on the folder is visibly no dataset
+        return {n for n in old if _SHARD_FILE.match(n)}
 
     def add(self, split: str, bag: Bag) -> None:
         if bag.dim != self.dim:
@@ -167,6 +215,12 @@ class DatasetWriter:
         )
         storage.atomic_write_text(storage.join(self.root, MANIFEST), manifest.to_json(), self.options)
         self.manifest = manifest
+        stale = self._old_shards - {s.name for shards in self._done.values() for s in shards}
+        if stale:  # the replaced dataset's own shards that the new one does not reuse
+            fs, path = storage.open_fs(self.root, self.options)
+            for name in sorted(stale):
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm_file(f"{path}/{name}")
         return manifest
 
     def __enter__(self) -> "DatasetWriter":
@@ -189,9 +243,11 @@ def write_dataset(
     options: StorageOptions | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     source: dict[str, Any] | None = None,
+    overwrite: bool = True,
 ) -> Manifest:
-    """Write ``(split, bag)`` pairs as a dataset; returns the manifest (written last)."""
-    with DatasetWriter(root, dim, class_names, options=options, shard_bytes=shard_bytes, source=source) as w:
+    """Write ``(split, bag)`` pairs as a dataset; returns the manifest (written last). See
+    :class:`DatasetWriter` for ``overwrite``."""
+    with DatasetWriter(root, dim, class_names, options=options, shard_bytes=shard_bytes, source=source, overwrite=overwrite) as w:
         for split, bag in bags:
             w.add(split, bag)
     assert w.manifest is not None
@@ -228,15 +284,28 @@ class _CheckedTarInfo(tarfile.TarInfo):
     _proc_sparse = _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
 
 
-def check_shard_file(fs: Any, path: str, name: str, expected_bytes: int | None) -> None:
+def check_shard_file(fs: Any, path: str, name: str, expected_bytes: int | None) -> int | None:
     """Before reading a shard: it must be a regular file (not a device, fifo or folder a name resolves
-    to) of the size the manifest says, so a read is bounded by the manifest. Raises BadSampleError."""
+    to) of the size the manifest says, so a read is bounded by the manifest. Returns its size in bytes
+    (None when the filesystem does not say). Raises BadSampleError."""
     info = fs.info(path)
     if info.get("type") != "file":
         raise BadSampleError("not_regular_file", f"shard is not a regular file (it is a {info.get('type')})", shard=name)
     size = info.get("size")
     if expected_bytes is not None and size is not None and int(size) != expected_bytes:
         raise BadSampleError("sha256_mismatch", f"shard holds {int(size):,} bytes but the manifest says {expected_bytes:,}", shard=name)
+    return None if size is None else int(size)
+
+
+def check_member_extent(info: tarfile.TarInfo, shard_bytes: int | None, shard: str) -> None:
+    """A member's declared size must fit in the bytes left in the shard. Checked before the member is
+    read or skipped: tarfile skips a member in a stream by reading block after block up to its declared
+    end (a base-256 size field can say 2^60 in a 12 KB shard), so an unchecked size is an unbounded loop.
+    Raises BadSampleError('truncated_tar'): the shard is cut inside the member, or its size is forged."""
+    if shard_bytes is not None and info.offset_data + info.size > shard_bytes:
+        base = info.name.rsplit("/", 1)[-1]
+        raise BadSampleError("truncated_tar", f"tar member {base!r} declares {info.size:,} bytes but only {max(0, shard_bytes - info.offset_data):,} "
+            f"remain in the shard (cut, or a forged size)", shard=shard, key=base.partition(".")[0])
 
 
 @dataclass
@@ -249,18 +318,20 @@ class RawSample:
     duplicate: bool = False  # a member name occurred twice: the sample is ambiguous
 
 
-def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
+def iter_tar_samples(f: IO[bytes], shard: str, size: int | None = None) -> Iterator[RawSample]:
     """Group a tar stream's members into samples.
 
     Only the members named in :data:`MEMBERS` are read into memory; anything else (a ``.pyd``
-    pickle, a ``.pth``) is recorded by name and never read. Raises BadSampleError('truncated_tar')
-    on a cut or corrupt stream.
+    pickle, a ``.pth``) is recorded by name and never read. ``size`` is the shard's length in bytes:
+    a member declaring more than remains is refused before it is read or skipped (see
+    :func:`check_member_extent`). Raises BadSampleError('truncated_tar') on a cut or corrupt stream.
     """
     current: RawSample | None = None
     try:
         with tarfile.open(fileobj=f, mode="r|", tarinfo=_CheckedTarInfo) as tar:
             for info in tar:
                 if not info.isfile():
+                    check_member_extent(info, size, shard)
                     continue
                 base = info.name.rsplit("/", 1)[-1]
                 key, _, ext = base.partition(".")
@@ -268,6 +339,7 @@ def iter_tar_samples(f: IO[bytes], shard: str) -> Iterator[RawSample]:
                     if current is not None:
                         yield current
                     current = RawSample(key)
+                check_member_extent(info, size, shard)  # after the previous sample: it is complete and good
                 if ext not in MEMBERS:
                     current.unexpected.append(base)
                     continue
@@ -383,10 +455,10 @@ def read_shard(
     """
     fs, path = storage.open_fs(url, options)
     name = url.rsplit("/", 1)[-1]
-    check_shard_file(fs, path, name, expect[0] if expect is not None else None)
+    size = check_shard_file(fs, path, name, expect[0] if expect is not None else None)
     with fs.open(path, "rb") as f:
         reader = _HashingReader(f)
-        yield from decode_shard(iter_tar_samples(io.BufferedReader(reader, 1 << 20), name), name, dim=dim, n_classes=n_classes, on_bad=on_bad)
+        yield from decode_shard(iter_tar_samples(io.BufferedReader(reader, 1 << 20), name, size), name, dim=dim, n_classes=n_classes, on_bad=on_bad)
         if expect is not None:
             reader.drain()
             got = reader.sha256.hexdigest()
@@ -459,6 +531,7 @@ def index_tar(f: IO[bytes], shard: str) -> TarIndex:
         tar = tarfile.open(fileobj=f, mode="r:", tarinfo=_CheckedTarInfo)
         for info in tar:
             if not info.isfile():
+                check_member_extent(info, size, shard)  # a regular member past the end is a cut, below
                 continue
             base = info.name.rsplit("/", 1)[-1]
             key, _, ext = base.partition(".")

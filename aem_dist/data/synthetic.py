@@ -480,19 +480,21 @@ def total_bags(spec: SynthSpec) -> int:
 
 
 def write_synthetic(spec: SynthSpec, out: str, seed: int = 0, *, shard_bytes: int | None = None, options=None, progress: bool = True,
-                    probe: bool = True, knobs: dict[str, Any] | None = None):
+                    probe: bool = True, knobs: dict[str, Any] | None = None, overwrite: bool = True):
     """Generate ``spec`` with ``seed`` and write it as a dataset at ``out``; returns the manifest.
 
     The manifest's ``source`` records the preset, the seed, every knob of the spec (``spec``), the
     knobs overridden on the command line (``knobs``) and, with ``probe``, the instance-level linear
-    probe (``probe``: aem_dist/data/probe.py)."""
+    probe (``probe``: aem_dist/data/probe.py). An existing dataset at ``out`` is replaced, or refused with
+    ``overwrite=False`` (see :class:`~aem_dist.data.shards.DatasetWriter`)."""
     from ..progress import progress as progress_bar
     from .probe import ProbeSample
     from .shards import DEFAULT_SHARD_BYTES, DatasetWriter
 
     source = {"generator": "synthetic", "preset": spec.name, "seed": seed, "spec": spec.describe(), "knobs": dict(knobs or {})}
     sample = ProbeSample(seed) if probe else None
-    with DatasetWriter(out, spec.dim, list(spec.class_names), options=options, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, source=source) as writer:
+    with DatasetWriter(out, spec.dim, list(spec.class_names), options=options, shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, source=source,
+                       overwrite=overwrite) as writer:
         with progress_bar(total_bags(spec), f"synth {spec.name}", "bag", disable=not progress) as bar:
             for split, i, bag, kind in _generate(spec, seed):
                 writer.add(split, bag)

@@ -77,7 +77,7 @@ def verify_shard(root: str, split: str, entry, dim: int, n_classes: int, options
 
     fs, path = storage.open_fs(url, options)
     try:
-        check_shard_file(fs, path, entry.name, entry.bytes)
+        size = check_shard_file(fs, path, entry.name, entry.bytes)
         f = fs.open(path, "rb")
     except FileNotFoundError:
         report.problems.append("shard is missing [missing_shard]")
@@ -91,7 +91,8 @@ def verify_shard(root: str, split: str, entry, dim: int, n_classes: int, options
     with f:
         reader = _HashingReader(f)
         try:
-            for bag in decode_shard(iter_tar_samples(io.BufferedReader(reader, 1 << 20), entry.name), entry.name, dim=dim, n_classes=n_classes, on_bad=on_bad):
+            samples = iter_tar_samples(io.BufferedReader(reader, 1 << 20), entry.name, size)
+            for bag in decode_shard(samples, entry.name, dim=dim, n_classes=n_classes, on_bad=on_bad):
                 want = expected.get(bag.key)
                 found[bag.key] = found.get(bag.key, 0) + 1
                 if want is None:

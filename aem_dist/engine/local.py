@@ -17,6 +17,7 @@ from ..storage import StorageOptions
 from .dist import DistContext
 from .checkpoint import STATE_FILE, load_dir, state_to_bytes, write_best_states
 from .loop import EpochReport, FitResult, fit, fit_members
+from .results import stored_config
 from .runrecord import check_same_run
 from .stages import model_init
 
@@ -102,7 +103,7 @@ def run_local_members(
     """Train one run or a population in this process: a checkpoint per epoch in ``checkpoints`` (resumed
     from if present, after checking it was trained with the same configs), member k's best state in
     ``best_dirs[k]/state.pt``."""
-    configs = [c.to_dict() for c in cfgs]
+    configs = [stored_config(c) for c in cfgs]  # as in run.json: secrets removed, URL passwords masked (state.pt is a file on storage)
     config = configs[0] if len(cfgs) == 1 else configs
     ckpt = LocalCheckpoints(checkpoints, keep=cfgs[0].run.checkpoint_keep, options=options, best_dirs=best_dirs, config=config)
     resume = ckpt.latest()

@@ -91,12 +91,7 @@ def check_same_run(old_cfg: dict[str, Any] | None, new_cfg: dict[str, Any], wher
 
 def recorded_config(out: str, options: Any = None) -> dict[str, Any] | None:
     """The config in ``out/run.json`` (written by the run or sweep that owns ``out``), or None."""
-    import json
-
     from .. import storage
 
-    try:
-        record = json.loads(storage.read_bytes(storage.join(out, "run.json"), options))
-    except FileNotFoundError:
-        return None
-    return record.get("config") if isinstance(record, dict) else None
+    record = storage.read_record(storage.join(out, "run.json"), options, what="run record (run.json)")
+    return record.get("config") if record is not None else None

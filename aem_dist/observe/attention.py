@@ -23,8 +23,8 @@ The group's ``complete`` attribute is written last; :class:`AttentionStore` refu
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -60,13 +60,22 @@ class RunModel:
 
 
 def _read_json(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
-    try:
-        return json.loads(storage.read_bytes(url, options))
-    except FileNotFoundError:
-        return None
+    return storage.read_record(url, options)
 
 
 _EPOCH_CHOICE = re.compile(r"^epoch-(\d+)$")
+
+
+def _inside(folder: str, run: str) -> None:
+    """A local checkpoint folder must lie inside its run: a symlinked ``epoch-N`` (or ``state.pt``) that
+    leads elsewhere is refused by name rather than loaded as the run's. Raises ValueError."""
+    if storage.is_remote(run):
+        return
+    root = os.path.realpath(storage.strip_scheme(run))
+    for p in (folder, os.path.join(folder, "state.pt")):
+        real = os.path.realpath(p)
+        if os.path.islink(p) or not real.startswith(root + os.sep):
+            raise ValueError(f"{p}: leads out of the run folder (to {real}); a checkpoint is only read from inside its run")
 
 
 def checkpoint_folders(run: str, options: StorageOptions | None = None) -> dict[int, str]:
@@ -83,6 +92,7 @@ def checkpoint_folders(run: str, options: StorageOptions | None = None) -> dict[
         for p in fs.ls(path, detail=False):
             m = re.match(r"^epoch-(\d{6})$", p.rstrip("/").rsplit("/", 1)[-1])
             if m and fs.exists(f"{p.rstrip('/')}/state.pt"):
+                _inside(p.rstrip("/"), run)
                 out[int(m.group(1))] = storage.join(run, "checkpoints", m.group(0))
     fs, path = storage.open_fs(storage.join(run, "ray", "train"), options)
     if not out and fs.exists(path):
@@ -133,7 +143,7 @@ def load_run_model(run: str, options: StorageOptions | None = None, checkpoint: 
     meta = state.get("model_meta")
     if not isinstance(meta, dict) or "model" not in meta:
         raise ValueError(f"{storage.redact(folder, options)}/state.pt: checkpoint has no model_meta; cannot rebuild the model")
-    model = model_from_state(state)
+    model = model_from_state(state, f"{storage.redact(folder, options)}/state.pt")
     record = _read_json(storage.join(run, "results.json"), options) or _read_json(storage.join(run, "run.json"), options) or {}
     return RunModel(model, meta, int(state.get("epoch", -1)), record.get("config") or {}, run)
 
@@ -233,12 +243,49 @@ def predict_split(
 # --- the zarr store ----------------------------------------------------------------------------
 
 
+# What a store written by write_attention holds at its top level: anything else there is someone else's.
+STORE_ENTRIES = frozenset({"zarr.json", "slide_id", "key", "split", "label", "probs", "pred", "offsets", "attention", "coords", "tumour", "embedding"})
+
+
+def check_output(out: str, options: StorageOptions | None = None) -> None:
+    """Refuse to write an attention store at ``out`` unless nothing is there (or an empty folder), or
+    an attention store that ``predict`` wrote before (which is replaced). Writing a store clears its
+    location, so a folder, bucket or prefix holding anything else — a run's checkpoints, the current
+    directory, a bucket's objects — is refused in one line before anything is read or written.
+    Raises AttentionStoreError."""
+    where = storage.redact(out, options)
+    fs, path = storage.open_fs(out, options)
+    try:
+        if not fs.exists(path):
+            return
+        if not fs.isdir(path):
+            raise AttentionStoreError(f"--out {where}: a file is there; predict writes a new zarr store and never replaces what it did not write")
+        names = sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)} - {""})
+    except AttentionStoreError:
+        raise
+    except Exception as err:
+        raise AttentionStoreError(storage.describe_error(err, out, options, "inspect")) from None
+    if not names:
+        return
+    foreign = [n for n in names if n not in STORE_ENTRIES]
+    if not foreign and "zarr.json" in names:
+        try:
+            ours = (storage.read_json(storage.join(out, "zarr.json"), options, cap=1 << 20, what="zarr group") or {}).get("attributes", {})
+        except (FileNotFoundError, storage.StorageError, AttributeError):
+            ours = {}
+        if isinstance(ours, dict) and ours.get("format") == FORMAT:
+            return  # an attention store of ours (complete or not): replaced
+    shown = ", ".join(foreign[:3] or names[:3]) + (" …" if len(foreign or names) > 3 else "")
+    raise AttentionStoreError(f"--out {where}: holds {len(names)} entries that are not an attention store written by predict ({shown}); "
+        f"predict never deletes what it did not write: choose a new or empty location")
+
+
 def open_zarr_store(url: str, options: StorageOptions | None = None, read_only: bool = False) -> Any:
     """A zarr store for a local path or an fsspec URL (``s3://`` with the configured endpoint/credentials)."""
     from zarr.storage import FsspecStore, LocalStore
 
     if not storage.is_remote(url):
-        path = storage.strip_scheme(url)
+        path = os.path.abspath(storage.strip_scheme(url))  # '.' as a store root: zarr cannot clear it by that name
         return LocalStore(path, read_only=read_only)
     url = "s3://" + url.split("://", 1)[1] if url.startswith("s3a://") else url
     opts: dict[str, Any] = {}
@@ -256,11 +303,13 @@ def write_attention(
     attrs: dict[str, Any] | None = None,
     options: StorageOptions | None = None,
 ) -> dict[str, Any]:
-    """Write ``bags`` as an attention store at ``out`` (replacing what is there); returns its attrs."""
+    """Write ``bags`` as an attention store at ``out``; returns its attrs. ``out`` must be new, empty or
+    an attention store written before (replaced): anything else is refused (see :func:`check_output`)."""
     import zarr
 
     if not bags:
         raise ValueError("no bags to write")
+    check_output(out, options)
     sizes = np.array([len(b.attention) for b in bags], dtype=np.int64)
     offsets = np.zeros(len(bags) + 1, dtype=np.int64)
     np.cumsum(sizes, out=offsets[1:])
@@ -318,6 +367,7 @@ class AttentionStore:
             raise AttentionStoreError(f"{where}: format {self.attrs.get('format')!r} is not {FORMAT!r}")
         if not self.attrs.get("complete"):
             raise AttentionStoreError(f"{where}: incomplete attention store (its writing never finished)")
+        self._check_shapes(where)
         self.slide_ids = [str(s) for s in self.group["slide_id"][...]]
         self.keys = [str(s) for s in self.group["key"][...]]
         self.splits = [str(s) for s in self.group["split"][...]]
@@ -327,6 +377,33 @@ class AttentionStore:
         self.offsets = np.asarray(self.group["offsets"][...])
         self.has_tumour = "tumour" in self.group
         self.has_embedding = "embedding" in self.group
+
+    def _check_shapes(self, where: str) -> None:
+        """The shapes the store declares, checked before any array is read: bag arrays as long as
+        ``slide_id`` (at most ``Limits.max_bags``), ``offsets`` one longer, increasing by at most
+        ``data.max_instances_per_bag`` per bag and ending at the length of the instance arrays — so a
+        zarr.json saying 2e9 instances is one line, not a 15 GiB heatmap buffer."""
+        from ..data.limits import Limits
+
+        limits = Limits()
+        try:
+            n = int(self.group["slide_id"].shape[0])
+            if n > limits.max_bags:
+                raise AttentionStoreError(f"{where}: declares {n:,} bags, more than a dataset may hold ({limits.max_bags:,})")
+            for name in ("key", "split", "label", "probs", "pred", "embedding"):
+                if name in self.group and int(self.group[name].shape[0]) != n:
+                    raise AttentionStoreError(f"{where}: {name!r} has {self.group[name].shape[0]:,} rows for {n:,} bags")
+            if tuple(self.group["offsets"].shape) != (n + 1,):
+                raise AttentionStoreError(f"{where}: 'offsets' has shape {tuple(self.group['offsets'].shape)}, expected ({n + 1},)")
+            offsets = np.asarray(self.group["offsets"][...], dtype=np.int64)
+            sizes = np.diff(offsets)
+            if offsets[0] != 0 or (sizes < 0).any() or (sizes > limits.max_instances_per_bag).any():
+                raise AttentionStoreError(f"{where}: 'offsets' do not describe bags of 0 … {limits.max_instances_per_bag:,} instances each")
+            for name in ("attention", "coords", "tumour"):
+                if name in self.group and int(self.group[name].shape[0]) != int(offsets[-1]):
+                    raise AttentionStoreError(f"{where}: {name!r} declares {self.group[name].shape[0]:,} rows, the offsets {int(offsets[-1]):,}")
+        except KeyError as err:
+            raise AttentionStoreError(f"{where}: not an attention store (no array {err})") from None
 
     def embeddings(self) -> np.ndarray | None:
         """(n_bags, hidden) float32 pooled bag embeddings in store order; None when the model had none."""

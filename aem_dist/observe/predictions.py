@@ -28,6 +28,23 @@ def has_labels(bags: Sequence[BagResult]) -> bool:
     return any(b.label != UNLABELLED for b in bags)
 
 
+HEADER_START = "slide_id,case_id,split,label,"
+
+
+def check_table_output(url: str, options: StorageOptions | None = None) -> None:
+    """Refuse to replace a file at ``url`` that is not a predictions.csv (its first line says so):
+    predict never overwrites what it did not write. Raises ValueError naming the file."""
+    try:
+        head = storage.read_bytes(url, options, cap=storage.MAX_SMALL_FILE_BYTES, what="predictions.csv")[: len(HEADER_START)]
+    except FileNotFoundError:
+        return
+    except storage.StorageError as err:
+        raise ValueError(f"--csv {storage.redact(url, options)}: {err}") from None
+    if head != HEADER_START.encode():
+        raise ValueError(f"--csv {storage.redact(url, options)}: a file that is not a predictions.csv is there; predict never replaces what it did not write "
+            f"(give --csv another path)")
+
+
 def predictions_csv(bags: Sequence[BagResult], class_names: Sequence[str], case_of: Mapping[str, str] | None = None) -> str:
     """The per-slide CSV (see the module docstring); probabilities with 6 decimals."""
     names = [str(c) for c in class_names] or [str(i) for i in range(len(bags[0].probs))]

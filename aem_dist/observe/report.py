@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from collections import defaultdict
@@ -70,10 +69,7 @@ class Report:
 
 
 def _read_json(url: str, options: StorageOptions | None) -> dict[str, Any] | None:
-    try:
-        return json.loads(storage.read_bytes(url, options))
-    except FileNotFoundError:
-        return None
+    return storage.read_record(url, options)
 
 
 def _csv_header(url: str, options: StorageOptions | None) -> list[str]:

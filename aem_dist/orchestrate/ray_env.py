@@ -42,17 +42,45 @@ os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
 def _storage_env_from_config(cfg) -> None:
-    """Credentials set in the config (rather than the environment) reach Ray workers as AWS_* env vars
-    of the local Ray processes; they are never put into Ray configs or filesystems, which Ray pickles
-    to storage."""
-    from ..storage import StorageOptions, export_credentials
-
+    """The endpoint and region of the config reach Ray processes as AWS_* variables (no secret in them)."""
     s = cfg.storage
     if s.endpoint_url:
         os.environ["AWS_ENDPOINT_URL_S3"] = s.endpoint_url
     if s.region:
         os.environ["AWS_REGION"] = s.region
-    export_credentials(StorageOptions.from_config(s))
+
+
+CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def credentials_to_file(cfg=None) -> str | None:
+    """Move the S3 credentials (from the config, else the AWS_* variables) out of ``os.environ`` into a
+    0600 file in a private 0700 folder, named by ``AWS_SHARED_CREDENTIALS_FILE`` (under ``AWS_PROFILE``
+    or ``default``), which botocore/s3fs and pyarrow's AWS SDK read in every process that inherits the
+    variable. Ray copies AWS_* variables into the runtime environment of its workers and writes them into
+    ``runtime_env_agent.log`` in clear — a path is all it sees now. Returns the folder to remove at the
+    end of the session (None: no credentials). The values stay known to :func:`storage.redact`.
+
+    On a cluster joined by address, processes on other nodes do not see this file: give the nodes their
+    own credentials (KubeRay: a Secret in the pods' environment, IRSA/workload identity)."""
+    from .. import storage
+
+    opts = storage.StorageOptions.from_config(cfg.storage if cfg is not None else None)
+    if not (opts.key and opts.secret):
+        return None
+    storage._SEEN_SECRETS.update(opts.secrets())  # redacted in logs although no longer in the environment
+    folder = tempfile.mkdtemp(prefix="aem-cred-")  # 0700
+    path = os.path.join(folder, "credentials")
+    lines = [f"[{os.environ.get('AWS_PROFILE') or 'default'}]", f"aws_access_key_id = {opts.key}", f"aws_secret_access_key = {opts.secret}"]
+    if opts.token:
+        lines.append(f"aws_session_token = {opts.token}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.environ["AWS_SHARED_CREDENTIALS_FILE"] = path
+    for name in CREDENTIAL_ENV:
+        os.environ.pop(name, None)
+    return folder
 
 
 def _short_tmp() -> str:
@@ -66,10 +94,12 @@ def _short_tmp() -> str:
 def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = None) -> Iterator[None]:
     """Start or join Ray for the duration of the block (see module docstring)."""
     saved = {k: os.environ.get(k) for k in STORAGE_ENV}
+    folder = None
     try:
         if cfg is not None:
             _storage_env_from_config(cfg)
         _no_credentials_in_trial_runtime_envs()
+        folder = credentials_to_file(cfg)
         with _ray(address, num_cpus):
             yield
     finally:  # a later session in this process (tests, notebooks) must not inherit this one's storage
@@ -78,9 +108,11 @@ def ray_session(address: str | None = None, cfg=None, num_cpus: int | None = Non
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+STORAGE_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_REGION", *CREDENTIAL_ENV, "AWS_SHARED_CREDENTIALS_FILE")
 TUNE_COPIED_SECRETS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"})
 
 

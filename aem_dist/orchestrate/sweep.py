@@ -19,7 +19,6 @@ trials early (``trials/<trial>/stopped.json``); both run one trial per point. Se
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Callable
@@ -195,10 +194,7 @@ def sweep_points(plan: SweepPlan, out: str, options: StorageOptions) -> list[tup
 
 
 def _read_record(url: str, options: StorageOptions) -> dict[str, Any] | None:
-    try:
-        return json.loads(storage.read_bytes(url, options))
-    except FileNotFoundError:
-        return None
+    return storage.read_record(url, options)
 
 
 def collect_rows(results, plan: SweepPlan, out: str, interrupted: set[str] = frozenset()) -> list[dict[str, Any]]:

@@ -7,7 +7,6 @@ it as Prometheus metrics, and re-running with the same ``--out`` resumes from th
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any, Callable
 
@@ -70,6 +69,6 @@ def _train_on_ray(cfg: Config, out: str, address: str | None, exporter, options:
         grid_results = run_trials(SweepPlan.build(cfg, sweep=False), out, resume=True, callbacks=[callback])
     errors = [r.error for r in grid_results if r.error is not None]
     try:
-        return json.loads(storage.read_bytes(storage.join(out, "results.json"), options))
+        return storage.read_json(storage.join(out, "results.json"), options, what="results file")
     except FileNotFoundError:
         raise TrainingFailed(f"training failed: {storage.redact(errors[0] if errors else 'no results written', options)}") from None

@@ -139,6 +139,36 @@ def read_matrix(arr: Any, origin: str, field: str, limits: Limits | None = None)
     return as_matrix(arr[...], origin, field)
 
 
+def h5_has(group: Any, name: str) -> bool:
+    """Whether ``group`` has a link called ``name``, without following it (``name in group`` would
+    open the file an external link names)."""
+    return group.get(name, getlink=True) is not None
+
+
+def h5_member(group: Any, name: str, origin: str) -> Any:
+    """``group[name]``, refused by name when its data would come from outside the file: an HDF5 external
+    link, a soft link resolving outside the file, a virtual dataset (its data lives in source files) or
+    a dataset with external storage (raw bytes of any file, e.g. /etc/passwd). Raises SourceError."""
+    import h5py
+
+    link = group.get(name, getlink=True)
+    if isinstance(link, h5py.ExternalLink):
+        raise SourceError(f"{origin}: {name!r} is an HDF5 external link to {link.filename}:{link.path}; an input must hold its own data")
+    try:
+        obj = group[name]
+    except (KeyError, OSError) as err:
+        raise SourceError(f"{origin}: {name!r} cannot be opened ({type(err).__name__}: {err})") from None
+    if obj.file.filename != group.file.filename or obj.file.id != group.file.id:
+        raise SourceError(f"{origin}: {name!r} resolves into another file ({obj.file.filename}); an input must hold its own data")
+    if isinstance(obj, h5py.Dataset):
+        if obj.is_virtual:
+            raise SourceError(f"{origin}: {name!r} is an HDF5 virtual dataset (its data lives in other files); an input must hold its own data")
+        if obj.external:
+            files = sorted({str(e[0]) for e in obj.external})
+            raise SourceError(f"{origin}: {name!r} uses HDF5 external storage ({', '.join(files)[:200]}); an input must hold its own data")
+    return obj
+
+
 def label_text(value: object) -> str | None:
     """Labels as text: bytes decoded, numpy scalars unwrapped, 1.0 → '1'."""
     if value is None:

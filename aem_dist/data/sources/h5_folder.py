@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import h5py
 
-from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, read_matrix
+from . import FEATURE_KEYS, FolderSource, RawBag, SourceError, h5_has, h5_member, read_matrix
 
 
 class H5FolderSource(FolderSource):
@@ -20,7 +20,8 @@ class H5FolderSource(FolderSource):
         path = self._files[slide_id]
         try:
             with h5py.File(path, "r") as f:
-                return int(f[_features_key(f, path)].shape[-1])
+                key = _features_key(f, path)
+                return int(h5_member(f, key, str(path)).shape[-1])
         except OSError as err:
             raise SourceError(f"{path}: not a readable HDF5 file: {err}") from None
 
@@ -29,8 +30,8 @@ class H5FolderSource(FolderSource):
         try:
             with h5py.File(path, "r") as f:
                 key = _features_key(f, path)
-                feats = read_matrix(f[key], str(path), key, self.limits)
-                coords = read_matrix(f["coords"], str(path), "coords", self.limits) if "coords" in f else None
+                feats = read_matrix(h5_member(f, key, str(path)), str(path), key, self.limits)
+                coords = read_matrix(h5_member(f, "coords", str(path)), str(path), "coords", self.limits) if h5_has(f, "coords") else None
         except OSError as err:
             raise SourceError(f"{path}: not a readable HDF5 file: {err}") from None
         return RawBag(slide_id, feats, coords, None, str(path))
@@ -38,7 +39,7 @@ class H5FolderSource(FolderSource):
 
 def _features_key(f: h5py.File, path) -> str:
     """The features dataset's name in an open file; SourceError naming the file when there is none."""
-    key = next((k for k in FEATURE_KEYS if k in f), None)
+    key = next((k for k in FEATURE_KEYS if h5_has(f, k)), None)
     if key is None:
         raise SourceError(f"{path}: no 'features' dataset (has {sorted(f.keys())})")
     return key

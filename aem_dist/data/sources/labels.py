@@ -10,9 +10,12 @@ they mean.
 from __future__ import annotations
 
 import csv
+import io
 import logging
+import re
 from dataclasses import dataclass
 
+from ... import storage
 from . import SourceError, label_text
 
 log = logging.getLogger(__name__)
@@ -22,6 +25,16 @@ _SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".h5
 
 
 CASE_COLUMN = "case_id"
+MAX_LABELS_BYTES = 64 << 20  # a few dozen bytes per slide: a million slides fit
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # would end up in the manifest, file names and terminals
+
+
+def check_text(value: str, where: str, what: str) -> None:
+    """A label, slide id or case from outside must be printable: a control character is refused
+    here, naming where, instead of failing later in the manifest (after the shards are written)."""
+    m = _CONTROL.search(value)
+    if m:
+        raise SourceError(f"{where}: {what} {value!r} holds a control character ({m.group()!r}); fix the file")
 
 
 @dataclass
@@ -37,7 +50,15 @@ def read_labels(path: str, case_column: str | None = None) -> list[LabelRow]:
     and a case column: ``case_column``, else ``case_id`` when present). A named case column that is
     missing, or an empty case, is a :class:`SourceError`."""
     try:
-        with open(path, newline="") as f:
+        data = storage.read_bytes(path, cap=MAX_LABELS_BYTES, what="labels CSV")  # a regular file of bounded size
+    except (storage.StorageError, OSError) as err:
+        raise SourceError(f"{path}: cannot read labels CSV: {err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise SourceError(f"{path}: labels CSV is not UTF-8 text ({err})") from None
+    try:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             fields = [c.strip() for c in reader.fieldnames or []]
             if "slide_id" not in fields or "label" not in fields:
@@ -54,6 +75,8 @@ def read_labels(path: str, case_column: str | None = None) -> list[LabelRow]:
                     raise SourceError(f"{path}:{line_no}: empty slide_id")
                 if not label:
                     raise SourceError(f"{path}:{line_no}: slide {sid!r} has no label")
+                check_text(sid, f"{path}:{line_no}", "slide_id")
+                check_text(label, f"{path}:{line_no}", "label")
                 if sid in seen:
                     raise SourceError(f"{path}:{line_no}: slide {sid!r} listed twice")
                 seen.add(sid)
@@ -62,6 +85,7 @@ def read_labels(path: str, case_column: str | None = None) -> list[LabelRow]:
                     case = row.get(case_col, "")
                     if not case:
                         raise SourceError(f"{path}:{line_no}: slide {sid!r} has an empty {case_col!r}")
+                    check_text(case, f"{path}:{line_no}", case_col)
                 split = row.get("split") or None
                 if split is not None:
                     if split.lower() not in SPLIT_ALIASES:
@@ -105,6 +129,7 @@ def check_label_variants(slide_ids: list[str], labels: list[str]) -> None:
     'Tumor', 'tumor ') — almost always a typo that would silently become a class of its own."""
     groups: dict[str, dict[str, list[str]]] = {}
     for sid, lab in zip(slide_ids, labels):
+        check_text(lab, f"slide {sid!r}", "label")  # labels a source file carries (acmil/zarr attrs) too
         groups.setdefault(" ".join(lab.split()).casefold(), {}).setdefault(lab, []).append(sid)
     clashes = {k: v for k, v in groups.items() if len(v) > 1}
     if clashes:

@@ -7,11 +7,15 @@ must carry the same label. The file is small by nature (classic MIL benchmarks),
 from __future__ import annotations
 
 import csv
+import io
 from collections import defaultdict
 
 import numpy as np
 
+from ... import storage
 from . import RawBag, SourceError, label_text
+
+MAX_CSV_BYTES = 1 << 30  # classic MIL benchmarks are megabytes; the file is held in memory whole
 
 
 def _is_number(text: str) -> bool:
@@ -31,7 +35,11 @@ class MilCsvSource:
         labels: dict[str, str] = {}
         dim = None
         try:
-            with open(path, newline="") as f:
+            text = storage.read_bytes(path, cap=MAX_CSV_BYTES, what="MIL CSV").decode("utf-8", errors="replace")
+        except (storage.StorageError, OSError) as err:
+            raise SourceError(f"{path}: cannot read: {err}") from None
+        try:
+            with io.StringIO(text, newline="") as f:
                 for line_no, row in enumerate(csv.reader(f), start=1):
                     if not row or all(not c.strip() for c in row):
                         continue
