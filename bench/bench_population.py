@@ -68,7 +68,8 @@ def sweep(data: str, out: Path, seeds: int, lams: list[float], epochs: int, *ext
     timings = [json.loads(p.read_text())["timing"] for p in sorted(out.glob("trials/*/results.json"))]
     trials = list({json.dumps(t, sort_keys=True): t for t in timings}.values())  # a population's members share one record
     keys = ("trial_s", "start_s", "setup_s", "epochs_s", "reports_s", "teardown_s")
-    return {"wall_s": wall, "trials": len(trials), "per_trial": {k: float(np.mean([t.get(k, np.nan) for t in trials])) for k in keys}}
+    # In-process trials (num_workers 0) record only trial_s: there is no worker to start or tear down.
+    return {"wall_s": wall, "trials": len(trials), "per_trial": {k: float(np.mean([t[k] for t in trials])) for k in keys if all(k in t for t in trials)}}
 
 
 def paper_loop(data: str, seeds: int, lams: list[float], epochs: int) -> dict:
